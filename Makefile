@@ -1,0 +1,32 @@
+# The README's two commands:  `make lab`  and  `make test`.
+# Each sets up .venv from scratch when needed, so both work on a fresh machine.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+# torch is pinned here (not in pyproject) to the CPU build that lies on this machine's disk; an
+# unpinned torch pulls a multi-GB CUDA build.  On Colab the preinstalled torch is kept.
+TORCH  ?= torch==2.13.0
+export PIP_DISABLE_PIP_VERSION_CHECK = 1
+
+.PHONY: setup lab test test-fast clean
+
+$(VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip setuptools wheel
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+lab: setup
+	$(VENV)/bin/jupyter lab notebooks/01_quickstart.ipynb
+
+test: setup
+	$(PY) -m pytest -q tests
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow" tests
+
+clean:
+	rm -rf $(VENV) build *.egg-info

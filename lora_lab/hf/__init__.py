@@ -1,0 +1,1 @@
+"""The only layer that touches transformers, peft, bitsandbytes, datasets and safetensors."""

@@ -1,0 +1,45 @@
+"""Device and dtype defaults: the one place that asks what hardware is here.
+
+Rule (DESIGN.md, "device-aware defaults"): fp32 on CPU, bf16 on GPUs that support it, fp16 on GPUs
+that do not (a Colab T4).  Users never need to know this.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def default_device() -> str:
+    """``"cuda"`` when a GPU is visible, else ``"cpu"``."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def bf16_supported(device: str | None = None) -> bool:
+    device = device or default_device()
+    if device.startswith("cuda"):
+        return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    return False
+
+
+def default_compute_dtype(device: str | None = None) -> torch.dtype:
+    """The compute dtype for ``device``: fp32 on CPU, bf16 where supported, else fp16."""
+    device = device or default_device()
+    if not device.startswith("cuda"):
+        return torch.float32
+    return torch.bfloat16 if bf16_supported(device) else torch.float16
+
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
+           "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def as_dtype(value) -> torch.dtype | None:
+    """Turn ``"bf16"``, ``"float16"``, a ``torch.dtype`` or None into a ``torch.dtype`` (or None)."""
+    from ..errors import LoraLabError
+
+    if value is None or isinstance(value, torch.dtype):
+        return value
+    if isinstance(value, str) and value.lower() in _DTYPES:
+        return _DTYPES[value.lower()]
+    raise LoraLabError(f"dtype {value!r} is not one lora_lab understands.",
+                       f"pass one of {sorted(set(_DTYPES))} or a torch.dtype")

@@ -1,0 +1,1 @@
+"""ipywidgets views over specs and results: thin, no math."""

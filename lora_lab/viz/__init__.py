@@ -1,0 +1,1 @@
+"""Figure builders: records in, plotly ``go.Figure`` out."""
