@@ -1,0 +1,63 @@
+"""Shared fixtures: a tiny config-built Llama, and the builtin models.  No test reaches the hub."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest
+import torch
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory):
+    """A saved tiny Llama (hidden 64, 2 layers, GQA) with deterministic weights and the builtin
+    tokenizer: a local folder, as a user's downloaded checkpoint would be."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from lora_lab.hf.builtin import TOKENIZER_DIR
+
+    tok = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128,
+                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=128, pad_token_id=tok.pad_token_id,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    torch.manual_seed(1234)
+    model = LlamaForCausalLM(cfg)
+    path = tmp_path_factory.mktemp("tiny_llama")
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def tiny_llama(tiny_llama_dir):
+    """``(model, tokenizer)`` for the tiny Llama, fp32 on CPU, freshly loaded for each test."""
+    import lora_lab as ll
+
+    return ll.load_model(tiny_llama_dir, device="cpu")
+
+
+@pytest.fixture
+def tiny_llama_nf4(tiny_llama_dir):
+    import lora_lab as ll
+
+    return ll.load_model(tiny_llama_dir, quant="nf4", device="cpu")
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
