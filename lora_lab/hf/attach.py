@@ -1,0 +1,139 @@
+"""Attach an adapter described by an :class:`~lora_lab.AdapterSpec` to a model.
+
+Validation against the model happens here, before peft sees anything, so a mistake gets a
+:class:`~lora_lab.errors.TargetModuleError` that lists what the model has, not a trace from peft.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ..errors import AdapterError, SpecError, TargetModuleError
+from ..specs import AdapterSpec
+from .inspect import inspect_model
+from .peft_config import to_peft_config
+
+__all__ = ["attach", "resolve_targets", "is_quantized"]
+
+
+def is_quantized(model: nn.Module) -> bool:
+    """True when the base weights are stored by bitsandbytes (4-bit or 8-bit)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return bool(getattr(base, "is_loaded_in_4bit", False) or getattr(base, "is_loaded_in_8bit", False)
+                or getattr(base, "is_quantized", False))
+
+
+def resolve_targets(model: nn.Module, spec: AdapterSpec) -> list[str]:
+    """The module-type names ``spec`` targets on ``model`` (``"all-linear"`` made explicit), after
+    checking that they exist, that ``layers`` are in range and that ``r <= min(in, out)``."""
+    table = inspect_model(model)
+    have = sorted(table["module_type"].unique())
+    if table.empty:
+        raise TargetModuleError("The model has no linear layers an adapter could target.",
+                                "load a causal language model with lora_lab.load_model()")
+    if spec.target_modules == "all-linear":
+        targets = [t for t in dict.fromkeys(table["module_type"])]
+    else:
+        targets = list(spec.target_modules)
+        missing = [t for t in targets if t not in have]
+        if missing:
+            raise TargetModuleError(
+                f"AdapterSpec.target_modules names {missing}, which this model does not have.",
+                f"choose from the module types it has: {have} (or 'all-linear')")
+    layers = sorted(int(x) for x in table["layer"].dropna().unique())
+    if spec.layers is not None:
+        bad = [i for i in spec.layers if i not in layers]
+        if bad:
+            raise TargetModuleError(
+                f"AdapterSpec.layers asks for layers {bad}, but the model has layers "
+                f"0..{layers[-1] if layers else -1}.",
+                f"pass layers within 0..{layers[-1] if layers else -1}, or layers=None for all")
+    sel = table[table["module_type"].isin(targets)]
+    if spec.layers is not None:
+        sel = sel[sel["layer"].isin(spec.layers)]
+    if spec.method == "lora" and not sel.empty:
+        smallest = int(sel[["in_features", "out_features"]].min(axis=1).min())
+        if spec.r > smallest:
+            raise TargetModuleError(
+                f"AdapterSpec.r = {spec.r} is larger than the smallest targeted dimension "
+                f"({smallest}), so the update could never have that rank.",
+                f"pass r <= {smallest}")
+    return targets
+
+
+def _prepare_kbit(model: nn.Module, gradient_checkpointing: bool) -> nn.Module:
+    """peft's k-bit preparation (fp32 norms, input grads), with checkpointing as a visible choice:
+    peft would turn it on silently, costing about a third of the speed (PITFALLS.md)."""
+    from peft import prepare_model_for_kbit_training
+
+    if getattr(model, "_lora_lab_kbit_prepared", False):
+        return model
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    model._lora_lab_kbit_prepared = True
+    return model
+
+
+def attach(model: nn.Module, spec: AdapterSpec | None = None, name: str = "default", *,
+           gradient_checkpointing: bool = False) -> nn.Module:
+    """Attach adapter ``spec`` under ``name`` and make it the active, trainable adapter.
+
+    Returns the peft model (``PeftModel``).  Called on a model that already has adapters it adds
+    another one.  On a quantized base (QLoRA) the model is prepared for k-bit training first;
+    ``gradient_checkpointing`` trades about a third of the speed for activation memory and is off
+    unless you ask for it.
+    """
+    import peft
+
+    spec = spec or AdapterSpec()
+    if not isinstance(spec, AdapterSpec):
+        raise SpecError("attach", "spec", spec, "spec must be an AdapterSpec",
+                        "pass lora_lab.AdapterSpec(r=8)")
+    if not isinstance(name, str) or not name or "." in name:
+        raise AdapterError(f"Adapter name {name!r} is not usable.",
+                           "pass a short name without dots, such as 'math' or 'default'")
+    is_peft = isinstance(model, peft.PeftModel)
+    if is_peft and name in model.peft_config:
+        raise AdapterError(f"The model already has an adapter named {name!r}.",
+                           f"pass another name, or delete it first with "
+                           f"lora_lab.delete_adapter(model, {name!r})")
+    targets = None
+    if spec.method in ("lora", "ia3"):
+        explicit = resolve_targets(model, spec)
+        targets = explicit if spec.method == "lora" or spec.target_modules != "all-linear" else None
+    if spec.init == "loftq" and not _cuda():
+        raise SpecError("AdapterSpec", "init", "loftq",
+                        "peft's LoftQ initialisation runs on CUDA only",
+                        "use init='default' on CPU, or run on a GPU")
+    if spec.init in ("pissa", "olora") and is_quantized(model):
+        raise SpecError("AdapterSpec", "init", spec.init,
+                        f"{spec.init} rewrites the base weights, which a quantized base cannot take",
+                        "load the base in full precision (quant=None) or use init='default'")
+    config = to_peft_config(spec, target_modules=targets)
+    if spec.method == "lora" and spec.layers is not None:
+        config.layers_to_transform = list(spec.layers)
+    if is_quantized(model) and not is_peft:
+        model = _prepare_kbit(model, gradient_checkpointing)
+    elif gradient_checkpointing and not is_peft:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    try:
+        if is_peft:
+            model.add_adapter(name, config)
+            model.set_adapter(name)
+        else:
+            model = peft.get_peft_model(model, config, adapter_name=name)
+    except (ValueError, TypeError, KeyError) as exc:
+        raise AdapterError(f"peft could not attach adapter {name!r} ({spec.method}): "
+                           f"{str(exc).splitlines()[0]}",
+                           "adapters of different methods (LoRA vs prefix/prompt) cannot share one "
+                           "model; load a fresh base for another method") from exc
+    specs = dict(getattr(model, "lora_lab_specs", {}))
+    specs[name] = spec
+    model.lora_lab_specs = specs
+    return model
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
