@@ -43,3 +43,17 @@ def as_dtype(value) -> torch.dtype | None:
         return _DTYPES[value.lower()]
     raise LoraLabError(f"dtype {value!r} is not one lora_lab understands.",
                        f"pass one of {sorted(set(_DTYPES))} or a torch.dtype")
+
+
+def four_bit_check() -> str:
+    """Quantize and dequantize a small tensor with NF4 through bitsandbytes; report the outcome."""
+    try:
+        import bitsandbytes.functional as F
+
+        device = default_device()
+        w = torch.randn(256, 256, device=device)
+        q, state = F.quantize_4bit(w, blocksize=64, quant_type="nf4")
+        err = float((F.dequantize_4bit(q, state) - w).norm() / w.norm())
+        return f"works on {device} (NF4 round-trip relative error {err:.3f})"
+    except Exception as exc:  # noqa: BLE001 - a diagnostic reports any failure
+        return f"FAILS: {type(exc).__name__}: {exc}"

@@ -8,6 +8,7 @@ x86 CPUs.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from pathlib import Path
@@ -63,6 +64,20 @@ def resolve_source(source) -> str:
     return source
 
 
+@contextlib.contextmanager
+def _quiet_progress():
+    """Hide transformers' per-tensor "Loading weights" bar for small models (it is noise there)."""
+    from transformers.utils import logging as hf_logging
+
+    was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            hf_logging.enable_progress_bar()
+
+
 def load_model(source, quant=None, *, device: str | None = None, dtype=None,
                trust_remote_code: bool = False):
     """Load ``(model, tokenizer)``.
@@ -94,7 +109,8 @@ def load_model(source, quant=None, *, device: str | None = None, dtype=None,
         kwargs["quantization_config"] = bnb_config(quant, device)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        with _quiet_progress():
+            model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except OSError as exc:
         raise ModelLoadError(
             f"Could not load {source!r}: {str(exc).splitlines()[0]}",
