@@ -227,3 +227,27 @@ def test_merged_copy_full_precision_is_exact(tiny_llama):
     merged, report = ll.merged_copy(pm)
     assert report.rel_logit_diff < 1e-5 and not report.from_quantized
     torch.testing.assert_close(logits(merged), logits(pm), rtol=1e-4, atol=1e-4)
+
+
+def test_lora_factors_on_a_4bit_base(tiny_llama_nf4):
+    model, _ = tiny_llama_nf4
+    pm = ll.attach(model, ll.AdapterSpec(r=4, alpha=4, target_modules="attention-qv"))
+    randomize_lora(pm, "default")
+    fs = list(ll.lora_factors(pm))
+    assert len(fs) == 2 * model.config.num_hidden_layers
+    cfg = model.config
+    for f in fs:
+        out = cfg.hidden_size if f.module_type == "q_proj" else \
+            cfg.num_key_value_heads * cfg.hidden_size // cfg.num_attention_heads
+        assert f.shape == (out, cfg.hidden_size) and f.scaling == 1.0 and f.r == 4
+        assert f.A.dtype == torch.float32 and f.delta().abs().sum() > 0
+    with pytest.raises(AdapterError, match="No LoRA module"):
+        list(ll.lora_factors(pm, "missing"))
+
+
+@pytest.mark.gpu
+def test_cuda_compute_dtype_follows_the_device(tiny_llama_dir):
+    model, _ = ll.load_model(tiny_llama_dir, quant="nf4", device="cuda")
+    want = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    layer = model.model.layers[0].self_attn.q_proj
+    assert layer.compute_dtype == want
