@@ -243,6 +243,9 @@ class DataSpec:
             _check(isinstance(getattr(self, col), str) and getattr(self, col), S, col,
                    getattr(self, col), "must be a non-empty column name")
 
+    def replace(self, **changes: Any) -> "DataSpec":
+        return replace(self, **changes)
+
 
 OPTIMIZERS = ("adamw", "adamw_fused", "adamw_8bit", "paged_adamw_8bit", "paged_adamw", "sgd")
 SCHEDULES = ("constant", "linear", "cosine")
