@@ -61,6 +61,14 @@ _LAZY = {
     "TrainState": "train.events",
     "Callback": "train.events",
     "LiveCallback": "hf.trainer_callback",
+    "adapter_spectra": "hf.spectra",
+    "compare_adapters": "hf.spectra",
+    "compress_adapter": "hf.spectra",
+    "SpectrumProbe": "train.spectrum_probe",
+    "quant_error": "hf.quant",
+    "lowrank_recovery": "hf.quant",
+    "scan_quantization": "hf.quant",
+    "estimate_memory": "hf.plan",
 }
 
 __all__ = ["LoraLabError", "AdapterSpec", "DataSpec", "QuantSpec", "TrainSpec", *_LAZY]
