@@ -76,6 +76,7 @@ _LAZY = {
     "lowrank_recovery": "hf.quant",
     "scan_quantization": "hf.quant",
     "estimate_memory": "hf.plan",
+    "MemoryEstimate": "hf.plan",
 }
 
 __all__ = ["LoraLabError", "AdapterSpec", "DataSpec", "QuantSpec", "TrainSpec", *_LAZY]

@@ -1,0 +1,298 @@
+"""GPU memory of fine-tuning, term by term: pure arithmetic on plain numbers (no transformers).
+
+The peak of one training step of a decoder-only transformer (Llama-shaped: RMSNorm, rotary
+attention with grouped KV heads, SwiGLU MLP) is modelled as
+
+    peak_allocated = base + quant_constants + adapter + optimizer
+                     + max(activations + logits,  gradients + one layer of activations)
+    peak_reserved  = peak_allocated + allocator overhead
+    device need    = peak_reserved + CUDA context      (merge after training: merge peak + context)
+
+Each term, in bytes (``c`` = bytes of the compute dtype: 2 for fp16/bf16, 4 for fp32;
+``h`` hidden, ``i`` intermediate, ``kv`` = kv_heads·head_dim, ``V`` vocab, ``L`` layers,
+``T = batch·seq_len`` tokens):
+
+* **base** — the frozen (or, for full FT, trained) weights.  Unquantized: ``c`` bytes/param
+  (``4`` for fp32).  Quantized bases keep the embeddings, the LM head and the norms unquantized;
+  peft's ``prepare_model_for_kbit_training`` (which :func:`lora_lab.attach` runs) casts those
+  to fp32, so they cost 4 bytes/param on a QLoRA base.
+  *4-bit* (QLoRA §3): 0.5 byte/param of packed codes.  *int8* (LLM.int8()): 1 byte/param.
+* **quant_constants** — 4-bit: one fp32 absmax per block of 64 weights (32/64 = 0.5 bit/param);
+  with double quantization the absmax are stored in 8 bits plus one fp32 constant per 256 absmax
+  (8/64 + 32/(64·256) = 0.127 bit/param, QLoRA §3).  Computed per tensor with ceilings, as
+  bitsandbytes stores them.  int8: one fp32 scale per output row.
+* **adapter** — trainable parameters in their dtype (peft keeps adapter weights in fp32 by default:
+  ``autocast_adapter_dtype=True``).  Full FT: all parameters, in the compute dtype.
+* **gradients** — one gradient per trainable parameter, in the parameter's dtype.
+* **optimizer** — AdamW (torch): two moments in the parameter's dtype (2 × 4 bytes for fp32
+  adapters).  8-bit AdamW (bitsandbytes): 2 × (1 byte + a fp32 absmax per 256 values).  The
+  paged variants have the same size but can be evicted to CPU RAM under pressure.  SGD without
+  momentum: 0.
+* **activations** — what autograd keeps for the backward pass, per token and layer.  Derived for
+  Llama the way Korthikanti et al. 2022 (§4.1, "Activations memory per transformer layer") derive
+  ``sbh(34 + 5as/h)`` for GPT, but for SDPA/flash attention (no s² score matrix is kept) and for a
+  *frozen* base, whose linear layers keep no input because no weight gradient is needed:
+
+  - 2 RMSNorms, each keeping its fp32 upcast input: ``2·4h``;
+  - attention: SDPA keeps q, k, v and its output: ``c·(2h + 2kv)``; with a padding mask
+    transformers repeats the KV heads first, so ``c·4h``;
+  - SwiGLU: ``silu(gate)`` keeps gate, ``act·up`` keeps both: ``3·c·i`` (``3·4·i`` on a k-bit
+    base prepared by peft: its fp32 embeddings make the residual stream fp32, and bitsandbytes'
+    layers return their input's dtype);
+  - full FT also keeps every linear input for the weight gradients, and the norms' normalised
+    input for their weight gradients: ``+ c·(5h + i)``;
+  - each LoRA module keeps its (cast) input and ``A·x``: ``+ c·(in + r)``; with dropout a mask
+    and the dropped input: ``+ (1 + c)·in``; DoRA also keeps the base output and the LoRA output
+    in fp32: ``+ (c + 8)·out``.
+
+  Without checkpointing: ``T·L·layer``.  With gradient checkpointing only each layer's input is
+  kept (``T·L·c·h``, fp32 on a prepared k-bit base) and one layer is recomputed at a time
+  (``+ T·layer``).  Plus the final norm (``T·4h``) and, for padded batches, the boolean mask
+  (``batch·seq²``) shared by all layers.  Batches count as padded when ``batch > 1`` unless told.
+  On a k-bit base add one dequantized weight (``max(out·in)·c``): bitsandbytes dequantizes each
+  weight for its matmul, one at a time.
+* **logits** — ``T·V`` values: the LM head output in ``c``, upcast to fp32 for the loss, whose
+  log-softmax output (fp32) is kept.  In the forward the logits, their fp32 copy and the
+  log-probs coexist (``c + 8`` bytes per value); in the backward the log-probs, their gradient and
+  the input gradient (``12``).  So ``T·V·max(c + 8, 12)``, for a loop that drops the model
+  outputs before ``backward()`` as :func:`lora_lab.train` and ``transformers.Trainer`` do
+  (holding them adds ``T·V·c``).  At V = 128k this dominates short-context LoRA.
+* **allocator overhead** — the caching allocator rounds and fragments: ``reserved − allocated``,
+  modelled as a fraction (default 10%) of the dynamic (activation + logit) memory.
+* **CUDA context** — CUDA runtime, cuBLAS and kernels: ~0.3–0.5 GB that ``nvidia-smi`` shows but
+  ``torch.cuda.max_memory_*`` never counts (default 0.45 GiB).
+* **merge peak** — after training: merging a LoRA into a 16-bit base needs one extra
+  ``out × in`` delta at a time; on a quantized base the safe path dequantizes the whole base
+  (``c`` bytes/param of the quantized layers).
+
+Assumptions: weights stored in the compute dtype (no fp32 master copy), autocast to the compute
+dtype, SDPA without an ``s²`` score matrix (flash / memory-efficient kernels), fused AdamW (no
+per-step temporaries).  These terms are
+checked against measurements in ``benchmarks/memory_accuracy.py``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+__all__ = ["GIB", "DEVICES", "Architecture", "QuantLayout", "TrainableLayout", "four_bit_bytes",
+           "int8_bytes", "device_bytes", "optimizer_bytes_per_param", "layer_activation_bytes",
+           "activation_bytes", "logits_bytes", "memory_terms", "verdict", "OPTIMIZERS"]
+
+GIB = 2**30
+# Usable memory as sold (GiB); the CUDA context is a separate term of the estimate.
+DEVICES: dict[str, float] = {"T4": 16, "L4": 24, "A10G": 24, "A100-40GB": 40, "A100-80GB": 80,
+                             "H100": 80}
+OPTIMIZERS = ("adamw", "adamw_fused", "adamw_8bit", "paged_adamw_8bit", "paged_adamw", "sgd")
+
+
+def device_bytes(device: str | float | int) -> tuple[str, int]:
+    """``(label, bytes)`` for a device name from :data:`DEVICES` or a number of GB (GiB)."""
+    if isinstance(device, (int, float)) and not isinstance(device, bool):
+        if not (math.isfinite(device) and device > 0):
+            raise ValueError(f"device memory must be a positive number of GB, got {device!r}")
+        return f"{device:g} GB", int(device * GIB)
+    key = {k.lower(): k for k in DEVICES}.get(str(device).strip().lower())
+    if key is None and str(device).strip().upper() == "A100":
+        key = "A100-80GB"
+    if key is None:
+        raise ValueError(f"unknown device {device!r}: choose one of {list(DEVICES)} or a number of GB")
+    return key, int(DEVICES[key] * GIB)
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """The shapes the activation and logit terms need (Llama naming)."""
+
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+
+    @property
+    def kv_dim(self) -> int:
+        return self.kv_heads * self.head_dim
+
+
+def four_bit_bytes(numel: int, blocksize: int = 64, double_quant: bool = False,
+                   nested_blocksize: int = 256) -> tuple[int, int]:
+    """``(packed_bytes, constant_bytes)`` of one tensor in bitsandbytes' 4-bit format.
+
+    Codes: two per byte, ``ceil(n/2)``.  Constants: one fp32 absmax per block of ``blocksize``;
+    with double quantization one uint8 per block plus one fp32 per ``nested_blocksize`` blocks
+    (QLoRA §3).
+    """
+    blocks = -(-numel // blocksize)
+    consts = blocks + 4 * -(-blocks // nested_blocksize) if double_quant else 4 * blocks
+    return -(-numel // 2), consts
+
+
+def int8_bytes(rows: int, cols: int) -> tuple[int, int]:
+    """``(int8_bytes, scale_bytes)`` of an LLM.int8() weight: one byte each plus a fp32 per row."""
+    return rows * cols, 4 * rows
+
+
+@dataclass(frozen=True)
+class QuantLayout:
+    """How the base is quantized: ``bits`` 4 or 8, ``blocksize``, ``double_quant``, and the
+    ``(out, in)`` shapes of the quantized linear weights."""
+
+    bits: int
+    shapes: tuple[tuple[int, int], ...]
+    blocksize: int = 64
+    double_quant: bool = True
+
+    def storage(self) -> tuple[int, int]:
+        """``(packed weight bytes, quantization-constant bytes)`` summed over the shapes."""
+        packed = consts = 0
+        for out, inp in self.shapes:
+            p, k = (four_bit_bytes(out * inp, self.blocksize, self.double_quant) if self.bits == 4
+                    else int8_bytes(out, inp))
+            packed, consts = packed + p, consts + k
+        return packed, consts
+
+    @property
+    def numel(self) -> int:
+        return sum(o * i for o, i in self.shapes)
+
+
+@dataclass(frozen=True)
+class TrainableLayout:
+    """What is trained.  ``full`` = every parameter (full fine-tuning).  Otherwise ``params``
+    trainable adapter parameters in ``param_bytes`` each, and per adapted module ``(in, out, r)``
+    (all layers) for the activation term; ``extra_tokens``: virtual tokens prepended (prompt)."""
+
+    params: int
+    param_bytes: int = 4
+    full: bool = False
+    modules: tuple[tuple[int, int, int], ...] = ()   # (in, out, r) of every adapted module
+    dropout: bool = False
+    dora: bool = False
+    extra_tokens: int = 0                             # prefix/prompt virtual tokens
+
+
+def optimizer_bytes_per_param(optimizer: str, param_bytes: int) -> float:
+    """Optimizer state per trainable parameter (see the module docstring)."""
+    if optimizer in ("adamw", "adamw_fused", "paged_adamw"):
+        return 2.0 * param_bytes
+    if optimizer in ("adamw_8bit", "paged_adamw_8bit"):
+        return 2.0 * (1 + 4 / 256)
+    if optimizer == "sgd":
+        return 0.0
+    raise ValueError(f"unknown optimizer {optimizer!r}: choose one of {OPTIMIZERS}")
+
+
+def layer_activation_bytes(arch: Architecture, c: int, full: bool, *, padded: bool = False,
+                           fp32_stream: bool = False) -> int:
+    """Bytes per token kept by one decoder layer of the base (no adapters).
+
+    ``padded``: an attention mask is passed, so SDPA gets KV heads repeated to ``h`` (and keeps
+    those copies).  ``fp32_stream``: the residual stream is fp32 (a k-bit base prepared by peft:
+    fp32 embeddings), so bitsandbytes' layers return fp32 and SwiGLU keeps fp32 tensors.
+    """
+    h, i = arch.hidden, arch.intermediate
+    kv = h if padded else arch.kv_dim
+    mlp = 4 if fp32_stream else c
+    frozen = 2 * 4 * h + c * (2 * h + 2 * kv) + 3 * mlp * i
+    return frozen + (c * (5 * h + i) if full else 0)
+
+
+def _adapter_activation_bytes(t: TrainableLayout, c: int, layers: int) -> float:
+    """Bytes per token per layer kept by the adapters (averaged over layers)."""
+    total = 0
+    for fin, fout, r in t.modules:
+        total += c * (fin + r)
+        if t.dropout:
+            total += (1 + c) * fin
+        if t.dora:
+            total += (c + 8) * fout
+    return total / max(layers, 1)
+
+
+def activation_bytes(arch: Architecture, trainable: TrainableLayout, batch: int, seq: int,
+                     checkpointing: bool, c: int, *, padded: bool = False,
+                     fp32_stream: bool = False) -> tuple[float, float]:
+    """``(activations kept at the end of the forward, one layer's worth)`` in bytes."""
+    seq = seq + trainable.extra_tokens
+    T = batch * seq
+    layer = layer_activation_bytes(arch, c, trainable.full, padded=padded, fp32_stream=fp32_stream)
+    layer += _adapter_activation_bytes(trainable, c, arch.layers)
+    shared = T * 4 * arch.hidden + (batch * seq * seq if padded else 0)  # final norm, bool mask
+    if checkpointing:
+        kept = T * arch.layers * (4 if fp32_stream else c) * arch.hidden + T * layer
+    else:
+        kept = T * arch.layers * layer
+    return kept + shared, T * layer
+
+
+def logits_bytes(arch: Architecture, batch: int, seq: int, c: int) -> float:
+    """Worst moment of the loss: ``T·V·max(c + 8, 12)`` (see the module docstring)."""
+    return batch * seq * arch.vocab * max(c + 8, 12)
+
+
+def memory_terms(*, arch: Architecture, total_params: int, unquantized_params: int,
+                 trainable: TrainableLayout, quant: QuantLayout | None = None,
+                 batch: int = 1, seq: int = 512, checkpointing: bool = True,
+                 optimizer: str = "adamw", compute_bytes: int = 2,
+                 cuda_context: float = 0.45 * GIB, fragmentation: float = 0.10,
+                 padded: bool | None = None) -> dict[str, float]:
+    """Every term of the estimate, in bytes (see the module docstring for the formulas).
+
+    ``total_params``: all parameters of the base.  ``unquantized_params``: those that stay in
+    floating point when ``quant`` is given (embeddings, LM head, norms); with ``quant=None`` all
+    ``total_params`` are stored in ``compute_bytes``.  ``padded``: batches carry an attention
+    mask with padding (default: ``batch > 1``); ``False`` for packed or single sequences.
+    """
+    c = compute_bytes
+    if quant is None:
+        base, consts = total_params * c, 0
+    else:
+        packed, consts = quant.storage()
+        base = packed + unquantized_params * 4   # peft casts the unquantized rest to fp32
+    if trainable.full:
+        adapter, pbytes = 0, c                     # the weights themselves are in ``base``
+    else:
+        adapter, pbytes = trainable.params * trainable.param_bytes, trainable.param_bytes
+    grads = trainable.params * pbytes
+    opt = trainable.params * optimizer_bytes_per_param(optimizer, pbytes)
+    padded = batch > 1 if padded is None else bool(padded)
+    acts, one_layer = activation_bytes(arch, trainable, batch, seq, checkpointing, c,
+                                       padded=padded, fp32_stream=quant is not None)
+    logits = logits_bytes(arch, batch, seq + trainable.extra_tokens, c)
+    if quant is not None:     # bitsandbytes dequantizes one weight at a time for its matmul
+        acts += max((o * i for o, i in quant.shapes), default=0) * c
+    if acts + logits >= grads + one_layer:
+        peak_acts, peak_logits, peak_grads = acts, logits, 0.0
+    else:
+        peak_acts, peak_logits, peak_grads = one_layer, 0.0, grads
+    overhead = fragmentation * (peak_acts + peak_logits)
+    if trainable.full:
+        merge = base                                # nothing to merge: the weights are trained
+    elif quant is not None:                         # safe path: dequantize the base, then merge
+        biggest = max((o * i for o, i in quant.shapes), default=0)
+        merge = unquantized_params * 4 + quant.numel * c + adapter + biggest * c
+    else:                                           # one 16-bit delta out x in at a time
+        merge = base + adapter + _largest_linear(arch) * c
+    return {
+        "base_weights": float(base), "quant_constants": float(consts),
+        "adapter_weights": float(adapter), "gradients": float(peak_grads),
+        "optimizer_states": float(opt), "activations": float(peak_acts),
+        "logits": float(peak_logits), "allocator_overhead": float(overhead),
+        "cuda_context": float(cuda_context), "merge_peak": float(merge),
+        "gradients_total": float(grads),
+    }
+
+
+def _largest_linear(arch: Architecture) -> int:
+    return max(arch.hidden * arch.intermediate, arch.hidden * arch.hidden)
+
+
+def verdict(need: float, capacity: float) -> str:
+    """``"fits"`` under 90% of the device, ``"tight"`` up to 100%, else ``"does not fit"``."""
+    if need <= 0.9 * capacity:
+        return "fits"
+    return "tight" if need <= capacity else "does not fit"
