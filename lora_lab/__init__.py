@@ -72,12 +72,20 @@ _LAZY = {
     "lowrank_svd": "core.spectrum",
     "randomized_svd": "core.randomized",
     "SpectrumProbe": "train.spectrum_probe",
+    "rank_sweep": "train.rank_sweep",
+    "RankSweep": "train.rank_sweep",
     "quant_error": "hf.quant",
     "lowrank_recovery": "hf.quant",
     "scan_quantization": "hf.quant",
     "estimate_memory": "hf.plan",
     "MemoryEstimate": "hf.plan",
 }
+
+# `lora_lab.train` is both a subpackage and the public function.  Import the (import-free)
+# subpackage now and drop its name, so that `lora_lab.train` resolves lazily to the function and
+# stays so after any `lora_lab.train.*` module is imported.
+importlib.import_module(".train", __name__)
+globals().pop("train", None)
 
 __all__ = ["LoraLabError", "AdapterSpec", "DataSpec", "QuantSpec", "TrainSpec", *_LAZY]
 

@@ -6,7 +6,8 @@ memory).  Imported lazily so that ``import lora_lab`` does not pull in ipywidget
 
 import importlib
 
-_LAZY = {"TrainingDashboard": "dashboard", "AdapterDesigner": "designer"}
+_LAZY = {"TrainingDashboard": "dashboard", "AdapterDesigner": "designer",
+         "RankExplorer": "rank_explorer", "RankChoice": "rank_explorer"}
 __all__ = list(_LAZY)
 
 

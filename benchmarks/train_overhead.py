@@ -1,0 +1,222 @@
+"""What does lora_lab's training loop, with its live dashboard, cost against a plain loop and Trainer?
+
+Three setups train the same model (``builtin:tiny`` when present, else ``builtin:tiny-random``),
+LoRA r=8 on all linear layers, the same data (batch 8 × 128 tokens), steps, learning rate and seed,
+on CPU:
+
+1. ``plain``:   a hand-written PyTorch + peft loop (AdamW with torch's default implementation,
+   grad clipping at 1.0), the baseline;
+2. ``lora_lab``: ``lora_lab.train`` with a ``TrainingDashboard`` attached (headless: the figure
+   is a real FigureWidget, nobody looks at it);
+3. ``trainer``: ``transformers.Trainer`` with the same settings (its default optimizer is fused
+   AdamW).
+
+Each setup runs in its own subprocess (clean peak RSS), ``--repeats`` times, interleaved, and the
+median is reported.  Throughput is measured over the steps after ``--warmup`` steps, from each
+loop's own step-end timestamps, per second of wall time and per second of the process's CPU time
+(the second is what to trust on a machine shared with other jobs).  Targets (issue 4):
+(2)/(1) >= 0.97, (2)/(3) >= 1.0, peak RSS (2)/(1) <= 1.05.
+
+    python benchmarks/train_overhead.py [--steps 40] [--warmup 5] [--repeats 3] [--threads N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+SEQ, BATCH, R, LR = 128, 8, 8, 1e-4
+
+
+def _model():
+    import torch
+
+    import lora_lab as ll
+
+    name = "builtin:tiny" if "builtin:tiny" in ll.builtin_names() else "builtin:tiny-random"
+    model, tok = ll.load_model(name, device="cpu")
+    try:
+        attach = ll.attach
+    except ImportError:
+        from lora_lab.hf.attach import attach
+    torch.manual_seed(0)
+    return attach(model, ll.AdapterSpec(r=R, target_modules="all-linear")), tok, name
+
+
+def _rows(vocab: int, n: int) -> list[dict]:
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(4, vocab, (n, SEQ), generator=g).tolist()
+    return [{"input_ids": x, "attention_mask": [1] * SEQ, "labels": list(x)} for x in ids]
+
+
+def _rate(times: list[tuple[float, float]], warmup: int, clock: int) -> float:
+    """Tokens per second of wall (clock 0) or process CPU time (clock 1) between the end of step
+    ``warmup`` and the end of the last step."""
+    return (len(times) - warmup) * BATCH * SEQ / (times[-1][clock] - times[warmup - 1][clock])
+
+
+def run_plain(model, tok, rows, steps):
+    import torch
+
+    from lora_lab.hf.data import pad_batch
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=LR)
+    model.train()
+    times = []
+    for step in range(steps):
+        batch = pad_batch(rows[(step * BATCH) % len(rows):][:BATCH], tok.pad_token_id)
+        loss = model(**batch, use_cache=False).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        float(loss)
+        times.append((time.perf_counter(), time.process_time()))
+    return times
+
+
+def run_lora_lab(model, tok, rows, steps):
+    import lora_lab as ll
+    from lora_lab.train.loop import train
+    from lora_lab.ui.dashboard import TrainingDashboard
+
+    times = []
+
+    class Clock:
+        def on_step(self, state, control):
+            times.append((time.perf_counter(), time.process_time()))
+
+    dash = PREPARED.get("dashboard") or TrainingDashboard()
+    spec = ll.TrainSpec(steps=steps, batch_size=BATCH, lr=LR, schedule="constant",
+                        output_dir=tempfile.mkdtemp(prefix="bench-lora-lab-"))
+    try:
+        res = train(model, tok, rows, spec=spec, callbacks=[dash, Clock()])
+    finally:
+        shutil.rmtree(spec.output_dir, ignore_errors=True)
+    step_s = res.final["elapsed_s"] / res.steps
+    run_lora_lab.dashboard_share = dash.overhead["step"] / res.steps / step_s  # per-step share
+    run_lora_lab.dashboard_fixed_s = dash.overhead["begin"] + dash.overhead["end"]
+    return times
+
+
+def run_trainer(model, tok, rows, steps):
+    from datasets import Dataset
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    times = []
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            times.append((time.perf_counter(), time.process_time()))
+
+    args = TrainingArguments(output_dir=tempfile.mkdtemp(prefix="bench-trainer-"), max_steps=steps,
+                             per_device_train_batch_size=BATCH, learning_rate=LR,
+                             lr_scheduler_type="constant", report_to=[], use_cpu=True,
+                             save_strategy="no", eval_strategy="no", logging_steps=steps,
+                             disable_tqdm=True, dataloader_num_workers=0, seed=0)
+    try:
+        Trainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok,
+                callbacks=[Clock()]).train()
+    finally:
+        shutil.rmtree(args.output_dir, ignore_errors=True)
+    return times
+
+
+SETUPS = {"plain": run_plain, "lora_lab": run_lora_lab, "trainer": run_trainer}
+
+
+IMPORTS = {"plain": ("lora_lab.hf.data",),
+           "lora_lab": ("lora_lab.ui.dashboard", "lora_lab.train.loop"),
+           "trainer": ("transformers.trainer", "datasets")}
+PREPARED: dict = {}  # objects made before the RSS baseline (the dashboard and its FigureWidget)
+
+
+def child(setup: str, steps: int, warmup: int) -> dict:
+    """One setup in a fresh process.  ``ready_rss_mb``: RSS once the model is loaded, the setup's
+    libraries imported and the dashboard made; ``growth_mb`` = peak - ready is what training itself
+    added."""
+    import importlib
+
+    from lora_lab.train.measure import peak_rss_mb, rss_mb
+
+    model, tok, name = _model()
+    for module in IMPORTS[setup]:
+        importlib.import_module(module)
+    if setup == "lora_lab":
+        from lora_lab.ui.dashboard import TrainingDashboard
+
+        PREPARED["dashboard"] = TrainingDashboard()
+    ready = rss_mb()
+    times = SETUPS[setup](model, tok, _rows(len(tok), steps * BATCH), steps)
+    peak = peak_rss_mb()
+    return {"setup": setup, "model": name, "tokens_per_s": _rate(times, warmup, 0),
+            "tokens_per_cpu_s": _rate(times, warmup, 1),
+            "peak_rss_mb": peak, "ready_rss_mb": ready, "growth_mb": peak - ready,
+            "steps": len(times), "dashboard_share": getattr(SETUPS[setup], "dashboard_share", None),
+            "dashboard_fixed_s": getattr(SETUPS[setup], "dashboard_fixed_s", None)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads in each child")
+    ap.add_argument("--child", choices=list(SETUPS), help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.child:
+        if a.threads:
+            import torch
+
+            torch.set_num_threads(a.threads)
+        print("RESULT " + json.dumps(child(a.child, a.steps, a.warmup)), flush=True)
+        return
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+           "TOKENIZERS_PARALLELISM": "false"}
+    results: dict[str, list[dict]] = {k: [] for k in SETUPS}
+    for rep in range(a.repeats):
+        for setup in SETUPS:
+            cmd = [sys.executable, __file__, "--child", setup, "--steps", str(a.steps),
+                   "--warmup", str(a.warmup)] + (["--threads", str(a.threads)] if a.threads else [])
+            out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True).stdout
+            res = json.loads(next(l for l in out.splitlines() if l.startswith("RESULT "))[7:])
+            results[setup].append(res)
+            print(f"  repeat {rep + 1} {setup:9s} {res['tokens_per_s']:9,.0f} tokens/s  "
+                  f"{res['tokens_per_cpu_s']:9,.0f} tokens/CPU-s  "
+                  f"peak RSS {res['peak_rss_mb']:7.1f} MiB  (training added "
+                  f"{res['growth_mb']:6.1f})", flush=True)
+    keys = ("tokens_per_s", "tokens_per_cpu_s", "peak_rss_mb", "growth_mb")
+    med = {k: {m: statistics.median(r[m] for r in v) for m in keys} for k, v in results.items()}
+    print(f"\nmodel {results['plain'][0]['model']}, LoRA r={R} all-linear, batch {BATCH}x{SEQ}, "
+          f"{a.steps} steps ({a.warmup} warm-up), median of {a.repeats}, "
+          f"torch threads {a.threads or 'default'}")
+    for i, k in enumerate(SETUPS, 1):
+        print(f"({i}) {k:9s} {med[k]['tokens_per_s']:9,.0f} tokens/s  "
+              f"{med[k]['tokens_per_cpu_s']:9,.0f} tokens/CPU-s   peak RSS "
+              f"{med[k]['peak_rss_mb']:7.1f} MiB   added by training {med[k]['growth_mb']:6.1f} MiB")
+    ratio = lambda a, b, m: med[a][m] / med[b][m]  # noqa: E731
+    share = statistics.median(r["dashboard_share"] for r in results["lora_lab"])
+    fixed = statistics.median(r["dashboard_fixed_s"] for r in results["lora_lab"])
+    print(f"dashboard: {100 * share:.2f}% of each step's time (drawing + polling), plus "
+          f"{fixed * 1e3:.0f} ms once per run (building the figure, final draw)")
+    for m, what in (("tokens_per_s", "wall"), ("tokens_per_cpu_s", "CPU")):
+        print(f"(2)/(1) throughput ({what:4s}) {ratio('lora_lab', 'plain', m):.3f}  (target >= 0.97)"
+              f"    (2)/(3) {ratio('lora_lab', 'trainer', m):.3f}  (target >= 1.0)")
+    print(f"(2)/(1) peak RSS   {ratio('lora_lab', 'plain', 'peak_rss_mb'):.3f}  (target <= 1.05; "
+          f"includes importing pandas, plotly and the FigureWidget)")
+    print(f"training memory above the post-import RSS: (1) {med['plain']['growth_mb']:.1f} MiB, "
+          f"(2) {med['lora_lab']['growth_mb']:.1f} MiB, (3) {med['trainer']['growth_mb']:.1f} MiB")
+
+
+if __name__ == "__main__":
+    main()

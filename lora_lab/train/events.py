@@ -1,0 +1,184 @@
+"""Events, the immutable training state, and the one thing a callback may change: a ``Control``.
+
+The loop in :mod:`lora_lab.train.loop` emits five events, in this order::
+
+    begin  →  (step [eval] [save])*  →  end
+
+and, while paused, ``wait`` ticks (about 10 a second) so that a view can keep listening for its
+buttons.  Each event calls ``callback.on_<event>(state, control)`` on every callback that has such a
+method; a callback may implement any subset (duck typing; :class:`Callback` is a convenient no-op
+base class, not a requirement).
+
+* ``state`` is a :class:`TrainState`: a frozen snapshot of step, loss, learning rate, grad norm,
+  throughput and memory.  A callback cannot change training through it.
+* ``control`` is the run's :class:`Control`: the only channel back into the loop.  ``stop()``,
+  ``pause()``/``resume()`` and ``save_now()`` are thread-safe, because a button click may arrive on
+  another thread (a kernel subshell, or a worker) while the loop is inside a step.  The loop reads
+  the control between optimizer steps, so a stop takes effect within one step.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, fields
+from typing import Iterable, Protocol, runtime_checkable
+
+__all__ = ["EVENTS", "TrainState", "Control", "Callback", "CallbackProtocol", "emit"]
+
+EVENTS = ("begin", "step", "eval", "save", "end", "wait")
+
+
+@dataclass(frozen=True)
+class TrainState:
+    """A snapshot of a run, handed to callbacks.  All numbers are plain Python floats/ints.
+
+    ``step`` counts optimizer steps done (0 at ``begin``); ``max_steps`` is the planned total.
+    ``loss`` is the mean training loss of the last step (over its ``grad_accum`` micro-batches),
+    ``eval_loss`` the latest evaluation (None before the first).  ``tokens_per_s`` is the
+    throughput of the last step in non-padding tokens; ``tokens`` the total seen.  Memory is CUDA
+    ``allocated``/``reserved`` on a GPU, else the process resident set (``rss_mb``).
+    ``eta_s`` extrapolates the mean step time over the steps left.
+    """
+
+    event: str
+    step: int
+    max_steps: int
+    run: str = ""
+    epoch: float = 0.0
+    loss: float | None = None
+    eval_loss: float | None = None
+    lr: float | None = None
+    grad_norm: float | None = None
+    tokens_per_s: float | None = None
+    tokens: int = 0
+    elapsed_s: float = 0.0
+    eta_s: float | None = None
+    rss_mb: float | None = None
+    cuda_allocated_mb: float | None = None
+    cuda_reserved_mb: float | None = None
+    checkpoint: str | None = None
+    stop_reason: str | None = None
+
+    def replace(self, **changes) -> "TrainState":
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        values.update(changes)
+        return TrainState(**values)
+
+    def as_record(self) -> dict:
+        """The numbers of this state as a flat dict (one row of the history table)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+class Control:
+    """Requests from callbacks and buttons to the loop: stop, pause/resume, save now.
+
+    Thread-safe (``threading.Event``).  The loop polls it between optimizer steps::
+
+        control.stop("loss target reached")   # the loop saves and returns
+        control.pause(); control.resume()     # the loop idles between steps, emitting 'wait'
+        control.save_now()                    # one extra checkpoint after the current step
+    """
+
+    def __init__(self):
+        self._stop = threading.Event()
+        self._run = threading.Event()
+        self._run.set()
+        self._save = threading.Event()
+        self.reason: str | None = None
+
+    # -- requests (any thread) ----------------------------------------------------------------
+    def stop(self, reason: str = "stopped") -> None:
+        if not self._stop.is_set():
+            self.reason = reason
+        self._stop.set()
+        self._run.set()  # a paused loop must wake up to stop
+
+    def pause(self) -> None:
+        self._run.clear()
+
+    def resume(self) -> None:
+        self._run.set()
+
+    def save_now(self) -> None:
+        self._save.set()
+
+    # -- what the loop reads ------------------------------------------------------------------
+    @property
+    def should_stop(self) -> bool:
+        return self._stop.is_set()
+
+    @property
+    def paused(self) -> bool:
+        return not self._run.is_set()
+
+    def take_save_request(self) -> bool:
+        """True once per ``save_now()`` call (the request is consumed)."""
+        if self._save.is_set():
+            self._save.clear()
+            return True
+        return False
+
+    def wait_for_resume(self, timeout: float) -> bool:
+        """Block up to ``timeout`` seconds while paused; True when running again."""
+        return self._run.wait(timeout)
+
+    def __repr__(self) -> str:
+        flags = [n for n, on in (("stop", self.should_stop), ("paused", self.paused),
+                                 ("save", self._save.is_set())) if on]
+        return f"Control({', '.join(flags) or 'running'})"
+
+
+@runtime_checkable
+class CallbackProtocol(Protocol):
+    """What the loop calls.  Every method is optional; these are the signatures."""
+
+    def on_begin(self, state: TrainState, control: Control) -> None: ...
+    def on_step(self, state: TrainState, control: Control) -> None: ...
+    def on_eval(self, state: TrainState, control: Control) -> None: ...
+    def on_save(self, state: TrainState, control: Control) -> None: ...
+    def on_end(self, state: TrainState, control: Control) -> None: ...
+    def on_wait(self, state: TrainState, control: Control) -> None: ...
+
+
+class Callback:
+    """A no-op base class: override the events you need (``on_step``, ``on_eval``, ...)."""
+
+    def on_begin(self, state: TrainState, control: Control) -> None:
+        pass
+
+    def on_step(self, state: TrainState, control: Control) -> None:
+        pass
+
+    def on_eval(self, state: TrainState, control: Control) -> None:
+        pass
+
+    def on_save(self, state: TrainState, control: Control) -> None:
+        pass
+
+    def on_end(self, state: TrainState, control: Control) -> None:
+        pass
+
+    def on_wait(self, state: TrainState, control: Control) -> None:
+        pass
+
+
+def emit(callbacks: Iterable, event: str, state: TrainState, control: Control) -> None:
+    """Call ``on_<event>(state, control)`` on each callback that defines it."""
+    name = f"on_{event}"
+    for cb in callbacks:
+        method = getattr(cb, name, None)
+        if method is not None:
+            method(state, control)
+
+
+def wait_while_paused(callbacks, state: TrainState, control: Control, tick_s: float = 0.1) -> float:
+    """Idle while ``control`` is paused, emitting ``wait`` every ``tick_s``; return seconds paused.
+
+    The ``wait`` ticks let a view keep hearing its buttons (the Resume click) while the loop idles.
+    """
+    t0 = time.perf_counter()
+    while control.paused and not control.should_stop:
+        emit(callbacks, "wait", state, control)
+        control.wait_for_resume(tick_s)
+    return time.perf_counter() - t0

@@ -1,0 +1,40 @@
+"""Metric history: a callback that keeps one row per logged step and per evaluation.
+
+The rows become :attr:`lora_lab.TrainResult.history`, a DataFrame with one row per ``step`` or
+``eval`` event::
+
+    event  step  epoch  loss  eval_loss  lr  grad_norm  tokens_per_s  tokens  elapsed_s  rss_mb ...
+
+On resume the previous run's rows are passed in (``rows=``), so the curve continues.
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from .events import Callback, Control, TrainState
+
+__all__ = ["History", "COLUMNS"]
+
+COLUMNS = ("event", "step", "epoch", "loss", "eval_loss", "lr", "grad_norm", "tokens_per_s",
+           "tokens", "elapsed_s", "rss_mb", "cuda_allocated_mb", "cuda_reserved_mb")
+
+
+class History(Callback):
+    """Collect ``step`` and ``eval`` states as rows (plain dicts of numbers)."""
+
+    def __init__(self, rows: list[dict] | None = None):
+        self.rows: list[dict] = [dict(r) for r in (rows or [])]
+
+    def _add(self, state: TrainState) -> None:
+        rec = state.as_record()
+        self.rows.append({k: rec[k] for k in COLUMNS})
+
+    def on_step(self, state: TrainState, control: Control) -> None:
+        self._add(state)
+
+    def on_eval(self, state: TrainState, control: Control) -> None:
+        self._add(state)
+
+    def frame(self) -> pd.DataFrame:
+        return pd.DataFrame(self.rows, columns=list(COLUMNS))

@@ -1,0 +1,361 @@
+"""``lora_lab.train``: a short, explicit training loop that never loses work.
+
+One optimizer step (``TrainSpec.grad_accum`` micro-batches of ``batch_size`` rows)::
+
+    loss = Σ_k model(batch_k).loss / grad_accum        # forward under autocast (fp16/bf16/none)
+    check loss is finite                                # else: save the last good adapter, raise
+    (scaler.scale(loss) if fp16 else loss).backward()
+    g = clip_grad_norm_(adapter params, max_grad_norm)  # also the logged grad norm
+    lr = spec.lr · lr_factor(step)                      # warmup, then constant/linear/cosine
+    optimizer.step(); optimizer.zero_grad()
+
+Around it the loop emits ``begin``, ``step``, ``eval``, ``save`` and ``end`` to callbacks
+(:mod:`lora_lab.train.events`) and reads the :class:`~lora_lab.train.events.Control` between steps.
+
+**Nothing trained is lost.**  Every way out saves the adapter (atomically, see
+:mod:`lora_lab.train.checkpoint`) before returning or raising: the end of the run, ``Control.stop``
+(a button or a callback), ``KeyboardInterrupt`` (the kernel's interrupt button: ``train`` returns
+with ``stop_reason="interrupted"``), an exception inside a step (saved, then re-raised), and a
+NaN/inf loss or grad norm.  The finiteness check happens *before* the optimizer step, so the weights
+saved then are those of the last good step, never the NaN ones; ``train`` then raises
+:class:`~lora_lab.errors.TrainingError` naming the step.
+
+**Buttons while the loop runs.**  The loop runs on the calling thread, so a notebook cell blocks
+until training ends ("Run All" keeps its order; a script and nbclient need nothing special) and the
+interrupt button raises ``KeyboardInterrupt`` where it is handled.  Views hear their buttons through
+the ``step``/``wait`` events: :class:`lora_lab.ui.TrainingDashboard` processes the kernel's pending
+widget messages there (see its module docstring), and ``Control`` is thread-safe for kernels that
+deliver them on another thread.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from ..errors import TrainingError
+from ..specs import TrainSpec
+from .checkpoint import load_training_state, restore_trainable, save_checkpoint
+from .data import Batches, eval_batches, resolve_data
+from .events import Control, TrainState, emit, wait_while_paused
+from .history import History
+from .measure import StepTimer, memory_mb, peak_rss_mb
+from .optim import build_optimizer, lr_factor, resolve_precision
+
+__all__ = ["train", "TrainResult"]
+
+
+@dataclass(frozen=True, eq=False)
+class TrainResult:
+    """What a run produced.
+
+    ``history``: one row per logged step and evaluation (see :mod:`lora_lab.train.history`).
+    ``final``: the last loss and eval loss, mean tokens/s, elapsed seconds, peak memory.
+    ``adapter_path``: the last checkpoint (a peft adapter folder, loadable by ``load_adapter``).
+    ``stop_reason``: ``"completed"``, ``"stopped: <why>"``, ``"interrupted"``, ``"non-finite"`` or
+    ``"error"``.
+    """
+
+    history: pd.DataFrame
+    final: dict
+    adapter_path: str | None
+    output_dir: str
+    stop_reason: str
+    steps: int
+    max_steps: int
+    spec: TrainSpec = field(repr=False, default=None)
+
+    @property
+    def loss(self) -> pd.Series:
+        """The training loss per step (index: step)."""
+        h = self.history[self.history.event == "step"]
+        return pd.Series(h.loss.to_numpy(float), index=h.step.to_numpy(), name="loss")
+
+    def __repr__(self) -> str:
+        f = self.final
+        loss = f"{f['loss']:.4f}" if f.get("loss") is not None else "-"
+        ev = f", eval_loss={f['eval_loss']:.4f}" if f.get("eval_loss") is not None else ""
+        return (f"TrainResult({self.stop_reason}, step {self.steps}/{self.max_steps}, loss={loss}"
+                f"{ev}, {f.get('tokens_per_s', 0):,.0f} tokens/s, adapter={self.adapter_path!r})")
+
+    def _repr_html_(self) -> str:
+        rows = [("stopped", self.stop_reason), ("steps", f"{self.steps} / {self.max_steps}"),
+                *((k, f"{v:,.4g}" if isinstance(v, float) else str(v))
+                  for k, v in self.final.items()), ("adapter", str(self.adapter_path))]
+        body = "".join(f"<tr><th style='text-align:left'>{html.escape(k)}</th>"
+                       f"<td>{html.escape(v)}</td></tr>" for k, v in rows)
+        return f"<table><caption>TrainResult</caption>{body}</table>"
+
+
+class NonFinite(Exception):
+    def __init__(self, step: int, what: str, value: float):
+        self.step, self.what, self.value = step, what, value
+        super().__init__(f"{what} = {value} at step {step}")
+
+
+def _device(model) -> torch.device:
+    for p in model.parameters():
+        if p.requires_grad:
+            return p.device
+    raise TrainingError("The model has no trainable parameters.",
+                        "attach an adapter first: model = lora_lab.attach(model, AdapterSpec())")
+
+
+def _adapter_name(model) -> str | None:
+    active = getattr(model, "active_adapter", None)
+    return active[0] if isinstance(active, (list, tuple)) else active
+
+
+def _default_dir(model) -> Path:
+    """``runs/<timestamp>-<adapter>`` under the working directory (``-2``, ... if taken)."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    base = Path.cwd() / "runs" / f"{stamp}-{_adapter_name(model) or 'adapter'}"
+    path, k = base, 2
+    while path.exists():
+        path, k = base.with_name(f"{base.name}-{k}"), k + 1
+    return path
+
+
+def _forward_kwargs(model) -> dict:
+    """``use_cache=False``: training never reuses the KV cache (prompt learning needs it on)."""
+    config = getattr(model, "active_peft_config", None)
+    return {} if getattr(config, "is_prompt_learning", False) else {"use_cache": False}
+
+
+class _Run:
+    """The mutable side of one run: model, optimizer, step counter and measurements."""
+
+    def __init__(self, model, tokenizer, spec, train_rows, eval_rows, callbacks, run_dir):
+        self.model, self.spec, self.eval_rows = model, spec, eval_rows
+        self.device = _device(model)
+        self.precision = resolve_precision(spec.precision, self.device)
+        pad = tokenizer.pad_token_id
+        self.pad_id = int(tokenizer.eos_token_id if pad is None else pad)
+        self.batches = Batches(train_rows, spec.batch_size, spec.seed, self.pad_id)
+        self.max_steps = spec.steps or self.batches.steps_for(spec.epochs, spec.grad_accum)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = build_optimizer(spec, self.params, self.device)
+        self.scaler = torch.amp.GradScaler("cuda") if self.precision.scaler else None
+        self.fwd = _forward_kwargs(model)
+        self.history = History()
+        self.callbacks = [self.history, *callbacks]
+        self.control = Control()
+        self.run_dir, self.adapter = Path(run_dir), _adapter_name(model)
+        self.step, self.tokens, self.session_tokens = 0, 0, 0
+        self.last: dict = {}
+        self.checkpoint: str | None = None
+        self.timer = StepTimer()
+
+    # ------------------------------------------------------------------ state and events
+    def state(self, event: str, **extra) -> TrainState:
+        left = self.max_steps - self.step
+        mem = memory_mb(self.device)
+        return TrainState(event=event, step=self.step, max_steps=self.max_steps,
+                          run=self.run_dir.name, epoch=self.batches.epoch_of(self.micro),
+                          tokens=self.tokens, elapsed_s=self.timer.elapsed,
+                          eta_s=self.timer.eta(left), checkpoint=self.checkpoint,
+                          **mem, **{**self.last, **extra})
+
+    def emit(self, event: str, **extra) -> TrainState:
+        state = self.state(event, **extra)
+        emit(self.callbacks, event, state, self.control)
+        return state
+
+    @property
+    def micro(self) -> int:
+        return self.step * self.spec.grad_accum
+
+    # ------------------------------------------------------------------ one optimizer step
+    def train_step(self) -> None:
+        model, spec, prec = self.model, self.spec, self.precision
+        model.train()
+        total, ntok = 0.0, 0
+        for k in range(spec.grad_accum):
+            batch = {n: t.to(self.device, non_blocking=True)
+                     for n, t in self.batches(self.micro + k).items()}
+            ntok += int(batch["attention_mask"].sum())
+            with prec.autocast():
+                loss = model(**batch, **self.fwd).loss / spec.grad_accum
+            value = float(loss.detach()) * spec.grad_accum
+            if not math.isfinite(value):
+                self.optimizer.zero_grad(set_to_none=True)
+                raise NonFinite(self.step + 1, "loss", value)
+            total += value / spec.grad_accum
+            (self.scaler.scale(loss) if self.scaler else loss).backward()
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        norm = float(torch.nn.utils.clip_grad_norm_(self.params, spec.max_grad_norm or math.inf))
+        if not math.isfinite(norm) and self.scaler is None:  # fp16 overflow is the scaler's job
+            self.optimizer.zero_grad(set_to_none=True)
+            raise NonFinite(self.step + 1, "grad norm", norm)
+        lr = spec.lr * lr_factor(self.step, self.max_steps, spec)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.tokens += ntok
+        self.session_tokens += ntok
+        self.last.update(loss=total, lr=lr, grad_norm=norm, tokens_per_s=self.timer.lap(ntok))
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean eval loss, weighted by each batch's supervised-token count."""
+        self.model.eval()
+        num, den = 0.0, 0
+        for batch in eval_batches(self.eval_rows, self.spec.batch_size, self.pad_id):
+            batch = {n: t.to(self.device) for n, t in batch.items()}
+            n = int((batch["labels"][:, 1:] != -100).sum())
+            with self.precision.autocast():
+                loss = self.model(**batch, **self.fwd).loss
+            num, den = num + float(loss) * n, den + n
+        self.model.train()
+        self.last["eval_loss"] = num / max(den, 1)
+        return self.last["eval_loss"]
+
+    # ------------------------------------------------------------------ saving and resuming
+    def save(self, reason: str) -> str:
+        state = {"optimizer": self.optimizer.state_dict(), "reason": reason,
+                 "scaler": self.scaler.state_dict() if self.scaler else None,
+                 "rng": torch.get_rng_state(), "tokens": self.tokens,
+                 "elapsed_s": self.timer.elapsed, "loss": self.last.get("loss"),
+                 "epoch": self.batches.epoch_of(self.micro),
+                 "history": self.history.rows, "spec": asdict(self.spec)}
+        path = save_checkpoint(self.model, self.run_dir, self.step, state, self.adapter)
+        self.checkpoint = str(path)
+        self.history.frame().to_csv(self.run_dir / "history.csv", index=False)
+        self.emit("save")
+        return self.checkpoint
+
+    def resume(self, path) -> None:
+        saved = load_training_state(path)
+        restore_trainable(self.model, saved["trainable"])
+        self.optimizer.load_state_dict(saved["optimizer"])
+        if self.scaler is not None and saved.get("scaler"):
+            self.scaler.load_state_dict(saved["scaler"])
+        torch.set_rng_state(saved["rng"])
+        self.step, self.tokens = int(saved["step"]), int(saved["tokens"])
+        self.timer.carry(float(saved["elapsed_s"]))  # elapsed continues from the saved run
+        self.history.rows = [dict(r) for r in saved["history"]]
+        self.last["loss"] = saved.get("loss")
+        if self.step >= self.max_steps:
+            raise TrainingError(f"The checkpoint {saved['path']} is at step {self.step}, which is "
+                                f"already TrainSpec.steps = {self.max_steps}.",
+                                "pass a larger steps (the total, counting the resumed ones)")
+
+
+def _final(run: _Run) -> dict:
+    cuda = run.device.type == "cuda"
+    peak = torch.cuda.max_memory_allocated(run.device) / 2**20 if cuda else peak_rss_mb()
+    elapsed = run.timer.elapsed
+    return {"loss": run.last.get("loss"), "eval_loss": run.last.get("eval_loss"),
+            "tokens_per_s": run.session_tokens / max(run.timer.session, 1e-9), "elapsed_s": elapsed,
+            "tokens": run.tokens, ("peak_cuda_allocated_mb" if cuda else "peak_rss_mb"): peak,
+            "precision": run.precision.name, "optimizer": type(run.optimizer).__name__,
+            "gradient_checkpointing": _checkpointing_on(run.model)}
+
+
+def _checkpointing_on(model) -> bool:
+    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):  # transformers 5, 4
+        value = getattr(model, name, None)
+        if value is not None:
+            return bool(value)
+    return False
+
+
+def _set_checkpointing(model, on: bool) -> None:
+    """Turn activation checkpointing on when asked; never off behind the user's back."""
+    if not on or _checkpointing_on(model):
+        return
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if hasattr(model, "enable_input_require_grads"):
+        model.enable_input_require_grads()
+
+
+def train(model, tokenizer, train_data, eval_data=None, spec: TrainSpec = TrainSpec(),
+          callbacks=(), *, resume_from=None) -> TrainResult:
+    """Train the model's active adapter; return a :class:`TrainResult`.
+
+    ``model`` is a peft model from :func:`lora_lab.attach`; ``train_data`` a ``PreparedData``,
+    tokenized rows or raw prompt/response rows (see :mod:`lora_lab.train.data`); ``eval_data``
+    likewise, or None to use ``train_data``'s eval split.  ``callbacks`` receive the events (e.g. a
+    :class:`lora_lab.ui.TrainingDashboard`).  ``resume_from``: a run folder or checkpoint written
+    by an earlier ``train``; the step count, optimizer state and history continue from it, and
+    ``spec.steps`` is the total.  Checkpoints go to ``spec.output_dir`` (default
+    ``runs/<timestamp>-<adapter>``).
+    """
+    if not isinstance(spec, TrainSpec):
+        raise TrainingError(f"spec must be a TrainSpec, not {type(spec).__name__}.",
+                            "pass spec=lora_lab.TrainSpec(steps=100)")
+    train_rows, eval_rows = resolve_data(train_data, eval_data, tokenizer)
+    run_dir = Path(spec.output_dir) if spec.output_dir else _default_dir(model)
+    if not isinstance(callbacks, (list, tuple)):
+        callbacks = [callbacks]
+    torch.manual_seed(spec.seed)
+    _set_checkpointing(model, spec.gradient_checkpointing)
+    run = _Run(model, tokenizer, spec, train_rows, eval_rows, list(callbacks), run_dir)
+    if resume_from is not None:
+        run.resume(resume_from)
+    return _loop(run)
+
+
+def _loop(run: _Run) -> TrainResult:
+    spec, control = run.spec, run.control
+    reason, error = "completed", None
+    run.emit("begin")
+    try:
+        while run.step < run.max_steps:
+            if control.paused:
+                run.timer.exclude(wait_while_paused(run.callbacks, run.state("wait"), control))
+            if control.should_stop:
+                break
+            run.train_step()
+            if run.step % spec.log_every == 0 or run.step == run.max_steps:
+                run.emit("step")
+            if run.eval_rows and spec.eval_every and run.step % spec.eval_every == 0:
+                run.evaluate()
+                run.emit("eval")
+            if (spec.save_every and run.step % spec.save_every == 0) or control.take_save_request():
+                run.save("checkpoint")
+            if control.should_stop:
+                break
+        if control.should_stop:
+            reason = f"stopped: {control.reason}"
+        elif run.eval_rows and not (spec.eval_every and run.step % spec.eval_every == 0):
+            run.evaluate()  # a completed run always ends with an evaluation when it has eval data
+            run.emit("eval")
+    except NonFinite as exc:
+        reason, error = "non-finite", exc
+    except KeyboardInterrupt:
+        reason = "interrupted"
+    except Exception as exc:  # noqa: BLE001  (saved below, then re-raised unchanged)
+        reason, error = "error", exc
+    path = run.save(reason)
+    run.emit("end", stop_reason=reason)
+    if isinstance(error, NonFinite):
+        raise TrainingError(f"Training halted at step {error.step}: the {error.what} is "
+                            f"{error.value} (not finite).  The adapter of the last good step "
+                            f"({run.step}) was saved to {path}.",
+                            "lower TrainSpec.lr, keep max_grad_norm=1.0, or check the data of this "
+                            "step; resume with train(..., resume_from=...)") from None
+    if error is not None:
+        if hasattr(error, "add_note"):
+            error.add_note(f"lora_lab: the adapter at step {run.step} was saved to {path}")
+        raise error
+    return TrainResult(history=run.history.frame(), final=_final(run), adapter_path=path,
+                       output_dir=str(run.run_dir), stop_reason=reason, steps=run.step,
+                       max_steps=run.max_steps, spec=spec)

@@ -1,0 +1,313 @@
+"""``TrainingDashboard``: one live widget for a training run, and buttons that work while it runs.
+
+Pass it to :func:`lora_lab.train` as a callback (or to ``transformers.Trainer`` through
+:class:`lora_lab.LiveCallback`)::
+
+    dash = TrainingDashboard()
+    display(dash)
+    result = lora_lab.train(model, tok, data, spec=spec, callbacks=[dash])
+
+It shows train and eval loss (raw, smoothed, log-scale toggle), learning rate, grad norm, tokens/s,
+memory, a progress bar with ETA, and Stop / Pause-Resume / Save-now buttons.  Redraws are throttled
+(``redraw_every_s``, default 2 a second) and long runs are thinned to ``max_points`` per trace, so
+plotting costs well under 3% of training time.  The figure stays after the run, and each run is
+kept: a second ``train(..., callbacks=[dash])`` overlays its curves on the first (resuming a run
+continues its curve).
+
+**Why the buttons work while the cell is busy (ipywidgets #3468).**  A kernel executes one shell
+message at a time; a button click is a ``comm_msg`` on the same shell channel, so it normally waits
+until the training cell has finished, which is too late.  lora_lab keeps the loop on the calling
+thread (so "Run All" runs in order, ``KeyboardInterrupt`` arrives where it is handled, and scripts
+and nbclient need nothing special) and, between steps, *polls the kernel's queue*:
+:func:`pump_kernel_events` takes the messages waiting for the busy main shell, handles widget
+messages (``comm_msg``) at once, and re-queues everything else (such as the next cell's
+``execute_request`` under "Run All") to run, in order, after the cell.  Polling is throttled to
+``poll_every_s`` and costs a non-blocking socket poll when nothing is waiting.  We chose polling over
+a worker thread because a worker does not help by itself (the cell must still block for "Run All",
+and a blocked cell hears nothing), and torch/CUDA state, autocast and ``KeyboardInterrupt`` all
+belong to the main thread.  :class:`~lora_lab.train.events.Control` is thread-safe too, so kernels
+that deliver comm messages on a subshell thread also work.  Outside a kernel the pump is a no-op.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import threading
+import time
+
+import ipywidgets as widgets
+
+from ..viz.training import TRACES, Curves, trace_updates, training_figure
+from .figure import LiveFigure
+
+__all__ = ["TrainingDashboard", "pump_kernel_events"]
+
+
+# ----------------------------------------------------------------------------- kernel polling
+def _kernel():
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return None
+    shell = get_ipython()
+    return getattr(shell, "kernel", None)
+
+
+def _run_now(coro) -> bool:
+    """Drive a coroutine that never suspends (comm handlers are synchronous); False if it did."""
+    try:
+        coro.send(None)
+    except StopIteration:
+        return True
+    coro.close()
+    return False
+
+
+def pump_kernel_events() -> int:
+    """Handle widget messages waiting for a busy kernel; re-queue the rest.  Returns how many
+    widget messages were handled (0 outside ipykernel >= 7 or when nothing waits).
+
+    ipykernel 7 receives shell messages on a thread and forwards those for the main shell through
+    an in-process socket that the main thread reads only between cells.  We read that socket, run
+    ``comm_msg``/``comm_close`` through the kernel's own dispatcher (as ipykernel does for comm
+    messages that arrive during an ``await``), restore the cell's parent header so its output stays
+    in its cell, and hand every other message back to the kernel's loop, in arrival order, to run
+    after the cell exactly as it would have on receipt.
+    """
+    kernel = _kernel()
+    thread = getattr(kernel, "shell_channel_thread", None)
+    if thread is None or getattr(kernel, "session", None) is None:
+        return 0
+    if threading.current_thread() is not threading.main_thread():
+        return 0  # only the main shell's thread may read its socket (a subshell has its own loop)
+    pair = thread.manager.get_shell_channel_to_subshell_pair(None)
+    sock = pair.to_socket
+    handled = 0
+    while sock.poll(0):
+        frames = sock.recv_multipart(copy=False)
+        try:
+            _, msg = kernel.session.feed_identities(frames, copy=False)
+            header = kernel.session.deserialize(msg, content=False, copy=False)["header"]
+            msg_type = header["msg_type"]
+        except Exception:  # noqa: BLE001  (leave anything odd to the kernel itself)
+            msg_type = None
+        if msg_type in ("comm_msg", "comm_close"):
+            parent = kernel.get_parent("shell")
+            ident = kernel._get_shell_context_var(kernel._shell_parent_ident)
+            try:
+                if _run_now(kernel.dispatch_shell(frames, None, concurrent=True)):
+                    handled += 1
+            finally:
+                kernel.set_parent(ident, parent, channel="shell")
+        else:
+            _defer(kernel, pair, frames)
+    return handled
+
+
+def _defer(kernel, pair, frames) -> None:
+    """Schedule a shell message to run after the current cell exactly as the kernel would have on
+    receipt: through the socket's own receive callback, which runs it in the kernel's persistent
+    ContextVar context (ContextVars set in one cell stay set in the next)."""
+    receive = getattr(pair.to_stream, "_recv_callback", None)  # pyzmq ZMQStream's callback
+    if receive is not None:
+        kernel.io_loop.add_callback(receive, frames)
+    else:
+        kernel.io_loop.add_callback(kernel.shell_main, None, frames)
+
+
+# ----------------------------------------------------------------------------- the dashboard
+def _timed(method):
+    """Add the time spent in callback ``on_<event>`` to ``self.overhead[event]``."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args):
+        t0 = time.perf_counter()
+        try:
+            return method(self, *args)
+        finally:
+            self.overhead[method.__name__[3:]] += time.perf_counter() - t0
+
+    return wrapper
+
+
+def _fmt_s(s: float | None) -> str:
+    if s is None:
+        return "–"
+    s = int(round(s))
+    h, m = divmod(s // 60, 60)
+    return f"{h}:{m:02d}:{s % 60:02d}" if h else f"{m}:{s % 60:02d}"
+
+
+class TrainingDashboard(widgets.VBox):
+    """A live view of training runs; a callback for :func:`lora_lab.train` (see module docstring).
+
+    ``runs`` maps run name → list of history rows (kept across runs); ``figure`` is the plotly
+    figure (``figure.data`` holds the plotted arrays); ``control`` is the current run's Control;
+    ``overhead`` the seconds its callbacks took per event (``redraws`` how many redraws that was).
+    """
+
+    def __init__(self, smoothing: float = 0.6, log_y: bool = False, redraw_every_s: float = 0.5,
+                 poll_every_s: float = 0.1, static: bool | None = None, height: int = 480,
+                 max_points: int = 2000):
+        self.runs: dict[str, list[dict]] = {}
+        self._curves: dict[str, Curves] = {}
+        self.max_points = max_points
+        self.control = None
+        self.redraw_every_s, self.poll_every_s, self.height = redraw_every_s, poll_every_s, height
+        self.redraws = 0
+        # seconds spent in this view's callbacks (drawing, polling), per event
+        self.overhead = dict.fromkeys(("begin", "step", "eval", "save", "end"), 0.0)
+        self._last_draw = self._last_poll = -math.inf
+        self.smoothing = widgets.FloatSlider(value=smoothing, min=0.0, max=0.99, step=0.01,
+                                             description="smoothing", continuous_update=False)
+        self.log_y = widgets.Checkbox(value=log_y, description="log-scale loss", indent=False)
+        self.stop_button = widgets.Button(description="Stop", icon="stop", button_style="danger",
+                                          disabled=True, tooltip="Save the adapter and stop")
+        self.pause_button = widgets.ToggleButton(description="Pause", icon="pause", disabled=True,
+                                                 tooltip="Pause between steps / resume")
+        self.save_button = widgets.Button(description="Save now", icon="save", disabled=True,
+                                          tooltip="Write a checkpoint after this step")
+        self.progress = widgets.IntProgress(value=0, min=0, max=1, description="step",
+                                            layout=widgets.Layout(width="45%"))
+        self.status = widgets.HTML("<i>waiting for a run</i>")
+        self.live = LiveFigure(training_figure({}, smoothing, log_y, height), static=static)
+        self.stop_button.on_click(lambda _: self._request("stop"))
+        self.save_button.on_click(lambda _: self._request("save"))
+        self.pause_button.observe(self._on_pause, names="value")
+        self.smoothing.observe(self._on_smoothing, names="value")
+        self.log_y.observe(self._on_log, names="value")
+        buttons = widgets.HBox([self.stop_button, self.pause_button, self.save_button])
+        super().__init__([widgets.HBox([self.progress, self.status]), buttons,
+                          widgets.HBox([self.smoothing, self.log_y]), self.live.widget])
+
+    # ---------------------------------------------------------------- buttons (any thread)
+    def _request(self, what: str) -> None:
+        if self.control is None:
+            return
+        if what == "stop":
+            self.control.stop("Stop button")
+            self.status.value = "<b>stopping after this step…</b>"
+        else:
+            self.control.save_now()
+            self.status.value = "<b>saving after this step…</b>"
+
+    def _on_pause(self, change) -> None:
+        if self.control is None:
+            return
+        if change["new"]:
+            self.control.pause()
+        else:
+            self.control.resume()
+        self.pause_button.description = "Resume" if change["new"] else "Pause"
+        self.pause_button.icon = "play" if change["new"] else "pause"
+
+    def _on_smoothing(self, change) -> None:
+        for curves in self._curves.values():
+            curves.set_smoothing(change["new"])
+        self.redraw_all()
+
+    def _on_log(self, change) -> None:
+        with self.live.batch_update() as fig:
+            fig.update_yaxes(type="log" if change["new"] else "linear", row=1, col=1)
+
+    @property
+    def figure(self):
+        return self.live.figure
+
+    # ---------------------------------------------------------------- callback events
+    @_timed
+    def on_begin(self, state, control) -> None:
+        self.control = control
+        name, k = state.run or f"run {len(self.runs) + 1}", 2
+        resumed = state.step > 0 and name in self.runs  # a resumed run continues its own curve
+        while name in self.runs and not resumed:
+            name, k = f"{state.run or 'run'} ({k})", k + 1
+        self._run = name
+        self.runs.setdefault(name, [])
+        self._curves.setdefault(name, Curves(self.smoothing.value))
+        self.progress.max, self.progress.value = max(state.max_steps, 1), state.step
+        for b in (self.stop_button, self.pause_button, self.save_button):
+            b.disabled = False
+        self.pause_button.value = False
+        self.redraw_all()
+        self._status(state, "running")
+
+    @_timed
+    def on_step(self, state, control) -> None:
+        self._add(state)
+        self._tick(state)
+
+    @_timed
+    def on_eval(self, state, control) -> None:
+        self._add(state)
+        self._tick(state, force=True)
+
+    @_timed
+    def on_save(self, state, control) -> None:
+        self._status(state, f"saved {state.checkpoint}")
+
+    def on_wait(self, state, control) -> None:
+        self._status(state, "paused")
+        self._poll(force=True)
+
+    @_timed
+    def on_end(self, state, control) -> None:
+        for b in (self.stop_button, self.pause_button, self.save_button):
+            b.disabled = True
+        self._draw(state)
+        self.live.sync()
+        self._status(state, state.stop_reason or "done")
+
+    # ---------------------------------------------------------------- drawing
+    def _add(self, state) -> None:
+        rec = state.as_record()
+        self.runs[self._run].append(rec)
+        self._curves[self._run].add(rec)
+
+    def _poll(self, force: bool = False) -> None:
+        now = time.perf_counter()
+        if force or now - self._last_poll >= self.poll_every_s:
+            self._last_poll = now
+            pump_kernel_events()
+
+    def _tick(self, state, force: bool = False) -> None:
+        now = time.perf_counter()
+        if force or now - self._last_draw >= self.redraw_every_s:
+            self._draw(state)
+        self._poll()
+
+    def _draw(self, state) -> None:
+        """Update the current run's eight traces in place (one batched message)."""
+        self._last_draw = time.perf_counter()
+        self.redraws += 1
+        names = list(self.runs)
+        first = names.index(self._run) * len(TRACES)
+        updates = trace_updates(self._curves[self._run].arrays(), self.smoothing.value,
+                                self.max_points)
+        with self.live.batch_update() as fig:
+            for trace, xy in zip(fig.data[first:first + len(TRACES)], updates):
+                trace.x, trace.y = xy["x"], xy["y"]
+        self._status(state, "running")
+
+    def redraw_all(self) -> None:
+        """Rebuild the figure from every kept run (after a new run or a smoothing change)."""
+        self.live.replace(training_figure(self.runs, self.smoothing.value, self.log_y.value,
+                                          self.height))
+
+    def _status(self, state, what: str) -> None:
+        if state is None:
+            return
+        self.progress.value = min(state.step, self.progress.max)
+        loss = f"loss {state.loss:.4f}" if state.loss is not None else ""
+        ev = f" · eval {state.eval_loss:.4f}" if state.eval_loss is not None else ""
+        tps = f" · {state.tokens_per_s:,.0f} tok/s" if state.tokens_per_s else ""
+        self.status.value = (f"{state.step}/{state.max_steps} · {loss}{ev}{tps} · "
+                             f"elapsed {_fmt_s(state.elapsed_s)} · ETA {_fmt_s(state.eta_s)} · "
+                             f"<i>{what}</i>")
+
+    def clear(self) -> None:
+        """Forget all kept runs."""
+        self.runs.clear()
+        self._curves.clear()
+        self.redraw_all()

@@ -1,0 +1,293 @@
+"""``AdapterDesigner``: choose an adapter with widgets and see, live, what it costs and whether it fits.
+
+::
+
+    designer = AdapterDesigner("meta-llama/Llama-3.1-8B")    # or a config, a folder, a loaded model
+    display(designer)
+    designer.spec, designer.quant, print(designer.code())
+
+The widget is a thin view: every change rebuilds an :class:`~lora_lab.AdapterSpec` and a
+:class:`~lora_lab.QuantSpec` and calls the planner (:func:`lora_lab.hf.plan.count_adapter` and the
+formulas of :mod:`lora_lab.core.memory`) on a meta-device copy of the model made once.  A choice
+the specs or the model refuse (r = 0, r larger than a targeted layer, no target module, a layer that
+does not exist) is shown inline with the fix; the last valid numbers stay on screen.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import ipywidgets as widgets
+
+from ..core.memory import DEVICES, GIB
+from ..errors import LoraLabError, SpecError
+from ..hf.plan import MemoryEstimate, estimate_from_facts, model_facts
+from ..specs import INITS, OPTIMIZERS, PRESET_TARGETS, AdapterSpec, QuantSpec
+from ..viz.memory import TERM_LABELS, memory_figure, memory_title, memory_traces
+from .figure import LiveFigure
+
+__all__ = ["AdapterDesigner"]
+
+METHODS = ("LoRA", "DoRA", "rsLoRA", "QLoRA", "prefix", "prompt", "IA3")
+QUANTS = ("none", "int8", "nf4", "fp4")
+_W = {"description_width": "110px"}
+
+
+def _group(name: str) -> str:
+    parts = name.split(".")
+    return parts[-2] if len(parts) > 1 else "model"
+
+
+class AdapterDesigner(widgets.VBox):
+    """Design an adapter and plan its memory (see the module docstring).
+
+    ``spec`` / ``quant`` are the current valid choice; ``estimate`` the current
+    :class:`~lora_lab.hf.plan.MemoryEstimate`; ``error`` the message shown for an invalid choice
+    (``""`` when valid); ``code()`` the plain Python that reproduces the choice.
+    """
+
+    def __init__(self, model_or_config, static: bool | None = None, device: str = "T4"):
+        self._source = model_or_config
+        self._facts = model_facts(model_or_config)
+        self._hold = False
+        self.spec: AdapterSpec | None = None
+        self.quant: QuantSpec | None = None
+        self.estimate: MemoryEstimate | None = None
+        self.error = ""
+        self.updates = 0
+        self._build_controls(device)
+        self.update()
+        est = self.estimate or estimate_from_facts(self._facts, AdapterSpec(r=1), None)
+        self.live = LiveFigure(memory_figure(est), static=static)
+        super().__init__([self._controls_box(), self.summary, self.message, self.live.widget])
+        for w in self._all_controls():
+            w.observe(self._on_change, names="value")
+
+    # ------------------------------------------------------------------ controls
+    def _build_controls(self, device: str) -> None:
+        table = self._facts.table
+        self.method = widgets.Dropdown(options=METHODS, value="LoRA", description="method", style=_W)
+        self.r = widgets.IntText(value=8, description="rank r", style=_W)
+        self.alpha = widgets.FloatText(value=16.0, description="alpha α", style=_W)
+        self.scaling_note = widgets.HTML()
+        self.dropout = widgets.FloatText(value=0.0, step=0.05, description="dropout", style=_W)
+        self.init = widgets.Dropdown(options=INITS, value="default", description="init", style=_W)
+        self.quantization = widgets.Dropdown(options=QUANTS, value="none", description="quantization",
+                                             style=_W)
+        self.double_quant = widgets.Checkbox(value=True, description="double quant")
+        self.virtual_tokens = widgets.IntText(value=20, description="virtual tokens", style=_W)
+        types = list(dict.fromkeys(table["module_type"]))
+        first = table.drop_duplicates("module_type").set_index("module_type")
+        self.targets = {t: widgets.Checkbox(
+            value=True, indent=False, layout=widgets.Layout(width="auto"),
+            description=f"{t} ({first.at[t, 'in_features']}→{first.at[t, 'out_features']})")
+            for t in types}
+        self.groups: dict[str, list[str]] = {}
+        for t in types:
+            self.groups.setdefault(_group(first.at[t, "name"]), []).append(t)
+        self.presets = {label: widgets.Button(description=label, layout=widgets.Layout(width="auto"))
+                        for label in ("attention q+v", "all attention", "all linear")}
+        for label, b in self.presets.items():
+            b.on_click(lambda _b, label=label: self.apply_preset(label))
+        layers = list(range(self._facts.arch.layers))
+        self.all_layers = widgets.Checkbox(value=True, description="all layers")
+        self.layers = widgets.SelectMultiple(options=layers, value=tuple(layers), rows=4,
+                                             description="layers", style=_W)
+        self.batch = widgets.IntText(value=1, description="batch", style=_W)
+        self.seq_len = widgets.IntText(value=512, description="seq len", style=_W)
+        self.checkpointing = widgets.Checkbox(value=True, description="gradient checkpointing")
+        self.optimizer = widgets.Dropdown(options=OPTIMIZERS, value="adamw", description="optimizer",
+                                          style=_W)
+        self.device = widgets.Dropdown(options=[*DEVICES, "custom"], description="device", style=_W,
+                                       value=device if device in DEVICES else "T4")
+        self.device_gb = widgets.FloatText(value=24.0, description="custom GB", style=_W)
+        self.summary = widgets.HTML()
+        self.message = widgets.HTML()
+
+    def _all_controls(self):
+        return [self.method, self.r, self.alpha, self.dropout, self.init, self.quantization,
+                self.double_quant, self.virtual_tokens, *self.targets.values(), self.all_layers,
+                self.layers, self.batch, self.seq_len, self.checkpointing, self.optimizer,
+                self.device, self.device_gb]
+
+    def _controls_box(self) -> widgets.Widget:
+        adapter = widgets.VBox([self.method, self.r, self.alpha, self.scaling_note, self.dropout,
+                                self.init, self.virtual_tokens])
+        quant = widgets.VBox([self.quantization, self.double_quant])
+        groups = [widgets.HBox([widgets.HTML(f"<b>{g}</b>", layout=widgets.Layout(width="80px")),
+                                *[self.targets[t] for t in ts]]) for g, ts in self.groups.items()]
+        targets = widgets.VBox([widgets.HBox(list(self.presets.values())), *groups,
+                                widgets.HBox([self.all_layers, self.layers])])
+        train = widgets.VBox([self.batch, self.seq_len, self.checkpointing, self.optimizer,
+                              self.device, self.device_gb])
+        tabs = widgets.Tab([adapter, quant, targets, train])
+        for i, title in enumerate(("adapter", "quantization", "target modules", "training & device")):
+            tabs.set_title(i, title)
+        return tabs
+
+    @contextmanager
+    def hold(self):
+        """Change several controls with one update at the end."""
+        self._hold = True
+        try:
+            yield self
+        finally:
+            self._hold = False
+        self.update()
+
+    def apply_preset(self, label: str) -> None:
+        """``"attention q+v"`` (LoRA paper), ``"all attention"`` or ``"all linear"`` (QLoRA)."""
+        if label == "attention q+v":
+            chosen = set(PRESET_TARGETS["attention-qv"])
+        elif label == "all attention":
+            chosen = {t for g, ts in self.groups.items() if "att" in g.lower() for t in ts}
+        else:
+            chosen = set(self.targets)
+        with self.hold():
+            for t, box in self.targets.items():
+                box.value = t in chosen
+
+    def _on_change(self, change) -> None:
+        if change["owner"] is self.method and change["new"] == "QLoRA" \
+                and self.quantization.value == "none":
+            self.quantization.value = "nf4"          # triggers its own update
+            return
+        if change["owner"] is self.all_layers and not change["new"] and \
+                len(self.layers.value) == len(self.layers.options):
+            self._enable_controls()                    # same selection: only unlock the list
+            return
+        if not self._hold:
+            self.update()
+
+    # ------------------------------------------------------------------ specs
+    def _targets(self):
+        chosen = tuple(t for t, b in self.targets.items() if b.value)
+        return "all-linear" if len(chosen) == len(self.targets) else chosen
+
+    def build(self) -> tuple[AdapterSpec, QuantSpec | None]:
+        """The specs the controls describe; raises :class:`~lora_lab.LoraLabError` if invalid."""
+        m = self.method.value
+        method = {"prefix": "prefix", "prompt": "prompt", "IA3": "ia3"}.get(m, "lora")
+        kw = dict(method=method)
+        if method == "lora":
+            kw.update(r=self.r.value, alpha=self.alpha.value, dropout=self.dropout.value,
+                      init=self.init.value, use_dora=m == "DoRA", use_rslora=m == "rsLoRA")
+        if method in ("lora", "ia3"):
+            kw.update(target_modules=self._targets(),
+                      layers=None if self.all_layers.value else tuple(self.layers.value))
+        if method in ("prefix", "prompt"):
+            kw.update(num_virtual_tokens=self.virtual_tokens.value)
+        spec = AdapterSpec(**kw)
+        q = self.quantization.value
+        quant = None if q == "none" else QuantSpec(bits=8) if q == "int8" else \
+            QuantSpec(bits=4, quant_type=q, double_quant=self.double_quant.value)
+        if m == "QLoRA" and (quant is None or quant.bits != 4):
+            raise SpecError("AdapterDesigner", "quantization", q, "QLoRA is LoRA on a 4-bit base",
+                            "choose nf4 (the QLoRA paper's choice) or fp4, or method LoRA")
+        if quant is not None and spec.init in ("pissa", "olora"):   # attach() refuses these too
+            raise SpecError("AdapterSpec", "init", spec.init,
+                            f"{spec.init} rewrites the base weights, which a quantized base cannot take",
+                            "choose quantization none, or init default")
+        return spec, quant
+
+    def _enable_controls(self) -> None:
+        """Grey out what the chosen method does not use."""
+        method = self.method.value
+        lora = method in ("LoRA", "DoRA", "rsLoRA", "QLoRA")
+        for w in (self.r, self.alpha, self.dropout, self.init):
+            w.disabled = not lora
+        self.virtual_tokens.disabled = method not in ("prefix", "prompt")
+        for w in (*self.targets.values(), *self.presets.values(), self.all_layers):
+            w.disabled = method in ("prefix", "prompt")
+        self.layers.disabled = method in ("prefix", "prompt") or self.all_layers.value
+        self.double_quant.disabled = self.quantization.value not in ("nf4", "fp4")
+        self.device_gb.disabled = self.device.value != "custom"
+
+    def _device_arg(self):
+        return self.device_gb.value if self.device.value == "custom" else self.device.value
+
+    # ------------------------------------------------------------------ update
+    def update(self) -> None:
+        """Rebuild the specs, recount, re-estimate and redraw; show any refusal inline."""
+        self.updates += 1
+        self._enable_controls()
+        try:
+            spec, quant = self.build()
+            est = estimate_from_facts(self._facts, spec, quant, batch_size=self.batch.value,
+                                      seq_len=self.seq_len.value,
+                                      gradient_checkpointing=self.checkpointing.value,
+                                      optimizer=self.optimizer.value, device=self._device_arg())
+        except LoraLabError as exc:
+            self.error = str(exc)
+            self.message.value = ("<div style='color:#b00020;white-space:pre-wrap'>⚠ "
+                                  + _escape(self.error) + "</div>")
+            return
+        self.error, self.message.value = "", ""
+        self.spec, self.quant, self.estimate = spec, quant, est
+        self.scaling_note.value = self._scaling_text(spec)
+        self.summary.value = self._summary(est, est.trainable[est.chosen])
+        if hasattr(self, "live"):
+            self._redraw(est)
+
+    @staticmethod
+    def _scaling_text(spec: AdapterSpec) -> str:
+        if spec.method != "lora":
+            return ""
+        rule = f"α/√r = {spec.alpha:g}/√{spec.r}" if spec.use_rslora else f"α/r = {spec.alpha:g}/{spec.r}"
+        return f"<small>scaling s = {rule} = <b>{spec.scaling:.3g}</b> (ΔW = s·B·A)</small>"
+
+    def _summary(self, est: MemoryEstimate, trainable: int) -> str:
+        total = est.total_params + trainable
+        verdicts = " · ".join(f"{s}: {est.need(s) / GIB:.1f} GiB <b>{v}</b>"
+                              for s, v in est.verdicts().items())
+        merge = ""
+        if est.merge_verdict() == "does not fit":
+            merge = (f"<br>Merging on this GPU afterwards needs {est.merge_need() / GIB:.1f} GiB: "
+                     "merge on the CPU, or keep the adapter separate.")
+        return (f"<b>trainable</b> {trainable:,} of {total:,} ({100 * trainable / total:.4f}%) · "
+                f"<b>adapter file</b> {est.adapter_file_bytes / 2**20:.2f} MB<br>"
+                f"<b>{est.chosen}</b> on {est.device}: {est.verdict()}<br>{verdicts}{merge}")
+
+    def _redraw(self, est: MemoryEstimate) -> None:
+        names, values = memory_traces(est)
+        limit = est.device_bytes / GIB
+        with self.live.batch_update() as fig:
+            renamed = list(fig.data[0].x) != names
+            for trace, term in zip(fig.data, TERM_LABELS):
+                trace.y = values[term]
+                if renamed:
+                    trace.x = names
+            line = fig.data[len(TERM_LABELS)]
+            if renamed:
+                line.x = names
+            line.y, line.name = [limit] * len(names), f"{est.device} ({limit:.0f} GiB)"
+            fig.layout.title.text = memory_title(est)
+
+    # ------------------------------------------------------------------ code
+    def code(self) -> str:
+        """Plain Python that reproduces the current choice without widgets."""
+        spec, quant = self.spec, self.quant
+        if spec is None:
+            return "# no valid choice yet"
+        defaults = AdapterSpec(method=spec.method)
+        fields = {k: v for k, v in spec.to_dict().items()
+                  if k == "method" or v != getattr(defaults, k) or k in ("r", "alpha")}
+        args = ", ".join(f"{k}={v!r}" for k, v in fields.items())
+        qline = "None" if quant is None else (
+            f"ll.QuantSpec(bits={quant.bits}, quant_type={quant.quant_type!r}, "
+            f"double_quant={quant.double_quant!r})")
+        est = (f"ll.estimate_memory({{model}}, adapter=spec, quant=quant, "
+               f"batch_size={self.batch.value!r}, seq_len={self.seq_len.value!r}, "
+               f"gradient_checkpointing={self.checkpointing.value!r}, "
+               f"optimizer={self.optimizer.value!r}, device={self._device_arg()!r})")
+        if isinstance(self._source, str):
+            est_line = "estimate = " + est.format(model=repr(self._source))
+        else:
+            est_line = "# estimate = " + est.format(model="config")
+        return "\n".join(["import lora_lab as ll", "",
+                          f"spec = ll.AdapterSpec({args})",
+                          f"quant = {qline}", est_line, ""])
+
+
+def _escape(text: str) -> str:
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")

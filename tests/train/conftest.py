@@ -1,0 +1,53 @@
+"""Fixtures for the training tests: a LoRA'd tiny Llama and small tokenized data."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+def attach_lora(model, r: int = 8, seed: int = 0):
+    """``lora_lab.attach`` with LoRA r on all linear layers, its init seeded."""
+    import lora_lab as ll
+
+    try:
+        attach = ll.attach
+    except ImportError:  # the public name maps to a module that may still be landing
+        from lora_lab.hf.attach import attach
+    torch.manual_seed(seed)
+    return attach(model, ll.AdapterSpec(r=r, target_modules="all-linear"))
+
+
+def token_rows(tokenizer, n: int = 16) -> list[dict]:
+    """Tokenized rows of periodic text ("abcabc...", "xyzxyz..."): the next character is fixed by
+    the current one, so even a LoRA on a random tiny model learns it fast.  labels = input_ids."""
+    patterns = ["abc", "xyz"]
+    rows = []
+    for i in range(n):
+        text = (patterns[i % len(patterns)] * 20)[i % 3:][:36]
+        ids = tokenizer(text)["input_ids"]
+        rows.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": list(ids)})
+    return rows
+
+
+@pytest.fixture
+def lora_tiny(tiny_llama):
+    model, tok = tiny_llama
+    return attach_lora(model), tok
+
+
+@pytest.fixture
+def rows(tiny_llama):
+    return token_rows(tiny_llama[1])
+
+
+@pytest.fixture
+def fresh_lora(tiny_llama_dir):
+    """A factory: a freshly loaded tiny Llama with the same seeded LoRA each call."""
+    import lora_lab as ll
+
+    def make(seed: int = 0):
+        model, tok = ll.load_model(tiny_llama_dir, device="cpu")
+        return attach_lora(model, seed=seed), tok
+
+    return make

@@ -1,0 +1,59 @@
+"""LiveCallback: lora_lab callbacks and the dashboard under transformers.Trainer."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from lora_lab.hf.trainer_callback import LiveCallback, _Control, _State
+from lora_lab.train.events import Control, TrainState
+
+
+def test_twins_match_the_train_layer():
+    names = lambda cls: [f.name for f in dataclasses.fields(cls)]  # noqa: E731
+    assert names(_State) == names(TrainState)
+    public = {n for n in dir(Control) if not n.startswith("_")}
+    assert public <= {n for n in dir(_Control) if not n.startswith("_")}
+
+
+def test_live_callback_under_trainer(lora_tiny, rows, tmp_path):
+    from datasets import Dataset
+    from transformers import Trainer, TrainingArguments
+
+    from lora_lab.ui.dashboard import TrainingDashboard
+
+    model, tok = lora_tiny
+    n = min(len(r["input_ids"]) for r in rows)  # equal lengths: the default collator stacks them
+    ds = Dataset.from_list([{k: v[:n] for k, v in r.items()} for r in rows])
+    events = []
+
+    class Recorder:
+        def __getattr__(self, name):
+            if name.startswith("on_"):
+                return lambda state, control: events.append((name[3:], state.step, state.loss))
+            raise AttributeError(name)
+
+    class StopAt3:
+        def on_step(self, state, control):
+            if state.step == 3:
+                control.stop("enough")
+
+    dash = TrainingDashboard()
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=6, per_device_train_batch_size=4,
+                             learning_rate=1e-2, logging_steps=1, report_to=[], use_cpu=True,
+                             save_strategy="no", eval_strategy="no", disable_tqdm=True,
+                             include_num_input_tokens_seen=True)
+    trainer = Trainer(model=model, args=args, train_dataset=ds, processing_class=tok,
+                      callbacks=[LiveCallback(Recorder(), dash, StopAt3())])
+    out = trainer.train()
+    assert out.global_step == 3  # the stop request reached the Trainer after step 3
+    kinds = [e[0] for e in events]
+    assert kinds[0] == "begin" and kinds[-1] == "end" and kinds.count("step") == 3
+    steps = [e for e in events if e[0] == "step"]
+    assert [s[1] for s in steps] == [1, 2, 3] and all(np.isfinite(s[2]) for s in steps)
+    train_trace = dash.figure.data[0]
+    np.testing.assert_array_equal(train_trace.x, [1, 2, 3])
+    np.testing.assert_allclose(train_trace.y, [s[2] for s in steps])
+    tps = dash.figure.data[5].y
+    assert np.all(tps > 0)  # tokens/s from num_input_tokens_seen
