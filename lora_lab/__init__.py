@@ -77,7 +77,17 @@ _LAZY = {
     "quant_error": "hf.quant",
     "lowrank_recovery": "hf.quant",
     "scan_quantization": "hf.quant",
+    "QuantScan": "hf.quant",
+    "QuantError": "core.quant",
+    "RecoveryResult": "core.quant",
+    "LowRankCorrection": "core.quant",
+    "quantized_output_error": "hf.quant_output",
+    "OutputError": "hf.quant_output",
     "estimate_memory": "hf.plan",
+    "generate": "hf.generate",
+    "stream_generate": "hf.generate",
+    "switch_adapter": "hf.generate",
+    "GenerationResult": "hf.generate",
     "MemoryEstimate": "hf.plan",
 }
 

@@ -1,0 +1,148 @@
+"""Figures for quantization error: records in (a :class:`~lora_lab.hf.quant.QuantScan`,
+:class:`~lora_lab.core.quant.QuantError` list, :class:`~lora_lab.core.quant.RecoveryResult`),
+plotly ``go.Figure`` out.
+
+* :func:`error_heatmap` — layers × module type, one heatmap per scheme (a dropdown switches).
+* :func:`scheme_bars` — NF4 vs FP4 vs int8 (…) per module type, averaged over layers.
+* :func:`blocksize_figure` — error against blocksize (one line per scheme).
+* :func:`weight_histogram` — one weight's histogram with the NF4 code points, scaled by the
+  median block absmax (what the 16 levels look like for a typical block).
+* :func:`recovery_figure` — remaining error against LoRA rank (SVD and LoftQ).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import plotly.graph_objects as go
+import torch
+
+from ..core.quant import QuantError, RecoveryResult, block_absmax
+
+__all__ = ["error_heatmap", "scheme_bars", "blocksize_figure", "weight_histogram",
+           "recovery_figure"]
+
+_LABELS = {"rel_error": "relative error ‖W−Q‖/‖W‖", "snr_db": "SNR (dB)",
+           "mean_abs_error": "mean |W−Q|", "max_abs_error": "max |W−Q|",
+           "outlier_share": "share of |w| > 6σ", "bits_per_param": "bits per parameter"}
+
+
+def _modules(table) -> list[str]:
+    return list(dict.fromkeys(table["module"]))
+
+
+def error_heatmap(scan, metric: str = "rel_error", schemes: Sequence[str] | None = None) -> go.Figure:
+    """Heatmap of ``metric`` with decoder layers down and module types across, one trace per scheme
+    (the first is shown; a dropdown picks another).  Hover gives the tensor name."""
+    t = scan.table
+    schemes = list(schemes or scan.schemes)
+    modules = _modules(t)
+    fig = go.Figure()
+    for i, s in enumerate(schemes):
+        sub = t[t.scheme == s]
+        z = sub.pivot_table(index="layer", columns="module", values=metric, aggfunc="mean")
+        names = sub.pivot_table(index="layer", columns="module", values="name", aggfunc="first")
+        z, names = z.reindex(columns=modules), names.reindex(index=z.index, columns=modules)
+        fig.add_trace(go.Heatmap(z=z.to_numpy(dtype=float), x=modules, y=[int(v) for v in z.index],
+                                 customdata=names.to_numpy(dtype=object), name=s, visible=i == 0,
+                                 colorscale="Viridis", colorbar=dict(title=metric),
+                                 hovertemplate="%{customdata}<br>" + metric + "=%{z:.4g}<extra>"
+                                 + s + "</extra>"))
+    buttons = [dict(label=s, method="update",
+                    args=[{"visible": [j == i for j in range(len(schemes))]},
+                          {"title.text": f"{_LABELS.get(metric, metric)} — {s}"}])
+               for i, s in enumerate(schemes)]
+    fig.update_layout(title=f"{_LABELS.get(metric, metric)} — {schemes[0] if schemes else ''}",
+                      xaxis_title="module", yaxis_title="layer", yaxis_autorange="reversed",
+                      updatemenus=[dict(buttons=buttons, x=1.0, y=1.15, xanchor="right")]
+                      if len(schemes) > 1 else [])
+    return fig
+
+
+def scheme_bars(scan, metric: str = "rel_error") -> go.Figure:
+    """Grouped bars: for each module type, the mean ``metric`` over layers, one bar per scheme."""
+    t = scan.table
+    modules = _modules(t)
+    fig = go.Figure()
+    for s in scan.schemes:
+        means = t[t.scheme == s].groupby("module")[metric].mean().reindex(modules)
+        fig.add_trace(go.Bar(x=modules, y=means.to_numpy(dtype=float), name=s))
+    fig.update_layout(barmode="group", xaxis_title="module",
+                      yaxis_title=f"mean {_LABELS.get(metric, metric)}",
+                      title=f"{' vs '.join(scan.schemes)} per module type (blocksize {scan.blocksize})")
+    return fig
+
+
+def blocksize_figure(errors: Sequence[QuantError], metric: str = "rel_error") -> go.Figure:
+    """One line per scheme (``+dq`` with double quantization) of ``metric`` against blocksize.
+
+    >>> errs = [ll.quant_error(W, s, bs) for s in ("nf4", "fp4", "int8") for bs in (64, 128, 256)]
+    >>> blocksize_figure(errs)
+    """
+    fig = go.Figure()
+    groups: dict[str, list[QuantError]] = {}
+    for e in errors:
+        groups.setdefault(e.scheme + ("+dq" if e.double_quant else ""), []).append(e)
+    for label, errs in groups.items():
+        errs = sorted(errs, key=lambda e: e.blocksize)
+        fig.add_trace(go.Scatter(x=[e.blocksize for e in errs],
+                                 y=[float(getattr(e, metric)) for e in errs], name=label,
+                                 mode="lines+markers",
+                                 customdata=[e.bits_per_param for e in errs],
+                                 hovertemplate="blocksize %{x}<br>%{y:.4g}<br>"
+                                               "%{customdata:.3f} bits/param<extra>" + label
+                                               + "</extra>"))
+    fig.update_layout(xaxis=dict(type="log", title="blocksize", dtick=np.log10(2)),
+                      yaxis_title=_LABELS.get(metric, metric), title="error against blocksize")
+    return fig
+
+
+def weight_histogram(weight: torch.Tensor, scheme: str = "nf4", blocksize: int = 64,
+                     bins: int = 200, name: str = "weight") -> go.Figure:
+    """Histogram of ``weight``'s values (computed with ``torch.histc``, so a 4096² weight costs
+    ``bins`` points, not 16M) and the scheme's code points times the median block absmax: the
+    levels a typical block can represent.  Weights between two levels round to the nearer one."""
+    from ..hf.quant import code_points
+
+    w = weight.detach().reshape(-1).float()
+    lo, hi = w.min().item(), w.max().item()
+    counts = torch.histc(w, bins=bins, min=lo, max=hi)
+    width = (hi - lo) / bins or 1.0
+    centers = lo + width * (torch.arange(bins, dtype=torch.float64) + 0.5)
+    scale = block_absmax(w, blocksize).median().item()
+    levels = (code_points(scheme).double() * scale).numpy()
+    top = float(counts.max())
+    xs = np.repeat(levels, 3)
+    ys = np.tile([0.0, top, np.nan], len(levels))
+    xs[2::3] = np.nan
+    fig = go.Figure([
+        go.Bar(x=centers.numpy(), y=counts.numpy(), width=width, name=name,
+               marker_color="#7f8c9b", hovertemplate="%{x:.4g}: %{y} weights<extra></extra>"),
+        go.Scatter(x=xs, y=ys, mode="lines", name=f"{scheme} code × median absmax ({scale:.3g})",
+                   line=dict(color="#d62728", width=1)),
+    ])
+    fig.update_layout(bargap=0, xaxis_title="weight value", yaxis_title="count",
+                      title=f"{name}: {w.numel():,} weights and the {len(levels)} {scheme} levels "
+                            f"(blocksize {blocksize})")
+    return fig
+
+
+def recovery_figure(results: RecoveryResult | Sequence[RecoveryResult],
+                    labels: Sequence[str] | None = None) -> go.Figure:
+    """Remaining relative error ‖W − Q − s·B·A‖/‖W‖ against rank (rank 0 = quantized only), a
+    solid line for the SVD correction and a dashed one for LoftQ when it was run."""
+    results = [results] if isinstance(results, RecoveryResult) else list(results)
+    labels = list(labels or [f"{r.scheme} {tuple(r.shape)}" for r in results])
+    fig = go.Figure()
+    for res, label in zip(results, labels):
+        x = [0, *res.ranks]
+        fig.add_trace(go.Scatter(x=x, y=[res.quant_rel_error, *res.svd_rel_errors],
+                                 mode="lines+markers", name=f"{label} SVD"))
+        if res.loftq_rel_errors is not None:
+            fig.add_trace(go.Scatter(x=x, y=[res.quant_rel_error, *res.loftq_rel_errors],
+                                     mode="lines+markers", line=dict(dash="dash"),
+                                     name=f"{label} LoftQ ×{res.loftq_iters}"))
+    fig.update_layout(xaxis_title="LoRA rank r", yaxis_title="remaining relative error",
+                      title="what a rank-r correction wins back")
+    return fig
