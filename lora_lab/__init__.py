@@ -27,6 +27,8 @@ __version__ = "0.1.0"
 _LAZY = {
     "load_model": "hf.loading",
     "builtin_names": "hf.builtin",
+    "builtin_card": "hf.builtin",
+    "pretraining_skills": "hf.tasks",
     "inspect_model": "hf.inspect",
     "count_parameters": "hf.inspect",
     "ParameterCount": "hf.inspect",

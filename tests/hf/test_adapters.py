@@ -97,7 +97,7 @@ def test_load_onto_wrong_base_names_shapes(tiny_llama, tmp_path):
     model, _ = tiny_llama
     pm = ll.attach(model, ll.AdapterSpec(r=2))
     path = ll.save_adapter(pm, tmp_path / "ad")
-    other, _ = ll.load_model("builtin:tiny-random")  # hidden 256, not 64
+    other, _ = ll.load_model("builtin:tiny-random")  # hidden 128, not 64
     with pytest.raises(AdapterMismatchError, match=r"saved \(2, 64\)"):
         ll.load_adapter(other, path)
 
