@@ -7,7 +7,8 @@ memory).  Imported lazily so that ``import lora_lab`` does not pull in ipywidget
 import importlib
 
 _LAZY = {"TrainingDashboard": "dashboard", "AdapterDesigner": "designer",
-         "RankExplorer": "rank_explorer", "RankChoice": "rank_explorer"}
+         "RankExplorer": "rank_explorer", "RankChoice": "rank_explorer",
+         "AdapterSwitchboard": "switchboard"}
 __all__ = list(_LAZY)
 
 
