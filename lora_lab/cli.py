@@ -2,14 +2,23 @@
 
 ``lora-lab info`` prints versions, the device, bf16 support, and whether bitsandbytes' 4-bit path
 works on this machine (it runs on x86 CPUs too).
+
+``lora-lab spectrum ADAPTER_DIR [--base MODEL] [--html OUT.html]`` loads a saved LoRA adapter onto
+its base model (the one named in ``adapter_config.json``, or ``--base``; builtin names work) and
+prints the singular-spectrum table of every ΔW = s·B·A (effective rank, stable rank, k90, k99, ...)
+with a summary of what cutting it to a lower rank would keep; ``--html`` writes a self-contained
+report instead (plotly.js embedded once, so it opens offline).
 """
 
 from __future__ import annotations
 
 import argparse
+import html
+import json
 import platform
 import sys
 from importlib import metadata
+from pathlib import Path
 
 PACKAGES = ("lora-lab", "torch", "transformers", "peft", "bitsandbytes", "datasets", "safetensors",
             "ipywidgets", "plotly", "anywidget", "jupyterlab")
@@ -39,14 +48,119 @@ def info_lines() -> list[str]:
     return lines
 
 
+# ----------------------------------------------------------------------------- spectrum
+def _base_of(adapter_dir: Path, base: str | None) -> str:
+    from lora_lab.errors import AdapterError
+
+    config = adapter_dir / "adapter_config.json"
+    if not config.exists():
+        raise AdapterError(f"{adapter_dir} is not a saved adapter (no adapter_config.json).",
+                           "pass the folder written by lora_lab.save_adapter or peft's "
+                           "save_pretrained")
+    named = json.loads(config.read_text()).get("base_model_name_or_path")
+    if base or named:
+        return base or named
+    raise AdapterError(f"{config} does not name its base model.",
+                       "pass it: lora-lab spectrum DIR --base MODEL (a hub id, a folder or a "
+                       "builtin name)")
+
+
+def load_spectra(adapter_dir, base: str | None = None):
+    """``(AdapterSpectra, base)`` of the adapter saved in ``adapter_dir``, loaded onto its base."""
+    import lora_lab as ll
+
+    adapter_dir = Path(adapter_dir)
+    source = _base_of(adapter_dir, base)
+    model, _ = ll.load_model(source, device="cpu")
+    model = ll.load_adapter(model, adapter_dir)
+    return ll.adapter_spectra(model), source
+
+
+def cut_frame(spectra):
+    """Per rank cut k (powers of two up to r, and r): LoRA parameters, adapter energy kept, and the
+    per-module ΔW error √(1 − energy) (median and max)."""
+    import pandas as pd
+
+    from lora_lab.viz.sweep import CutGrid
+
+    cut = CutGrid.from_spectra(spectra)
+    R = cut.max_rank
+    ks = sorted({2 ** i for i in range(R.bit_length()) if 2 ** i <= R} | {R})
+    return pd.DataFrame([dict(rank=k, parameters=cut.parameters_at(k),
+                              energy_kept=cut.total_energy_at(k),
+                              error_median=float(pd.Series(cut.error_at(k)).median()),
+                              error_max=float(cut.error_at(k).max())) for k in ks])
+
+
+def spectrum_summary(spectra, adapter_dir, base: str) -> str:
+    t = spectra.table
+    eff = t["effective_rank"]
+    lines = [f"adapter         {adapter_dir}  (base: {base})",
+             f"modules         {len(t)}, r = {sorted(set(t['r']))}, scaling = "
+             f"{sorted(set(round(s, 6) for s in t['scaling']))}",
+             f"effective rank  min {eff.min():.2f}, median {eff.median():.2f}, max {eff.max():.2f}",
+             f"k90 / k99       median {t['k90'].median():g} / {t['k99'].median():g}",
+             "", "cutting every ΔW to rank k (best rank-k approximation, Eckart–Young):",
+             cut_frame(spectra).to_string(index=False, float_format=lambda v: f"{v:.4g}")]
+    return "\n".join(lines)
+
+
+def spectrum_html(spectra, adapter_dir, base: str) -> str:
+    """A self-contained HTML report: summary, heatmaps, the largest module's spectrum, the table."""
+    from lora_lab.viz.spectrum import spectrum_figure, spectrum_heatmap
+
+    t = spectra.table
+    R = int(t["r"].max())
+    top = t.loc[t["top_sigma"].idxmax(), "name"]
+    figures = [spectrum_heatmap(spectra, "effective_rank"), spectrum_heatmap(spectra, "k90")]
+    if R > 1:
+        figures.append(spectrum_heatmap(spectra, "energy_at_k", k=max(1, R // 2)))
+    figures.append(spectrum_figure(spectra[top], k=max(1, R // 2)))
+    divs = [f.to_html(full_html=False, include_plotlyjs=(i == 0)) for i, f in enumerate(figures)]
+    title = html.escape(f"ΔW spectra: {adapter_dir}")
+    return "\n".join([
+        "<!DOCTYPE html>", "<html><head><meta charset='utf-8'>", f"<title>{title}</title>",
+        "</head><body style='font-family:sans-serif'>", f"<h1>{title}</h1>",
+        f"<pre>{html.escape(spectrum_summary(spectra, adapter_dir, base))}</pre>", *divs,
+        "<h2>per module</h2>", t.to_html(index=False, float_format="%.4g"), "</body></html>"])
+
+
+def spectrum_command(args) -> int:
+    spectra, base = load_spectra(args.adapter_dir, args.base)
+    if args.html:
+        out = Path(args.html)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(spectrum_html(spectra, args.adapter_dir, base), encoding="utf-8")
+        print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MB, {len(spectra)} modules)")
+        return 0
+    import pandas as pd
+
+    with pd.option_context("display.width", 200, "display.max_columns", None):
+        print(spectra.table.to_string(index=False))
+    print()
+    print(spectrum_summary(spectra, args.adapter_dir, base))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    from lora_lab.errors import LoraLabError
+
     parser = argparse.ArgumentParser(prog="lora-lab", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions, device, bf16 and 4-bit support")
+    spec = sub.add_parser("spectrum", help="singular spectra of a saved LoRA adapter's updates")
+    spec.add_argument("adapter_dir", help="folder written by lora_lab.save_adapter / peft")
+    spec.add_argument("--base", help="base model (default: the one in adapter_config.json)")
+    spec.add_argument("--html", metavar="OUT.html", help="write a self-contained HTML report")
     args = parser.parse_args(argv)
     if args.command == "info":
         print("\n".join(info_lines()))
-    return 0
+        return 0
+    try:
+        return spectrum_command(args)
+    except LoraLabError as exc:
+        print(f"lora-lab spectrum: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

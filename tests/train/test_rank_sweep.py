@@ -1,0 +1,108 @@
+"""rank_sweep on a tiny Llama: one fresh model per rank, a table with oracle-checked columns, and
+resumption that retrains nothing already finished."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import lora_lab as ll
+from lora_lab.viz.sweep import rank_sweep_figure
+from lora_lab.errors import SpecError, TrainingError
+from lora_lab.train.rank_sweep import SWEEP_COLUMNS, _spec_for_rank, rank_sweep
+from lora_lab.ui import TrainingDashboard
+
+SPEC = ll.TrainSpec(steps=1, batch_size=4, lr=1e-3)
+ADAPTER = ll.AdapterSpec(r=8, alpha=16, target_modules=("q_proj", "v_proj"))
+
+
+class Begins:
+    """Records (run name, step) of every training run started (a callback)."""
+
+    def __init__(self):
+        self.runs = []
+
+    def on_begin(self, state, control):
+        self.runs.append((state.run, state.step))
+
+
+def sweep(source, out, callbacks, spec=SPEC):
+    return rank_sweep(source, "reverse", ranks=(1, 2), spec=spec, adapter_spec=ADAPTER,
+                      output_dir=out, callbacks=callbacks, n_train=8, n_eval=4, device="cpu")
+
+
+def test_sweep_table_progress_and_resume(tiny_llama_dir, tmp_path):
+    dash = TrainingDashboard(static=True)
+    result = sweep(tiny_llama_dir, tmp_path, [dash])
+    t = result.table
+    assert list(t.columns) == SWEEP_COLUMNS and t["rank"].tolist() == [1, 2]
+    assert result.trained == (1, 2) and result.skipped == () and result.stopped == ""
+    assert list(dash.runs) == ["r1", "r2"]                  # each rank is one run in the dashboard
+    # tiny Llama: hidden 64, 2 layers; q: 64→64, v: 64→32 (GQA): r·(in + out) per module
+    per_rank = 2 * ((64 + 64) + (64 + 32))
+    assert t["trainable_params"].tolist() == [per_rank, 2 * per_rank]
+    assert t["alpha"].tolist() == [2.0, 4.0] and set(t["scaling"]) == {2.0}  # α/r kept
+    assert t["accuracy"].between(0, 1).all() and t["eval_loss"].notna().all()
+    assert (t["effective_rank_mean"] <= t["rank"] + 1e-9).all()
+    assert (t["effective_rank_mean"] > 0).all() and (t["steps"] == 1).all()
+    row_files = [tmp_path / f"r{r}" / "row.json" for r in (1, 2)]
+    mtimes = [p.stat().st_mtime_ns for p in row_files]
+    assert json.loads(row_files[1].read_text())["row"]["rank"] == 2
+    assert ll.load_adapter(ll.load_model(tiny_llama_dir, device="cpu")[0],
+                           t["adapter_path"][1]).peft_config["default"].r == 2
+
+    begins = Begins()
+    again = sweep(tiny_llama_dir, tmp_path, [begins])        # a rerun: everything is on disk
+    assert begins.runs == [] and again.trained == () and again.skipped == (1, 2)
+    assert [p.stat().st_mtime_ns for p in row_files] == mtimes
+    assert again.table.drop(columns="adapter_path").equals(t.drop(columns="adapter_path"))
+    assert again.best() in (1, 2) and len(rank_sweep_figure(again.table).data) >= 6
+
+    with pytest.raises(TrainingError, match="other settings"):
+        sweep(tiny_llama_dir, tmp_path, [], spec=SPEC.replace(lr=2e-3))
+
+
+def test_alpha_rules_and_bad_input():
+    base = ll.AdapterSpec(r=8, alpha=16)
+    assert _spec_for_rank(base, 32, "scaling").alpha == 64
+    assert _spec_for_rank(base, 32, "fixed").alpha == 16
+    rs = ll.AdapterSpec(r=4, alpha=8, use_rslora=True)       # s = α/√r = 4 kept: α = 4·√16
+    assert _spec_for_rank(rs, 16, "scaling").scaling == pytest.approx(rs.scaling)
+    assert _spec_for_rank(rs, 16, "scaling").alpha == pytest.approx(16)
+    for bad in ((), (0, 2), (2, 2), ("4",)):
+        with pytest.raises(SpecError, match="ranks"):
+            rank_sweep("builtin:tiny-random", "reverse", ranks=bad)
+    with pytest.raises(SpecError, match="LoRA"):
+        rank_sweep("builtin:tiny-random", "reverse", ranks=(1,),
+                   adapter_spec=ll.AdapterSpec(method="ia3"))
+    with pytest.raises(SpecError, match="alpha_rule"):
+        rank_sweep("builtin:tiny-random", "reverse", ranks=(1,), alpha_rule="double")
+
+
+class StopAt:
+    """Presses Stop after ``step`` optimizer steps (as the dashboard's button would)."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_step(self, state, control):
+        if state.step >= self.step:
+            control.stop("test")
+
+
+def test_stopped_rank_resumes_from_its_checkpoint(tiny_llama_dir, tmp_path):
+    spec = SPEC.replace(steps=2)
+    first = rank_sweep(tiny_llama_dir, "reverse", ranks=(1,), spec=spec, adapter_spec=ADAPTER,
+                       output_dir=tmp_path, callbacks=[StopAt(1)], n_train=8, n_eval=4,
+                       device="cpu")
+    assert first.table.empty and first.trained == () and "rank 1: stopped" in first.stopped
+    assert not (tmp_path / "r1" / "row.json").exists()
+    assert (tmp_path / "r1" / "checkpoint-000001").is_dir()
+    begins = Begins()
+    second = rank_sweep(tiny_llama_dir, "reverse", ranks=(1,), spec=spec, adapter_spec=ADAPTER,
+                        output_dir=tmp_path, callbacks=[begins], n_train=8, n_eval=4,
+                        device="cpu")
+    assert begins.runs == [("r1", 1)]                         # continued at step 1, not from 0
+    assert second.trained == (1,) and second.table["steps"].tolist() == [2]
+    assert (tmp_path / "r1" / "row.json").exists()
