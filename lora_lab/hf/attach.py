@@ -6,6 +6,8 @@ Validation against the model happens here, before peft sees anything, so a mista
 
 from __future__ import annotations
 
+import warnings
+
 from torch import nn
 
 from ..errors import AdapterError, SpecError, TargetModuleError
@@ -117,11 +119,13 @@ def attach(model: nn.Module, spec: AdapterSpec | None = None, name: str = "defau
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     try:
-        if is_peft:
-            model.add_adapter(name, config)
-            model.set_adapter(name)
-        else:
-            model = peft.get_peft_model(model, config, adapter_name=name)
+        with warnings.catch_warnings():  # peft 0.21 reads transformers' deprecated property
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+            if is_peft:
+                model.add_adapter(name, config)
+                model.set_adapter(name)
+            else:
+                model = peft.get_peft_model(model, config, adapter_name=name)
     except (ValueError, TypeError, KeyError) as exc:
         raise AdapterError(f"peft could not attach adapter {name!r} ({spec.method}): "
                            f"{str(exc).splitlines()[0]}",
