@@ -19,8 +19,11 @@ $(VENV)/.installed: pyproject.toml Makefile
 
 setup: $(VENV)/.installed
 
+# JupyterLab refuses to run as root without --allow-root (containers, Colab-like VMs).
+ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-root,)
+
 lab: setup
-	$(VENV)/bin/jupyter lab notebooks/01_quickstart.ipynb
+	$(VENV)/bin/jupyter lab $(ROOT_FLAG) $(LAB_ARGS) notebooks/01_quickstart.ipynb
 
 test: setup
 	$(PY) -m pytest -q tests
