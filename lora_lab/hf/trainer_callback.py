@@ -19,18 +19,19 @@ dashboard keeps hearing its Resume button).  Stopping a ``Trainer`` this way sav
 ``save_strategy`` says so; ``lora_lab.train`` always saves.
 
 This module is in the ``hf`` layer, which may not import ``lora_lab.train``; the state and control
-it hands out are duck-typed twins of :class:`~lora_lab.train.events.TrainState` and
-:class:`~lora_lab.train.events.Control` (a test keeps their fields in step).
+it hands out is a duck-typed twin of :class:`~lora_lab.train.events.TrainState` (a test keeps
+their fields in step), and the Control is the shared :class:`lora_lab.control.Control`.
 """
 
 from __future__ import annotations
 
-import threading
 import time
 from dataclasses import dataclass, fields
 
 import torch
 from transformers import TrainerCallback
+
+from ..control import Control
 
 __all__ = ["LiveCallback"]
 
@@ -62,46 +63,6 @@ class _State:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
-class _Control:
-    """Same methods as ``lora_lab.train.events.Control`` (thread-safe flags)."""
-
-    def __init__(self):
-        self._stop, self._run, self._save = threading.Event(), threading.Event(), threading.Event()
-        self._run.set()
-        self.reason = None
-
-    def stop(self, reason: str = "stopped") -> None:
-        self.reason = self.reason or reason
-        self._stop.set()
-        self._run.set()
-
-    def pause(self) -> None:
-        self._run.clear()
-
-    def resume(self) -> None:
-        self._run.set()
-
-    def save_now(self) -> None:
-        self._save.set()
-
-    @property
-    def should_stop(self) -> bool:
-        return self._stop.is_set()
-
-    @property
-    def paused(self) -> bool:
-        return not self._run.is_set()
-
-    def take_save_request(self) -> bool:
-        if self._save.is_set():
-            self._save.clear()
-            return True
-        return False
-
-    def wait_for_resume(self, timeout: float) -> bool:
-        return self._run.wait(timeout)
-
-
 def _rss_mb() -> float | None:
     try:
         import os
@@ -118,7 +79,7 @@ class LiveCallback(TrainerCallback):
     def __init__(self, *callbacks, run: str | None = None):
         self.callbacks = list(callbacks)
         self.run_name = run
-        self.control = _Control()
+        self.control = Control()
         self._t0 = self._t_last = 0.0
         self._tokens_last = 0
         self._last: dict = {}
@@ -140,7 +101,7 @@ class LiveCallback(TrainerCallback):
                 method(snap, self.control)
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self.control = _Control()
+        self.control = Control()
         self._t0 = self._t_last = time.perf_counter()
         self._tokens_last = int(state.num_input_tokens_seen or 0)
         self._last = {}

@@ -19,10 +19,11 @@ base class, not a requirement).
 
 from __future__ import annotations
 
-import threading
 import time
 from dataclasses import dataclass, fields
 from typing import Iterable, Protocol, runtime_checkable
+
+from ..control import Control
 
 __all__ = ["EVENTS", "TrainState", "Control", "Callback", "CallbackProtocol", "emit"]
 
@@ -68,65 +69,6 @@ class TrainState:
     def as_record(self) -> dict:
         """The numbers of this state as a flat dict (one row of the history table)."""
         return {f.name: getattr(self, f.name) for f in fields(self)}
-
-
-class Control:
-    """Requests from callbacks and buttons to the loop: stop, pause/resume, save now.
-
-    Thread-safe (``threading.Event``).  The loop polls it between optimizer steps::
-
-        control.stop("loss target reached")   # the loop saves and returns
-        control.pause(); control.resume()     # the loop idles between steps, emitting 'wait'
-        control.save_now()                    # one extra checkpoint after the current step
-    """
-
-    def __init__(self):
-        self._stop = threading.Event()
-        self._run = threading.Event()
-        self._run.set()
-        self._save = threading.Event()
-        self.reason: str | None = None
-
-    # -- requests (any thread) ----------------------------------------------------------------
-    def stop(self, reason: str = "stopped") -> None:
-        if not self._stop.is_set():
-            self.reason = reason
-        self._stop.set()
-        self._run.set()  # a paused loop must wake up to stop
-
-    def pause(self) -> None:
-        self._run.clear()
-
-    def resume(self) -> None:
-        self._run.set()
-
-    def save_now(self) -> None:
-        self._save.set()
-
-    # -- what the loop reads ------------------------------------------------------------------
-    @property
-    def should_stop(self) -> bool:
-        return self._stop.is_set()
-
-    @property
-    def paused(self) -> bool:
-        return not self._run.is_set()
-
-    def take_save_request(self) -> bool:
-        """True once per ``save_now()`` call (the request is consumed)."""
-        if self._save.is_set():
-            self._save.clear()
-            return True
-        return False
-
-    def wait_for_resume(self, timeout: float) -> bool:
-        """Block up to ``timeout`` seconds while paused; True when running again."""
-        return self._run.wait(timeout)
-
-    def __repr__(self) -> str:
-        flags = [n for n, on in (("stop", self.should_stop), ("paused", self.paused),
-                                 ("save", self._save.is_set())) if on]
-        return f"Control({', '.join(flags) or 'running'})"
 
 
 @runtime_checkable
