@@ -8,6 +8,12 @@ its base model (the one named in ``adapter_config.json``, or ``--base``; builtin
 prints the singular-spectrum table of every ΔW = s·B·A (effective rank, stable rank, k90, k99, ...)
 with a summary of what cutting it to a lower rank would keep; ``--html`` writes a self-contained
 report instead (plotly.js embedded once, so it opens offline).
+
+``lora-lab scan PATH [--schemes nf4,fp4,int8] [--blocksize 64] [--double-quant] [--html OUT.html]``
+measures the quantization error of every linear weight of a checkpoint (a folder, a ``.safetensors``
+file or a builtin name), streamed one tensor at a time, and prints the per-layer table with a
+summary per scheme (relative error, bits per parameter, memory of the linear weights against fp16);
+``--html`` writes a self-contained report with the layers × module heatmap and the scheme bars.
 """
 
 from __future__ import annotations
@@ -142,6 +148,92 @@ def spectrum_command(args) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- scan
+def scan_source(path: str):
+    """A checkpoint folder or ``.safetensors`` file as given, or a builtin name's folder."""
+    from lora_lab.errors import ModelLoadError
+    from lora_lab.hf.builtin import is_builtin, resolve_builtin
+
+    local = Path(path).expanduser()
+    if local.exists():
+        return local
+    if is_builtin(path) or path in ("tiny", "tiny-random"):
+        return resolve_builtin(path)
+    raise ModelLoadError(f"{path} does not exist.",
+                         "pass a checkpoint folder, a .safetensors file or a builtin name "
+                         "(builtin:tiny)")
+
+
+def scan_frame(scan):
+    """One row per scheme: tensors, parameters, relative error (mean, max), bits per parameter
+    (Σ numel·bits / Σ numel), and the linear weights' memory in MB (2²⁰ bytes) at fp16 and in the
+    scheme, with the share saved."""
+    import pandas as pd
+
+    rows = []
+    for scheme, g in scan.table.groupby("scheme", sort=False):
+        params = int(g["numel"].sum())
+        fp16 = 2.0 * params
+        quant = float((g["numel"] * g["bits_per_param"]).sum()) / 8
+        rows.append(dict(scheme=scheme, tensors=len(g), params=params,
+                         mean_rel_error=float(g["rel_error"].mean()),
+                         max_rel_error=float(g["rel_error"].max()),
+                         bits_per_param=quant * 8 / params, fp16_mb=fp16 / 2**20,
+                         size_mb=quant / 2**20, saved_mb=(fp16 - quant) / 2**20,
+                         saved_pct=100 * (fp16 - quant) / fp16))
+    return pd.DataFrame(rows)
+
+
+def scan_summary(scan, path) -> str:
+    dq = ", double quant" if scan.double_quant else ""
+    lines = [f"checkpoint      {path}",
+             f"tensors         {scan.n_done} linear weights, blocksize {scan.blocksize}{dq}", "",
+             "per scheme (memory of the linear weights; MB = 2^20 bytes):",
+             scan_frame(scan).to_string(index=False, float_format=lambda v: f"{v:.4g}")]
+    return "\n".join(lines)
+
+
+def scan_html(scan, path) -> str:
+    """A self-contained HTML report: summary, error heatmap (a dropdown per scheme), scheme bars
+    and the per-layer table."""
+    from lora_lab.viz.quant import error_heatmap, scheme_bars
+
+    figures = [error_heatmap(scan), scheme_bars(scan)]
+    divs = [f.to_html(full_html=False, include_plotlyjs=(i == 0)) for i, f in enumerate(figures)]
+    title = html.escape(f"Quantization error: {path}")
+    return "\n".join([
+        "<!DOCTYPE html>", "<html><head><meta charset='utf-8'>", f"<title>{title}</title>",
+        "</head><body style='font-family:sans-serif'>", f"<h1>{title}</h1>",
+        f"<pre>{html.escape(scan_summary(scan, path))}</pre>", *divs,
+        "<h2>per layer</h2>", scan.table.to_html(index=False, float_format="%.4g"),
+        "</body></html>"])
+
+
+def scan_command(args) -> int:
+    import lora_lab as ll
+
+    source = scan_source(args.path)
+    schemes = tuple(s.strip().lower() for s in args.schemes.split(",") if s.strip())
+    scan = ll.scan_quantization(source, schemes=schemes, blocksize=args.blocksize,
+                                double_quant=args.double_quant, progress=sys.stderr.isatty())
+    if scan.table.empty:
+        raise ll.LoraLabError(f"{args.path} holds no linear weights to scan.",
+                              "pass the checkpoint of a transformer (2-D *.weight tensors)")
+    if args.html:
+        out = Path(args.html)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(scan_html(scan, args.path), encoding="utf-8")
+        print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MB, {scan.n_done} tensors)")
+        return 0
+    import pandas as pd
+
+    with pd.option_context("display.width", 250, "display.max_columns", None):
+        print(scan.table.to_string(index=False))
+    print()
+    print(scan_summary(scan, args.path))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     from lora_lab.errors import LoraLabError
 
@@ -152,10 +244,27 @@ def main(argv: list[str] | None = None) -> int:
     spec.add_argument("adapter_dir", help="folder written by lora_lab.save_adapter / peft")
     spec.add_argument("--base", help="base model (default: the one in adapter_config.json)")
     spec.add_argument("--html", metavar="OUT.html", help="write a self-contained HTML report")
+    scan = sub.add_parser("scan", help="quantization error of every linear weight of a checkpoint")
+    scan.add_argument("path", help="checkpoint folder, .safetensors file or builtin name")
+    scan.add_argument("--schemes", default="nf4,fp4,int8",
+                      help="comma-separated: nf4, fp4, int8, int4 (default nf4,fp4,int8)")
+    scan.add_argument("--blocksize", type=int, default=64, help="quantization block size (64)")
+    scan.add_argument("--double-quant", action="store_true", help="quantize the block constants too")
+    scan.add_argument("--html", metavar="OUT.html", help="write a self-contained HTML report")
     args = parser.parse_args(argv)
     if args.command == "info":
         print("\n".join(info_lines()))
         return 0
+    if args.command == "scan":
+        try:
+            return scan_command(args)
+        except LoraLabError as exc:
+            fix = f" Fix: {exc.fix}" if exc.fix else ""
+            print(f"lora-lab scan: {exc.problem}{fix}".replace("\n", " "), file=sys.stderr)
+            return 2
+        except OSError as exc:                      # e.g. the --html folder is not writable
+            print(f"lora-lab scan: {exc}", file=sys.stderr)
+            return 2
     try:
         return spectrum_command(args)
     except LoraLabError as exc:

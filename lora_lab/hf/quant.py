@@ -33,7 +33,8 @@ from ..core.quant import (SCHEMES, QuantError, RecoveryResult, RoundTrip, absmax
                           bits_per_param, error_metrics, recover_lowrank, weight_stats)
 from ..errors import LoraLabError
 
-__all__ = ["quant_error", "lowrank_recovery", "scan_quantization", "QuantScan", "roundtrip",
+__all__ = ["weight_loaders", "quant_error", "lowrank_recovery", "scan_quantization", "QuantScan",
+           "roundtrip",
            "code_points", "linear_weight_names", "BLOCKSIZES"]
 
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # harmless "kernels" notice (PITFALLS)
@@ -283,6 +284,12 @@ def _file_items(path: Path, device: str) -> list[Item]:
             raise _diagnose(file, exc) from exc
         items += [(k, (lambda file=file, k=k: load(file, k))) for k in linear_weight_names(shapes)]
     return items
+
+
+def weight_loaders(source) -> dict:
+    """``{name: () -> Tensor}`` for every linear weight of ``source`` (a model, a state dict, a
+    .safetensors file or a checkpoint folder); each tensor is read only when its loader is called."""
+    return dict(_items(source)[0])
 
 
 def _items(source) -> tuple[list[Item], str]:

@@ -1,14 +1,15 @@
 """ipywidgets views over specs and results: thin, no math.
 
 ``TrainingDashboard`` (live training), ``AdapterDesigner`` (choose an adapter, see its cost and
-memory).  Imported lazily so that ``import lora_lab`` does not pull in ipywidgets and plotly.
+memory), ``RankExplorer`` (cut ranks across layers), ``QuantExplorer`` (quantization error per
+layer and scheme), ``AdapterSwitchboard`` (many adapters on one base).  Imported lazily so that ``import lora_lab`` does not pull in ipywidgets and plotly.
 """
 
 import importlib
 
 _LAZY = {"TrainingDashboard": "dashboard", "AdapterDesigner": "designer",
          "RankExplorer": "rank_explorer", "RankChoice": "rank_explorer",
-         "AdapterSwitchboard": "switchboard"}
+         "AdapterSwitchboard": "switchboard", "QuantExplorer": "quant_explorer"}
 __all__ = list(_LAZY)
 
 
