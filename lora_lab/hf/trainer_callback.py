@@ -32,6 +32,7 @@ import torch
 from transformers import TrainerCallback
 
 from ..control import Control
+from .kbit import unpack_4bit_weights
 
 __all__ = ["LiveCallback"]
 
@@ -131,6 +132,11 @@ class LiveCallback(TrainerCallback):
             control.should_training_stop = True
         if ours.take_save_request():
             control.should_save = True
+        return control
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        if model is not None:  # a Trainer evaluation repacks 4-bit weights on CPU (hf/kbit.py)
+            unpack_4bit_weights(model)
         return control
 
     def on_step_end(self, args, state, control, **kwargs):

@@ -40,6 +40,7 @@ import pandas as pd
 import torch
 
 from ..errors import TrainingError
+from ..hf.kbit import unpack_4bit_weights
 from ..specs import TrainSpec
 from .checkpoint import load_training_state, restore_trainable, save_checkpoint
 from .data import Batches, eval_batches, resolve_data
@@ -220,6 +221,7 @@ class _Run:
                 loss = self.model(**batch, **self.fwd).loss
             num, den = num + float(loss) * n, den + n
         self.model.train()
+        unpack_4bit_weights(self.model)  # eval repacks 4-bit weights on CPU; see hf/kbit.py
         self.last["eval_loss"] = num / max(den, 1)
         return self.last["eval_loss"]
 
@@ -307,6 +309,7 @@ def train(model, tokenizer, train_data, eval_data=None, spec: TrainSpec = TrainS
         callbacks = [callbacks]
     torch.manual_seed(spec.seed)
     _set_checkpointing(model, spec.gradient_checkpointing)
+    unpack_4bit_weights(model)  # an earlier eval/generation may have repacked them (hf/kbit.py)
     run = _Run(model, tokenizer, spec, train_rows, eval_rows, list(callbacks), run_dir)
     if resume_from is not None:
         run.resume(resume_from)
