@@ -1,14 +1,56 @@
-"""The Control shared by lora_lab's training loop and the transformers.Trainer bridge.
+"""The TrainState and Control shared by lora_lab's training loop and the Trainer bridge.
 
-It lives beside ``specs`` and ``errors`` (no layer of its own) because both ``lora_lab.train`` and
-``lora_lab.hf.trainer_callback`` read it, and ``hf`` may not import ``train``.
+They live beside ``specs`` and ``errors`` (no layer of their own) because both ``lora_lab.train``
+and ``lora_lab.hf.trainer_callback`` use them, and ``hf`` may not import ``train``.
 """
 
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass, fields
 
-__all__ = ["Control"]
+__all__ = ["TrainState", "Control"]
+
+
+@dataclass(frozen=True)
+class TrainState:
+    """A snapshot of a run, handed to callbacks.  All numbers are plain Python floats/ints.
+
+    ``step`` counts optimizer steps done (0 at ``begin``); ``max_steps`` is the planned total.
+    ``loss`` is the mean training loss of the last step (over its ``grad_accum`` micro-batches),
+    ``eval_loss`` the latest evaluation (None before the first).  ``tokens_per_s`` is the
+    throughput of the last step in non-padding tokens; ``tokens`` the total seen.  Memory is CUDA
+    ``allocated``/``reserved`` on a GPU, else the process resident set (``rss_mb``).
+    ``eta_s`` extrapolates the mean step time over the steps left.
+    """
+
+    event: str
+    step: int
+    max_steps: int
+    run: str = ""
+    epoch: float = 0.0
+    loss: float | None = None
+    eval_loss: float | None = None
+    lr: float | None = None
+    grad_norm: float | None = None
+    tokens_per_s: float | None = None
+    tokens: int = 0
+    elapsed_s: float = 0.0
+    eta_s: float | None = None
+    rss_mb: float | None = None
+    cuda_allocated_mb: float | None = None
+    cuda_reserved_mb: float | None = None
+    checkpoint: str | None = None
+    stop_reason: str | None = None
+
+    def replace(self, **changes) -> "TrainState":
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        values.update(changes)
+        return TrainState(**values)
+
+    def as_record(self) -> dict:
+        """The numbers of this state as a flat dict (one row of the history table)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
 class Control:

@@ -19,49 +19,21 @@ dashboard keeps hearing its Resume button).  Stopping a ``Trainer`` this way sav
 ``save_strategy`` says so; ``lora_lab.train`` always saves.
 
 This module is in the ``hf`` layer, which may not import ``lora_lab.train``; the state and control
-it hands out is a duck-typed twin of :class:`~lora_lab.train.events.TrainState` (a test keeps
-their fields in step), and the Control is the shared :class:`lora_lab.control.Control`.
+it hands out and the Control it reads are the shared :class:`lora_lab.control.TrainState` and
+:class:`lora_lab.control.Control`, the same classes the training loop uses.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, fields
 
 import torch
 from transformers import TrainerCallback
 
-from ..control import Control
+from ..control import Control, TrainState
 from .kbit import unpack_4bit_weights
 
 __all__ = ["LiveCallback"]
-
-
-@dataclass(frozen=True)
-class _State:
-    """Same fields as ``lora_lab.train.events.TrainState``."""
-
-    event: str
-    step: int
-    max_steps: int
-    run: str = ""
-    epoch: float = 0.0
-    loss: float | None = None
-    eval_loss: float | None = None
-    lr: float | None = None
-    grad_norm: float | None = None
-    tokens_per_s: float | None = None
-    tokens: int = 0
-    elapsed_s: float = 0.0
-    eta_s: float | None = None
-    rss_mb: float | None = None
-    cuda_allocated_mb: float | None = None
-    cuda_reserved_mb: float | None = None
-    checkpoint: str | None = None
-    stop_reason: str | None = None
-
-    def as_record(self) -> dict:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
 def _rss_mb() -> float | None:
@@ -93,7 +65,7 @@ class LiveCallback(TrainerCallback):
         if torch.cuda.is_available():
             mem.update(cuda_allocated_mb=torch.cuda.memory_allocated() / 2**20,
                        cuda_reserved_mb=torch.cuda.memory_reserved() / 2**20)
-        snap = _State(event=event, step=done, max_steps=total, run=self.run_name or "",
+        snap = TrainState(event=event, step=done, max_steps=total, run=self.run_name or "",
                       epoch=float(state.epoch or 0.0), tokens=int(state.num_input_tokens_seen or 0),
                       elapsed_s=elapsed, eta_s=eta, **mem, **{**self._last, **extra})
         for cb in self.callbacks:

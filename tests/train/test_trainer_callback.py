@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import dataclasses
 
 import numpy as np
 
-from lora_lab.hf.trainer_callback import LiveCallback, _State
+from lora_lab.hf.trainer_callback import LiveCallback
 from lora_lab.train.events import Control, TrainState
 
 
-def test_twins_match_the_train_layer():
-    names = lambda cls: [f.name for f in dataclasses.fields(cls)]  # noqa: E731
-    assert names(_State) == names(TrainState)
-    assert LiveCallback().control.__class__ is Control  # one Control class for both paths
+def test_the_trainer_bridge_uses_the_loops_classes():
+    import lora_lab.hf.trainer_callback as bridge
+
+    assert bridge.TrainState is TrainState and LiveCallback().control.__class__ is Control
 
 
 def test_live_callback_under_trainer(lora_tiny, rows, tmp_path):
