@@ -111,6 +111,18 @@ def spectrum_summary(spectra, adapter_dir, base: str) -> str:
     return "\n".join(lines)
 
 
+def html_page(title: str, summary: str, figures, table_heading: str, table) -> str:
+    """One self-contained HTML report: plotly.js embedded once, so it opens with no network."""
+    divs = [f.to_html(full_html=False, include_plotlyjs=(i == 0)) for i, f in enumerate(figures)]
+    title = html.escape(title)
+    return "\n".join([
+        "<!DOCTYPE html>", "<html><head><meta charset='utf-8'>", f"<title>{title}</title>",
+        "</head><body style='font-family:sans-serif'>", f"<h1>{title}</h1>",
+        f"<pre>{html.escape(summary)}</pre>", *divs,
+        f"<h2>{html.escape(table_heading)}</h2>", table.to_html(index=False, float_format="%.4g"),
+        "</body></html>"])
+
+
 def spectrum_html(spectra, adapter_dir, base: str) -> str:
     """A self-contained HTML report: summary, heatmaps, the largest module's spectrum, the table."""
     from lora_lab.viz.spectrum import spectrum_figure, spectrum_heatmap
@@ -122,13 +134,8 @@ def spectrum_html(spectra, adapter_dir, base: str) -> str:
     if R > 1:
         figures.append(spectrum_heatmap(spectra, "energy_at_k", k=max(1, R // 2)))
     figures.append(spectrum_figure(spectra[top], k=max(1, R // 2)))
-    divs = [f.to_html(full_html=False, include_plotlyjs=(i == 0)) for i, f in enumerate(figures)]
-    title = html.escape(f"ΔW spectra: {adapter_dir}")
-    return "\n".join([
-        "<!DOCTYPE html>", "<html><head><meta charset='utf-8'>", f"<title>{title}</title>",
-        "</head><body style='font-family:sans-serif'>", f"<h1>{title}</h1>",
-        f"<pre>{html.escape(spectrum_summary(spectra, adapter_dir, base))}</pre>", *divs,
-        "<h2>per module</h2>", t.to_html(index=False, float_format="%.4g"), "</body></html>"])
+    return html_page(f"ΔW spectra: {adapter_dir}", spectrum_summary(spectra, adapter_dir, base),
+                     figures, "per module", t)
 
 
 def spectrum_command(args) -> int:
@@ -199,14 +206,8 @@ def scan_html(scan, path) -> str:
     from lora_lab.viz.quant import error_heatmap, scheme_bars
 
     figures = [error_heatmap(scan), scheme_bars(scan)]
-    divs = [f.to_html(full_html=False, include_plotlyjs=(i == 0)) for i, f in enumerate(figures)]
-    title = html.escape(f"Quantization error: {path}")
-    return "\n".join([
-        "<!DOCTYPE html>", "<html><head><meta charset='utf-8'>", f"<title>{title}</title>",
-        "</head><body style='font-family:sans-serif'>", f"<h1>{title}</h1>",
-        f"<pre>{html.escape(scan_summary(scan, path))}</pre>", *divs,
-        "<h2>per layer</h2>", scan.table.to_html(index=False, float_format="%.4g"),
-        "</body></html>"])
+    return html_page(f"Quantization error: {path}", scan_summary(scan, path), figures,
+                     "per layer", scan.table)
 
 
 def scan_command(args) -> int:

@@ -58,6 +58,17 @@ def tiny_llama_nf4(tiny_llama_dir):
     return ll.load_model(tiny_llama_dir, quant="nf4", device="cpu")
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Torch on one thread for a module: tiny models gain nothing from intra-op threads, and on a
+    shared 2-core machine a second thread that spins waiting for a busy core makes each forward
+    ~20x slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

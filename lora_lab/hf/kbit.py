@@ -7,7 +7,7 @@ then on the gradient to the layer's *input* is silently dropped, so every LoRA f
 4-bit layer stops learning.  Any evaluation, ``task_accuracy`` or generation before or during QLoRA
 training triggers it.  :func:`unpack_4bit_weights` puts the weights back in the standard layout
 (the same call bitsandbytes makes before saving a state dict); the training loop calls it before
-training and after every evaluation, and :class:`~lora_lab.LiveCallback` before every Trainer step.
+training and after every evaluation, and :class:`~lora_lab.LiveCallback` when a Trainer starts and after each of its evaluations.
 """
 
 from __future__ import annotations

@@ -33,7 +33,7 @@ from ..core.quant import (SCHEMES, QuantError, RecoveryResult, RoundTrip, absmax
                           bits_per_param, error_metrics, recover_lowrank, weight_stats)
 from ..errors import LoraLabError
 
-__all__ = ["weight_loaders", "quant_error", "lowrank_recovery", "scan_quantization", "QuantScan",
+__all__ = ["check_scheme", "weight_loaders", "quant_error", "lowrank_recovery", "scan_quantization", "QuantScan",
            "roundtrip",
            "code_points", "linear_weight_names", "BLOCKSIZES"]
 
@@ -49,7 +49,8 @@ def _bnb():
     return F
 
 
-def _check_scheme(scheme: str, blocksize: int) -> None:
+def check_scheme(scheme: str, blocksize: int) -> None:
+    """Raise a LoraLabError unless ``scheme`` and ``blocksize`` are ones lora_lab can quantize."""
     if scheme not in SCHEMES:
         raise LoraLabError(f"scheme={scheme!r} is not a quantization scheme lora_lab knows.",
                            f"pass one of {SCHEMES}")
@@ -108,7 +109,7 @@ def roundtrip(scheme: str, blocksize: int = 64, double_quant: bool = False,
               chunk: int = QUANT_CHUNK) -> RoundTrip:
     """The callable ``W -> Q(W)`` (quantize, then dequantize, same dtype and shape) for a scheme.
     4-bit schemes run ``chunk`` values per bitsandbytes call (see :data:`QUANT_CHUNK`)."""
-    _check_scheme(scheme, blocksize)
+    check_scheme(scheme, blocksize)
     if scheme == "int4":
         return lambda w: absmax_roundtrip(w, 4, blocksize, double_quant)
     F = _bnb()
@@ -123,7 +124,7 @@ def roundtrip(scheme: str, blocksize: int = 64, double_quant: bool = False,
 def code_points(scheme: str) -> torch.Tensor:
     """The scheme's code values on [−1, 1] (multiply by a block's absmax to get weights): the 16
     NF4 quantiles of N(0, 1) (QLoRA §3), the 16 FP4 values, 256 dynamic int8 values, 15 int4 levels."""
-    _check_scheme(scheme, 64)
+    check_scheme(scheme, 64)
     if scheme == "int4":
         return torch.arange(-7, 8, dtype=torch.float32) / 7
     F = _bnb()

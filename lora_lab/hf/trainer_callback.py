@@ -73,7 +73,9 @@ class LiveCallback(TrainerCallback):
             if method is not None:
                 method(snap, self.control)
 
-    def on_train_begin(self, args, state, control, **kwargs):
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if model is not None:  # an earlier eval/generation may have repacked them (hf/kbit.py)
+            unpack_4bit_weights(model)
         self.control = Control()
         self._t0 = self._t_last = time.perf_counter()
         self._tokens_last = int(state.num_input_tokens_seen or 0)
@@ -106,7 +108,7 @@ class LiveCallback(TrainerCallback):
             control.should_save = True
         return control
 
-    def on_step_begin(self, args, state, control, model=None, **kwargs):
+    def on_evaluate(self, args, state, control, model=None, **kwargs):
         if model is not None:  # a Trainer evaluation repacks 4-bit weights on CPU (hf/kbit.py)
             unpack_4bit_weights(model)
         return control

@@ -31,7 +31,7 @@ import ipywidgets as widgets
 
 from ..core.quant import SCHEMES
 from ..errors import LoraLabError
-from ..hf.quant import BLOCKSIZES, QuantScan, scan_quantization, weight_loaders
+from ..hf.quant import BLOCKSIZES, QuantScan, check_scheme, scan_quantization, weight_loaders
 from ..viz.quant import error_heatmap, weight_histogram
 from .figure import LiveFigure
 
@@ -60,12 +60,12 @@ def memory_of(table) -> dict:
 
 
 def _check_choice(scheme, blocksize) -> LoraLabError | None:
-    if scheme not in SCHEMES:
-        return LoraLabError(f"QuantExplorer(scheme={scheme!r}) is not a scheme; showing nf4.",
-                            f"pick one of {SCHEMES}")
-    if blocksize not in BLOCKSIZES:
-        return LoraLabError(f"QuantExplorer(blocksize={blocksize!r}) is not supported; showing 64.",
-                            f"pick one of {BLOCKSIZES} (QLoRA uses 64)")
+    """hf.quant's own check, reworded for the widget, which falls back to nf4 / 64."""
+    try:
+        check_scheme(scheme, blocksize)
+    except LoraLabError as err:
+        shown = "nf4" if scheme not in SCHEMES else "blocksize 64"
+        return LoraLabError(f"QuantExplorer: {err.problem} Showing {shown}.", err.fix)
     return None
 
 

@@ -15,14 +15,7 @@ from lora_lab.hf.tasks import generate_greedy
 PROMPT = "reverse abc"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared 2-core machine a second
-    thread that spins waiting for a busy core makes each forward ~20x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def with_adapters(model, names=("x1", "x2"), targets="all-linear"):
