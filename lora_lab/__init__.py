@@ -76,6 +76,8 @@ _LAZY = {
     "SpectrumProbe": "train.spectrum_probe",
     "rank_sweep": "train.rank_sweep",
     "RankSweep": "train.rank_sweep",
+    "loftq_initialize": "hf.loftq",
+    "LoftQReport": "hf.loftq",
     "quant_error": "hf.quant",
     "lowrank_recovery": "hf.quant",
     "scan_quantization": "hf.quant",

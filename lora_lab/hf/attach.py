@@ -102,10 +102,12 @@ def attach(model: nn.Module, spec: AdapterSpec | None = None, name: str = "defau
     if spec.method in ("lora", "ia3"):
         explicit = resolve_targets(model, spec)
         targets = explicit if spec.method == "lora" or spec.target_modules != "all-linear" else None
-    if spec.init == "loftq" and not _cuda():
+    base = model.get_base_model() if is_peft else model
+    if spec.init == "loftq" and not getattr(base, "is_loaded_in_4bit", False):
         raise SpecError("AdapterSpec", "init", "loftq",
-                        "peft's LoftQ initialisation runs on CUDA only",
-                        "use init='default' on CPU, or run on a GPU")
+                        "LoftQ initialises an adapter against a 4-bit base, and this base is not "
+                        "4-bit", "load it with lora_lab.load_model(source, quant='nf4'), or use "
+                        "init='default' or 'pissa' on a full-precision base")
     if spec.init in ("pissa", "olora") and is_quantized(model):
         raise SpecError("AdapterSpec", "init", spec.init,
                         f"{spec.init} rewrites the base weights, which a quantized base cannot take",
@@ -131,13 +133,13 @@ def attach(model: nn.Module, spec: AdapterSpec | None = None, name: str = "defau
                            f"{str(exc).splitlines()[0]}",
                            "adapters of different methods (LoRA vs prefix/prompt) cannot share one "
                            "model; load a fresh base for another method") from exc
+    if spec.init == "loftq":
+        from .loftq import loftq_initialize
+
+        model.lora_lab_loftq = {**getattr(model, "lora_lab_loftq", {}),
+                                name: loftq_initialize(model, name)}
     specs = dict(getattr(model, "lora_lab_specs", {}))
     specs[name] = spec
     model.lora_lab_specs = specs
     return model
 
-
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()

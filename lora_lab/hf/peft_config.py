@@ -6,8 +6,10 @@ from ..specs import AdapterSpec
 
 __all__ = ["to_peft_config", "spec_from_peft_config"]
 
+# "loftq": peft's LoftQ is CUDA-only and ignores α/r (PITFALLS.md); attach() creates the adapter
+# with peft's default init and then runs lora_lab.hf.loftq on it.
 _PEFT_INIT = {"default": True, "gaussian": "gaussian", "pissa": "pissa", "olora": "olora",
-              "loftq": "loftq"}
+              "loftq": True}
 
 
 def to_peft_config(spec: AdapterSpec, task_type: str = "CAUSAL_LM",
