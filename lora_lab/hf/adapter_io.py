@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -181,8 +182,10 @@ def load_adapter(model: nn.Module, path, name: str | None = None, *, trainable: 
             if activate:
                 model.set_adapter(name)
         else:
-            model = peft.PeftModel.from_pretrained(model, str(path), adapter_name=name,
-                                                   is_trainable=trainable)
+            with warnings.catch_warnings():  # peft 0.21 reads transformers' deprecated property
+                warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+                model = peft.PeftModel.from_pretrained(model, str(path), adapter_name=name,
+                                                       is_trainable=trainable)
     except (ValueError, KeyError, RuntimeError) as exc:
         raise AdapterError(f"peft could not load the adapter in {path}: "
                            f"{str(exc).splitlines()[0]}",

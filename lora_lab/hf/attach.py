@@ -115,6 +115,10 @@ def attach(model: nn.Module, spec: AdapterSpec | None = None, name: str = "defau
     config = to_peft_config(spec, target_modules=targets)
     if spec.method == "lora" and spec.layers is not None:
         config.layers_to_transform = list(spec.layers)
+    if is_quantized(model):
+        from .kbit import unpack_4bit_weights
+
+        unpack_4bit_weights(model)  # a model evaluated before lora_lab saw it (hf/kbit.py)
     if is_quantized(model) and not is_peft:
         model = _prepare_kbit(model, gradient_checkpointing)
     elif gradient_checkpointing and not is_peft:
