@@ -76,6 +76,8 @@ _LAZY = {
     "SpectrumProbe": "train.spectrum_probe",
     "rank_sweep": "train.rank_sweep",
     "RankSweep": "train.rank_sweep",
+    "export_script": "hf.export_script",
+    "ExportedScript": "hf.export_script",
     "export_merged": "hf.export_merged",
     "MergedExport": "hf.export_merged",
     "report": "viz.report",

@@ -9,7 +9,8 @@ import importlib
 
 _LAZY = {"TrainingDashboard": "dashboard", "AdapterDesigner": "designer",
          "RankExplorer": "rank_explorer", "RankChoice": "rank_explorer",
-         "AdapterSwitchboard": "switchboard", "QuantExplorer": "quant_explorer"}
+         "AdapterSwitchboard": "switchboard", "QuantExplorer": "quant_explorer",
+         "ExportPanel": "designer"}
 __all__ = list(_LAZY)
 
 

@@ -12,7 +12,8 @@ memory, a progress bar with ETA, and Stop / Pause-Resume / Save-now buttons.  Re
 (``redraw_every_s``, default 2 a second) and long runs are thinned to ``max_points`` per trace, so
 plotting costs well under 3% of training time.  The figure stays after the run, and each run is
 kept: a second ``train(..., callbacks=[dash])`` overlays its curves on the first (resuming a run
-continues its curve).
+continues its curve).  The Export button writes the run's choices as a standalone ``train.py`` with
+accelerate configs (:func:`lora_lab.hf.export_script.export_script`; see :meth:`set_export`).
 
 **Why the buttons work while the cell is busy (ipywidgets #3468).**  A kernel executes one shell
 message at a time; a button click is a ``comm_msg`` on the same shell channel, so it normally waits
@@ -38,7 +39,9 @@ import time
 
 import ipywidgets as widgets
 
+from ..errors import LoraLabError
 from ..viz.training import TRACES, Curves, trace_updates, training_figure
+from .designer import ExportPanel
 from .figure import LiveFigure
 
 __all__ = ["TrainingDashboard", "pump_kernel_events"]
@@ -145,11 +148,13 @@ class TrainingDashboard(widgets.VBox):
     ``runs`` maps run name → list of history rows (kept across runs); ``figure`` is the plotly
     figure (``figure.data`` holds the plotted arrays); ``control`` is the current run's Control;
     ``overhead`` the seconds its callbacks took per event (``redraws`` how many redraws that was).
+    ``export``: what the Export button writes (see :meth:`set_export`): an ``AdapterDesigner`` or
+    a dict of :func:`~lora_lab.hf.export_script.export_script` arguments.
     """
 
     def __init__(self, smoothing: float = 0.6, log_y: bool = False, redraw_every_s: float = 0.5,
                  poll_every_s: float = 0.1, static: bool | None = None, height: int = 480,
-                 max_points: int = 2000):
+                 max_points: int = 2000, export=None):
         self.runs: dict[str, list[dict]] = {}
         self._curves: dict[str, Curves] = {}
         self.max_points = max_points
@@ -178,8 +183,28 @@ class TrainingDashboard(widgets.VBox):
         self.smoothing.observe(self._on_smoothing, names="value")
         self.log_y.observe(self._on_log, names="value")
         buttons = widgets.HBox([self.stop_button, self.pause_button, self.save_button])
+        self._export = export
+        self.export_panel = ExportPanel(self.export_choice)
         super().__init__([widgets.HBox([self.progress, self.status]), buttons,
-                          widgets.HBox([self.smoothing, self.log_y]), self.live.widget])
+                          widgets.HBox([self.smoothing, self.log_y]), self.live.widget,
+                          self.export_panel])
+
+    # ---------------------------------------------------------------- export
+    def set_export(self, source=None, **choice) -> None:
+        """What the Export button writes: an :class:`~lora_lab.ui.AdapterDesigner` (its current
+        choice) or :func:`~lora_lab.hf.export_script.export_script` arguments
+        (``adapter_spec=..., train_spec=..., model_id=..., data=...``)."""
+        self._export = source if source is not None else choice
+
+    def export_choice(self) -> dict:
+        src = self._export
+        if not src:
+            raise LoraLabError("The dashboard does not know this run's choices (adapter, model, "
+                               "data), so it cannot export them.",
+                               "pass TrainingDashboard(export=designer) or call "
+                               "dash.set_export(adapter_spec=..., train_spec=..., model_id=..., "
+                               "data=...)")
+        return src.export_choice() if hasattr(src, "export_choice") else dict(src)
 
     # ---------------------------------------------------------------- buttons (any thread)
     def _request(self, what: str) -> None:

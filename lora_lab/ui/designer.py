@@ -10,23 +10,27 @@ The widget is a thin view: every change rebuilds an :class:`~lora_lab.AdapterSpe
 :class:`~lora_lab.QuantSpec` and calls the planner (:func:`lora_lab.hf.plan.count_adapter` and the
 formulas of :mod:`lora_lab.core.memory`) on a meta-device copy of the model made once.  A choice
 the specs or the model refuse (r = 0, r larger than a targeted layer, no target module, a layer that
-does not exist) is shown inline with the fix; the last valid numbers stay on screen.
+does not exist) is shown inline with the fix; the last valid numbers stay on screen.  The Export
+button (:class:`ExportPanel`) writes the current choice as a standalone ``train.py`` with accelerate
+configs (:func:`lora_lab.hf.export_script.export_script`, data: the builtin task ``next``).
 """
 
 from __future__ import annotations
 
+import os
 from contextlib import contextmanager
+from typing import Callable
 
 import ipywidgets as widgets
 
 from ..core.memory import DEVICES, GIB
 from ..errors import LoraLabError, SpecError
 from ..hf.plan import MemoryEstimate, estimate_from_facts, model_facts
-from ..specs import INITS, OPTIMIZERS, PRESET_TARGETS, AdapterSpec, QuantSpec
+from ..specs import INITS, OPTIMIZERS, PRESET_TARGETS, AdapterSpec, DataSpec, QuantSpec, TrainSpec
 from ..viz.memory import TERM_LABELS, memory_figure, memory_title, memory_traces
 from .figure import LiveFigure
 
-__all__ = ["AdapterDesigner"]
+__all__ = ["AdapterDesigner", "ExportPanel"]
 
 METHODS = ("LoRA", "DoRA", "rsLoRA", "QLoRA", "prefix", "prompt", "IA3")
 QUANTS = ("none", "int8", "nf4", "fp4")
@@ -59,7 +63,9 @@ class AdapterDesigner(widgets.VBox):
         self.update()
         est = self.estimate or estimate_from_facts(self._facts, AdapterSpec(r=1), None)
         self.live = LiveFigure(memory_figure(est), static=static)
-        super().__init__([self._controls_box(), self.summary, self.message, self.live.widget])
+        self.export_panel = ExportPanel(self.export_choice)
+        super().__init__([self._controls_box(), self.summary, self.message, self.export_panel,
+                          self.live.widget])
         for w in self._all_controls():
             w.observe(self._on_change, names="value")
 
@@ -263,6 +269,26 @@ class AdapterDesigner(widgets.VBox):
             line.y, line.name = [limit] * len(names), f"{est.device} ({limit:.0f} GiB)"
             fig.layout.title.text = memory_title(est)
 
+    # ------------------------------------------------------------------ export
+    def export_choice(self) -> dict:
+        """The current choice as :func:`lora_lab.hf.export_script.export_script` arguments."""
+        if self.error or self.spec is None:
+            raise LoraLabError("The current choice is not valid, so there is nothing to export: "
+                               + (self.error.splitlines()[0] if self.error else "no choice yet"),
+                               "fix the choice shown in red first")
+        src = self._source
+        model_id = os.fspath(src) if isinstance(src, (str, os.PathLike)) else \
+            getattr(src, "lora_lab_source", None)
+        if model_id is None:
+            raise LoraLabError("This designer was made from a config or a model lora_lab did not "
+                               "load, so the export has no model to load.",
+                               "make it with AdapterDesigner('<hub id, folder or builtin name>')")
+        train = TrainSpec(batch_size=self.batch.value, optimizer=self.optimizer.value,
+                          gradient_checkpointing=self.checkpointing.value)
+        return dict(adapter_spec=self.spec, quant_spec=self.quant, train_spec=train,
+                    data_spec=DataSpec(max_length=self.seq_len.value), model_id=model_id,
+                    device=self._device_arg())
+
     # ------------------------------------------------------------------ code
     def code(self) -> str:
         """Plain Python that reproduces the current choice without widgets."""
@@ -287,6 +313,36 @@ class AdapterDesigner(widgets.VBox):
         return "\n".join(["import lora_lab as ll", "",
                           f"spec = ll.AdapterSpec({args})",
                           f"quant = {qline}", est_line, ""])
+
+
+class ExportPanel(widgets.VBox):
+    """A folder box and an Export button: writes :func:`~lora_lab.hf.export_script.export_script`
+    for ``choice()`` (a dict of its arguments) and shows the files and the commands, or the
+    :class:`~lora_lab.LoraLabError` with its fix, inline.  ``exported`` is the last result."""
+
+    def __init__(self, choice: Callable[[], dict], folder: str = "export"):
+        self.choice = choice
+        self.exported = None
+        self.folder = widgets.Text(value=folder, description="export to", style=_W)
+        self.button = widgets.Button(description="Export", icon="download",
+                                     tooltip="Write train.py, accelerate configs and a README")
+        self.result = widgets.HTML()
+        self.button.on_click(lambda _b: self.export())
+        super().__init__([widgets.HBox([self.folder, self.button]), self.result])
+
+    def export(self):
+        """Write the export now; return the ExportedScript (None after an error)."""
+        from ..hf.export_script import export_script
+
+        try:
+            self.exported = export_script(**self.choice(), path=self.folder.value)
+        except LoraLabError as exc:
+            self.exported = None
+            self.result.value = ("<div style='color:#b00020;white-space:pre-wrap'>⚠ "
+                                 + _escape(str(exc)) + "</div>")
+            return None
+        self.result.value = self.exported._repr_html_()
+        return self.exported
 
 
 def _escape(text: str) -> str:
