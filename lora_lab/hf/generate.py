@@ -302,6 +302,18 @@ def _generation_config(model, tokenizer, max_new_tokens, greedy, temperature, to
     return GenerationConfig(**kw)
 
 
+def _run(model, input_ids, config, hook, greedy, temperature, top_p) -> torch.Tensor:
+    """``model.generate`` with the step hook; prompt/prefix tuning without a cache (hf/decode.py)."""
+    from .decode import decode_without_cache, is_prompt_learning
+
+    if is_prompt_learning(model):
+        return decode_without_cache(model, input_ids, config.max_new_tokens, config.eos_token_id or [],
+                                    greedy=greedy, temperature=temperature, top_p=top_p,
+                                    step_hook=hook)
+    return model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                          generation_config=config, stopping_criteria=[hook])
+
+
 # ------------------------------------------------------------------------------ public
 @torch.no_grad()
 def generate(model: nn.Module, tokenizer, prompt, *, max_new_tokens: int = 64, greedy: bool = True,
@@ -336,8 +348,7 @@ def generate(model: nn.Module, tokenizer, prompt, *, max_new_tokens: int = 64, g
 
             name = active_adapter(model) if use.name is ACTIVE else use.name
             t0 = time.perf_counter()
-            out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                                 generation_config=config, stopping_criteria=[hook])
+            out = _run(model, input_ids, config, hook, greedy, temperature, top_p)
             seconds = time.perf_counter() - t0
     finally:
         model.train(was_training)

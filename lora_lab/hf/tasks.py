@@ -215,7 +215,8 @@ def _left_pad(rows: list[list[int]], pad_id: int):
 
 def generate_greedy(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int,
                     batch_size: int = 64) -> list[str]:
-    """Greedy completions of tokenized prompts, in left-padded batches (``model.generate``, KV cache).
+    """Greedy completions of tokenized prompts, in left-padded batches (``model.generate``, KV cache;
+    prompt and prefix tuning are decoded without a cache, see :mod:`lora_lab.hf.decode`).
 
     ``prompt_ids`` are token-id lists as training sees them (see
     :func:`lora_lab.hf.data.encode_prompt`).  Rows sharing a batch are padded on the left, so every
@@ -224,19 +225,35 @@ def generate_greedy(model, tokenizer, prompt_ids: list[list[int]], max_new_token
     """
     import torch
 
+    from .decode import decode_without_cache, is_prompt_learning
+
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    outputs: list[str] = []
+    outputs: list[str] = [""] * len(prompt_ids)
     was_training = model.training
     model.eval()
     try:
+        if is_prompt_learning(model):  # generate() is wrong for these (hf/decode.py): no cache
+            by_len: dict[int, list[int]] = {}
+            for k, ids in enumerate(prompt_ids):
+                by_len.setdefault(len(ids), []).append(k)
+            for rows in by_len.values():
+                for i in range(0, len(rows), batch_size):
+                    part = rows[i:i + batch_size]
+                    x = torch.tensor([prompt_ids[k] for k in part], device=device)
+                    out = decode_without_cache(model, x, max_new_tokens, [tokenizer.eos_token_id])
+                    texts = tokenizer.batch_decode(out[:, x.shape[1]:], skip_special_tokens=True)
+                    for k, text in zip(part, texts):
+                        outputs[k] = text
+            return outputs
         for i in range(0, len(prompt_ids), batch_size):
             ids, mask = _left_pad(prompt_ids[i:i + batch_size], pad)
             with torch.no_grad():
                 out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
                                      max_new_tokens=max_new_tokens, do_sample=False,
                                      pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
-            outputs += tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
+            outputs[i:i + len(out)] = tokenizer.batch_decode(out[:, ids.shape[1]:],
+                                                             skip_special_tokens=True)
     finally:
         if was_training:
             model.train()

@@ -1,0 +1,66 @@
+"""Decoding for prompt-learning adapters (prompt tuning, prefix tuning), without a KV cache.
+
+With peft 0.21 and transformers 5.24, ``model.generate`` is wrong for these methods: with the KV
+cache, prompt tuning's tokens after the first come out wrong and prefix tuning's virtual keys and
+values are dropped (the base model's output comes back); with ``use_cache=False`` prefix tuning still
+differs from the forward pass it was trained with.  The forward pass itself is right, so these
+adapters are decoded by re-running the whole sequence at every step:
+
+    x ← prompt;  repeat:  logits = model(x)[:, -1];  x ← [x, pick(logits)]   until EOS or the limit
+
+That costs O(T²) positions instead of O(T), which is nothing for the short completions of tasks and
+demos.  LoRA, DoRA and IA3 keep using ``model.generate`` (cache and all).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+__all__ = ["is_prompt_learning", "decode_without_cache"]
+
+
+def is_prompt_learning(model: nn.Module) -> bool:
+    """True when the active adapter adds virtual tokens (prompt or prefix tuning, p-tuning)."""
+    config = getattr(model, "active_peft_config", None)
+    return bool(getattr(config, "is_prompt_learning", False))
+
+
+def _pick(logits: torch.Tensor, greedy: bool, temperature: float, top_p: float) -> torch.Tensor:
+    """The next token per row: argmax, or a draw from the top-p nucleus of softmax(logits / T)."""
+    if greedy:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits / temperature, dim=-1)
+    sorted_p, order = probs.sort(dim=-1, descending=True)
+    keep = sorted_p.cumsum(-1) - sorted_p < top_p  # the smallest set reaching top_p (first always)
+    sorted_p = sorted_p * keep
+    choice = torch.multinomial(sorted_p / sorted_p.sum(-1, keepdim=True), 1)
+    return order.gather(-1, choice).squeeze(-1)
+
+
+@torch.no_grad()
+def decode_without_cache(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int,
+                         eos_ids, *, greedy: bool = True, temperature: float = 1.0,
+                         top_p: float = 1.0,
+                         step_hook: Callable[[torch.Tensor], torch.Tensor] | None = None
+                         ) -> torch.Tensor:
+    """Complete equal-length prompts ``input_ids`` (batch × T, no padding); return batch × (T + n).
+
+    A row that has produced an EOS is filled with EOS from then on.  ``step_hook(ids)`` is called
+    after each new token, like a transformers ``StoppingCriteria``; when it returns all-True the
+    decoding ends.
+    """
+    eos = torch.tensor(sorted(eos_ids) or [-1], device=input_ids.device)
+    x = input_ids
+    done = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+    for _ in range(max_new_tokens):
+        logits = model(input_ids=x, attention_mask=torch.ones_like(x)).logits[:, -1].float()
+        nxt = _pick(logits, greedy, temperature, top_p)
+        nxt = torch.where(done, eos[0], nxt)
+        x = torch.cat([x, nxt[:, None]], dim=1)
+        done |= torch.isin(nxt, eos)
+        if bool(done.all()) or (step_hook is not None and bool(step_hook(x).all())):
+            break
+    return x
