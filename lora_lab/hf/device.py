@@ -15,10 +15,15 @@ def default_device() -> str:
 
 
 def bf16_supported(device: str | None = None) -> bool:
+    """Native bf16 on ``device``: NVIDIA compute capability 8.0+ (Ampere: A100, A10G, L4, H100) or
+    ROCm.  ``torch.cuda.is_bf16_supported()`` also answers True on a T4 (sm_75), where bf16 is only
+    emulated and slow, so the compute capability decides."""
     device = device or default_device()
-    if device.startswith("cuda"):
-        return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
-    return False
+    if not device.startswith("cuda") or not torch.cuda.is_available():
+        return False
+    if torch.version.hip:
+        return True
+    return torch.cuda.get_device_capability(torch.device(device))[0] >= 8
 
 
 def default_compute_dtype(device: str | None = None) -> torch.dtype:

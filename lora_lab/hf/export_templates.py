@@ -75,7 +75,9 @@ def compute_dtype(device: str) -> torch.dtype:
         return getattr(torch, QUANT["compute_dtype"])
     if device == "cpu":
         return torch.float32
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    # native bf16 from compute capability 8.0 (Ampere); torch's is_bf16_supported() also says True
+    # on a T4 (7.5), where bf16 is only emulated
+    return torch.bfloat16 if torch.cuda.get_device_capability()[0] >= 8 else torch.float16
 
 
 def mixed_precision(device: str) -> tuple[bool, bool]:
