@@ -8,7 +8,7 @@ PY     := $(VENV)/bin/python
 TORCH  ?= torch==2.13.0
 export PIP_DISABLE_PIP_VERSION_CHECK = 1
 
-.PHONY: setup lab test test-fast screenshots clean
+.PHONY: setup lab test test-fast screenshots check-binder clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,10 @@ test-fast: setup
 # README screenshots come from the browser suite, so they never go stale (needs /usr/bin/chromium).
 screenshots: setup
 	LORA_LAB_SCREENSHOTS=$(CURDIR)/docs/screenshots $(PY) -m pytest -q -m browser tests/browser
+
+# Build the Binder environment from binder/ in a fresh venv, run the notebooks, check peak memory.
+check-binder:
+	$(PYTHON) scripts/check_binder.py --server
 
 clean:
 	rm -rf $(VENV) build *.egg-info
