@@ -29,11 +29,12 @@ test: setup
 	$(PY) -m pytest -q tests
 
 test-fast: setup
-	$(PY) -m pytest -q -m "not slow" tests
+	$(PY) -m pytest -q -m "not slow and not browser" tests
 
 # README screenshots come from the browser suite, so they never go stale (needs /usr/bin/chromium).
 screenshots: setup
-	LORA_LAB_SCREENSHOTS=$(CURDIR)/docs/screenshots $(PY) -m pytest -q -m browser tests/browser
+	LORA_LAB_SCREENSHOTS=$(CURDIR)/docs/screenshots $(PY) -m pytest -q -m browser -k lab \
+	    tests/browser/test_widgets.py tests/browser/test_dashboard.py
 
 # Build the Binder environment from binder/ in a fresh venv, run the notebooks, check peak memory.
 check-binder:

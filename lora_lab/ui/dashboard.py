@@ -101,6 +101,10 @@ def pump_kernel_events() -> int:
             try:
                 if _run_now(kernel.dispatch_shell(frames, None, concurrent=True)):
                     handled += 1
+                # A concurrent dispatch publishes no busy/idle status, but ipywidgets' front end
+                # holds a widget's next message until the previous one's "idle" arrives: without
+                # this, Resume after Pause (or a slider moved twice) would never be sent.
+                kernel._publish_status("idle", "shell")  # parent: this comm message
             finally:
                 kernel.set_parent(ident, parent, channel="shell")
         else:
@@ -310,7 +314,7 @@ class TrainingDashboard(widgets.VBox):
         first = names.index(self._run) * len(TRACES)
         updates = trace_updates(self._curves[self._run].arrays(), self.smoothing.value,
                                 self.max_points)
-        with self.live.batch_update() as fig:
+        with self.live.batch_update(keep_synced=False) as fig:  # on_end syncs once
             for trace, xy in zip(fig.data[first:first + len(TRACES)], updates):
                 trace.x, trace.y = xy["x"], xy["y"]
         self._status(state, "running")

@@ -176,6 +176,7 @@ def training_figure(runs: dict | None = None, smoothing: float = 0.6, log_y: boo
                                               smoothing)):
             fig.add_trace(tr, *PANELS[key])
     fig.update_yaxes(type="log" if log_y else "linear", row=1, col=1)
+    fig.update_yaxes(tickformat=".1~e", row=1, col=3)  # 3e-3, not 0.002999999 over the loss panel
     fig.update_xaxes(title_text="step", row=2)
     fig.update_layout(height=height, margin=dict(l=50, r=20, t=40, b=40), template="plotly_white",
                       legend=dict(orientation="h", y=-0.18), uirevision="keep")

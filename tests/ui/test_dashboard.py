@@ -229,6 +229,7 @@ def test_stop_button_in_a_real_busy_kernel(tmp_path):
         third = kc.execute("print('THIRD', CV.get('lost'), flush=True)")
         cells = {first, second, third}
         out, clicked, idle, deadline = [], False, set(), time.time() + 240
+        click_id, click_idle = None, False
         while idle != cells and time.time() < deadline:
             msg = kc.get_iopub_msg(timeout=deadline - time.time())
             parent = msg["parent_header"].get("msg_id")
@@ -237,16 +238,22 @@ def test_stop_button_in_a_real_busy_kernel(tmp_path):
                 out.append(content["text"])
                 if content["text"].startswith("STOP_ID") and not clicked:
                     comm_id = content["text"].split()[1]
-                    kc.shell_channel.send(kc.session.msg("comm_msg", {
+                    click = kc.session.msg("comm_msg", {
                         "comm_id": comm_id, "data": {"method": "custom",
-                                                     "content": {"event": "click"}}}))
-                    clicked = True
+                                                     "content": {"event": "click"}}})
+                    kc.shell_channel.send(click)
+                    click_id, clicked = click["header"]["msg_id"], True
             elif kind == "error":
                 out.append("ERROR " + content["ename"] + ": " + content["evalue"])
             elif kind == "status" and content["execution_state"] == "idle" and parent in cells:
                 idle.add(parent)
+            elif kind == "status" and content["execution_state"] == "idle" and parent == click_id:
+                click_idle = True
         text = "".join(out)
         assert clicked, text
+        # ipywidgets' front end sends a widget's next message only after this one's "idle":
+        # without it a second click (Resume after Pause) would never reach the busy kernel
+        assert click_idle, "no idle status for the click handled during the busy cell"
         result = [line for line in text.splitlines() if line.startswith("RESULT")]
         assert result and result[0].startswith("RESULT stopped: Stop button"), text
         assert 3 <= int(result[0].split()[-1]) < 3000
