@@ -172,6 +172,9 @@ def load_adapter(model: nn.Module, path, name: str | None = None, *, trainable: 
         _check_shapes(model, path)
     is_peft = isinstance(model, peft.PeftModel)
     name = name or (path.name if is_peft else "default")
+    from .attach import check_adapter_name
+
+    check_adapter_name(name)
     if is_peft and name in model.peft_config:
         raise AdapterError(f"The model already has an adapter named {name!r}.",
                            "pass name='another_name' or delete the old one first")

@@ -15,7 +15,7 @@ from ..specs import AdapterSpec
 from .inspect import inspect_model
 from .peft_config import to_peft_config
 
-__all__ = ["attach", "resolve_targets", "is_quantized"]
+__all__ = ["attach", "resolve_targets", "is_quantized", "check_adapter_name"]
 
 
 def is_quantized(model: nn.Module) -> bool:
@@ -63,6 +63,18 @@ def resolve_targets(model: nn.Module, spec: AdapterSpec) -> list[str]:
     return targets
 
 
+def check_adapter_name(name, error=AdapterError) -> None:
+    """peft keeps each adapter as a key of ``nn.ModuleDict``s in every adapted layer
+    (``lora_A[name]``), so a name must be a non-empty string without dots that is not already an
+    attribute of a ``ModuleDict`` (``half``, ``train``, ``to``, ``keys``, ...); otherwise peft fails
+    deep inside with a ``KeyError``."""
+    reserved = {n for n in dir(nn.ModuleDict) + dir(nn.ParameterDict) if not n.startswith("_")}
+    if not isinstance(name, str) or not name or "." in name or name in reserved:
+        why = "is a method or attribute of torch modules" if name in reserved else "is not usable"
+        raise error(f"Adapter name {name!r} {why}.",
+                    "pass a short name without dots, such as 'math' or 'default'")
+
+
 def _prepare_kbit(model: nn.Module, gradient_checkpointing: bool) -> nn.Module:
     """peft's k-bit preparation (fp32 norms, input grads), with checkpointing as a visible choice:
     peft would turn it on silently, costing about a third of the speed (PITFALLS.md)."""
@@ -90,9 +102,7 @@ def attach(model: nn.Module, spec: AdapterSpec | None = None, name: str = "defau
     if not isinstance(spec, AdapterSpec):
         raise SpecError("attach", "spec", spec, "spec must be an AdapterSpec",
                         "pass lora_lab.AdapterSpec(r=8)")
-    if not isinstance(name, str) or not name or "." in name:
-        raise AdapterError(f"Adapter name {name!r} is not usable.",
-                           "pass a short name without dots, such as 'math' or 'default'")
+    check_adapter_name(name)
     is_peft = isinstance(model, peft.PeftModel)
     if is_peft and name in model.peft_config:
         raise AdapterError(f"The model already has an adapter named {name!r}.",

@@ -119,6 +119,9 @@ def blend_adapters(model: nn.Module, weights: dict[str, float], name: str = "ble
         raise BlendError(f"Blend weights must be finite numbers; got {ws}.", "pass weights like 0.5")
     if name in model.peft_config:
         raise BlendError(f"An adapter named {name!r} exists already.", "pass another name=")
+    from .attach import check_adapter_name
+
+    check_adapter_name(name, BlendError)
     if refuse_known_bugs:
         _refuse_known_bugs(model, names, combination)
     kw = {"svd_rank": svd_rank} if combination.endswith("svd") else {}

@@ -208,7 +208,8 @@ class AdapterSwitchboard(widgets.VBox):
         self.adapters["active"] = self.adapters["name"] == active
         self.adapters["merged"] = self.adapters["name"].isin(merged_adapters(self.model))
         self.table.value = ("<i>no adapters yet: load one from a folder</i>" if not names else
-                            self.adapters.to_html(index=False, escape=True, border=0))
+                            "<div style='overflow-x:auto'>"       # long paths: scroll, not clip
+                            + self.adapters.to_html(index=False, escape=True, border=0) + "</div>")
         self._hold = True
         try:
             if structure:
@@ -475,16 +476,18 @@ class AdapterSwitchboard(widgets.VBox):
         self._say(f"deleted {name!r}; now running the base model")
 
     # ================================================================== blend
-    def blend(self, weights: dict | None = None, combination: str | None = None):
+    def blend(self, weights: dict | None = None, combination: str | None = None,
+              name: str | None = None):
         """Create a blended adapter from the weight sliders (or ``weights``) with ``combination``,
-        run :func:`lora_lab.blend_adapters`' checks and make the blend active."""
+        run :func:`lora_lab.blend_adapters`' checks and make the blend active.  ``name`` defaults
+        to the name box ("blend", then "blend2", ...)."""
         self._guard()
         weights = weights if weights is not None else {
             n: s.value for n, s in self.weights.items() if s.value != 0}
         combination = combination or self.combination.value
         if not weights:
             raise AdapterError("Every blend weight is 0.", "move at least one weight slider")
-        name = self.blend_name.value.strip() or "blend"
+        name = (name or self.blend_name.value).strip() or "blend"
         self._ensure_unmerged()
         density = self.density.value if combination.startswith(("ties", "dare")) else None
         rep = blend_adapters(self.model, dict(weights), name=name, combination=combination,
@@ -504,6 +507,14 @@ class AdapterSwitchboard(widgets.VBox):
     def code(self) -> str:
         """Plain Python that rebuilds the adapters and runs the current prompt without widgets."""
         lines = ["import lora_lab as ll", "from lora_lab.hf.generate import generate", ""]
+        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        source = getattr(base, "lora_lab_source", None)
+        quant = getattr(base, "lora_lab_quant", None)
+        if source:
+            qarg = f", quant=ll.{quant!r}" if quant is not None else ""
+            lines.append(f"model, tok = ll.load_model({source!r}{qarg})")
+        else:
+            lines.append("model, tok = ...  # the base model and tokenizer this switchboard was built on")
         for _, row in self.adapters.iterrows():
             if row["source"]:
                 lines.append(f"model = ll.load_adapter(model, {row['source']!r}, name={row['name']!r})")

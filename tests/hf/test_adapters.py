@@ -251,3 +251,12 @@ def test_cuda_compute_dtype_follows_the_device(tiny_llama_dir):
     want = torch.bfloat16 if torch.cuda.get_device_capability()[0] >= 8 else torch.float16  # T4: fp16
     layer = model.model.layers[0].self_attn.q_proj
     assert layer.compute_dtype == want
+
+
+@pytest.mark.parametrize("name", ["half", "train", "keys", "a.b", ""])
+def test_adapter_names_peft_cannot_store_are_refused_with_a_fix(tiny_llama, name):
+    model, _ = tiny_llama
+    with pytest.raises(AdapterError, match="Fix: pass a short name"):
+        ll.attach(model, ll.AdapterSpec(r=2), name=name)
+    pm = ll.attach(model, ll.AdapterSpec(r=2), name="ok")  # the model is still usable
+    assert ll.active_adapter(pm) == "ok"

@@ -84,6 +84,10 @@ def test_switching_equals_each_adapter_alone_and_base_exactly(tiny_llama_dir, ti
     code = sb.code()
     assert f"ll.load_adapter(model, {str(folders['gamma'])!r}, name='gamma')" in code
     assert "ll.set_adapter(model, None)" in code and "max_new_tokens=12" in code
+    ns = {}
+    exec(code, ns)  # a fresh namespace: the script loads the base itself, then the adapters
+    assert ns["result"].text == generate(sb.model, sb.tokenizer, PROMPT, max_new_tokens=12).text
+    assert sorted(ll.list_adapters(ns["model"])["name"]) == sorted(NAMES)
 
 
 def test_generation_streams_into_the_widget_and_stop_keeps_the_tokens(tiny_llama, folders):
@@ -213,6 +217,8 @@ def test_blend_sliders_create_a_live_adapter(tiny_llama, folders):
     sb.weights["blend"].value = 0.0
     sb.blend_button.click()
     assert "Every blend weight is 0" in sb.error
+    rep = sb.blend({"alpha": 0.5, "gamma": 0.5}, combination="cat", name="mix")
+    assert ll.active_adapter(sb.model) == "mix" and rep.r == 6
 
 
 def test_the_blend_self_check_and_refusals_show_inline(tiny_llama):
