@@ -10,7 +10,10 @@
   transient messages, so a view that connects later (a browser reload, Voilà, saved widget state)
   shows stale data.  Traces added after construction to a widget inside a container do not show
   there either.  :func:`resync` copies the Python-side figure into the widget's synced state
-  (``_widget_data``/``_widget_layout``, private plotly attributes, hence one tested helper).
+  (``_widget_data``/``_widget_layout``, private plotly attributes, hence one tested helper);
+  ``batch_update`` does so after each batch unless told not to (``keep_synced=False``, for a
+  caller that redraws many times a second and calls ``sync()`` at the end).  Checked in a real
+  browser by tests/browser/test_widgets.py (a reloaded page shows the moved rank cut).
 """
 
 from __future__ import annotations
@@ -56,21 +59,31 @@ class LiveFigure:
             self.widget = self.figure
 
     def _draw(self) -> None:
+        from IPython import get_ipython
         from IPython.display import clear_output, display
 
+        if getattr(get_ipython(), "kernel", None) is None:
+            return  # no front end to draw for: display() would print the figure's repr to stdout
         with self.widget:
             clear_output(wait=True)
             display(self.figure)
 
     @contextmanager
-    def batch_update(self):
-        """Group property updates into one message (FigureWidget) or one redraw (static)."""
+    def batch_update(self, keep_synced: bool = True):
+        """Group property updates into one message (FigureWidget) or one redraw (static).
+
+        ``keep_synced`` (FigureWidget): also make the synced state match afterwards, so that a view
+        connecting later (a reloaded page) shows this update too, not the figure as first
+        displayed.  Costs a deep copy of the figure and one state message; a caller redrawing
+        many times a second can pass False and call :meth:`sync` at the end instead."""
         if self.static:
             yield self.figure
             self._draw()
         else:
             with self.figure.batch_update():
                 yield self.figure
+            if keep_synced:
+                resync(self.figure)
 
     def replace(self, fig: go.Figure) -> None:
         """Swap in all traces and the layout of ``fig`` (e.g. when a run is added), then resync."""

@@ -107,7 +107,8 @@ class QuantExplorer(widgets.VBox):
         controls = widgets.HBox([self.scheme, self.blocksize, self.double_quant])
         figs = [f.widget for f in (self.heatmap, self.histogram) if f is not None]
         super().__init__([controls, self.summary, self.message, self.module,
-                          widgets.HBox(figs), self.detail])
+                          widgets.HBox(figs, layout=widgets.Layout(flex_flow="row wrap")),
+                          self.detail])  # wrap: the two figures side by side need ~1,100 px
         for w in (self.scheme, self.blocksize, self.double_quant):
             w.observe(lambda _c: self.update(), names="value")
         self.module.observe(lambda _c: self._show_module(), names="value")

@@ -3,14 +3,11 @@ request that is not the report file itself aborted.  Every plotly figure must dr
 renders an ``svg.main-svg`` into each ``.plotly-graph-div``), with no console or page errors and
 no attempt to reach the network.
 
-Chromium launch follows PITFALLS.md (never ``playwright install``).  Without Chromium or Playwright
-the test is skipped locally, and fails in CI (``CI`` set), so CI cannot pass without running it.
+Chromium is the session's (tests/browser/conftest.py: Debian's, never ``playwright install``);
+without it the test is skipped locally and fails in CI (``CI`` set).
 """
 
 from __future__ import annotations
-
-import os
-import shutil
 
 import pytest
 import torch
@@ -20,23 +17,6 @@ from lora_lab.hf.tasks import builtin_task
 from lora_lab.viz.report import report
 
 pytestmark = pytest.mark.browser
-CHROMIUM = "/usr/bin/chromium"
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-
-
-def _playwright():
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        sync_playwright = None
-    missing = ("playwright is not installed" if sync_playwright is None else
-               f"{CHROMIUM} is missing" if not shutil.which(CHROMIUM) else None)
-    if missing:
-        if os.environ.get("CI"):
-            pytest.fail(f"browser test cannot run in CI: {missing}")
-        pytest.skip(missing)
-    return sync_playwright
 
 
 @pytest.fixture(scope="module")
@@ -61,38 +41,35 @@ def report_file(tiny_llama_dir, tmp_path_factory):
         torch.set_num_threads(threads)
 
 
-def test_report_renders_every_figure_offline(report_file):
-    sync_playwright = _playwright()
+def test_report_renders_every_figure_offline(report_file, chromium):
     expected = report_file.read_text(encoding="utf-8").count("Plotly.newPlot(")
     assert expected == 6
     blocked, errors = [], []
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        try:
-            page = browser.new_page()
-            page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
-            page.on("pageerror", lambda e: errors.append(str(e)))
+    page = chromium.new_page()
+    try:
+        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+        page.on("pageerror", lambda e: errors.append(str(e)))
 
-            def route(r):
-                if r.request.url.startswith("file:"):
-                    r.continue_()
-                else:
-                    blocked.append(r.request.url)
-                    r.abort()
+        def route(r):
+            if r.request.url.startswith("file:"):
+                r.continue_()
+            else:
+                blocked.append(r.request.url)
+                r.abort()
 
-            page.route("**/*", route)
-            page.goto(report_file.as_uri(), wait_until="load")
-            page.wait_for_function(
-                "n => { const d = document.querySelectorAll('.plotly-graph-div');"
-                " return d.length === n && [...d].every(x => x.querySelector('.main-svg')); }",
-                arg=expected, timeout=60_000)
-            drawn = page.evaluate(
-                "() => [...document.querySelectorAll('.plotly-graph-div')].map(d =>"
-                " [d.querySelectorAll('.main-svg').length, (d.data || []).length,"
-                "  d.getBoundingClientRect().height])")
-            sections = page.evaluate("() => [...document.querySelectorAll('section')].map(s => s.id)")
-        finally:
-            browser.close()
+        page.route("**/*", route)
+        page.goto(report_file.as_uri(), wait_until="load")
+        page.wait_for_function(
+            "n => { const d = document.querySelectorAll('.plotly-graph-div');"
+            " return d.length === n && [...d].every(x => x.querySelector('.main-svg')); }",
+            arg=expected, timeout=60_000)
+        drawn = page.evaluate(
+            "() => [...document.querySelectorAll('.plotly-graph-div')].map(d =>"
+            " [d.querySelectorAll('.main-svg').length, (d.data || []).length,"
+            "  d.getBoundingClientRect().height])")
+        sections = page.evaluate("() => [...document.querySelectorAll('section')].map(s => s.id)")
+    finally:
+        page.close()
     assert len(drawn) == expected
     for svgs, traces, height in drawn:
         assert svgs >= 1 and traces >= 1 and height > 100     # drawn, with data, not collapsed
