@@ -2,8 +2,8 @@
 
 * **Live figure.**  :class:`LiveFigure` wraps a ``plotly.graph_objects.FigureWidget`` (updated in
   place through comm messages) when anywidget is installed; otherwise, or with
-  ``static=True`` / ``LORA_LAB_STATIC_FIGURES=1`` (VS Code's "Failed to load view class AnyView",
-  Colab without the custom widget manager), a plain ``go.Figure`` redrawn into an
+  ``static=True`` / ``LORA_LAB_STATIC_FIGURES=1`` (Colab without the custom widget manager), or in
+  VS Code (its "Failed to load view class AnyView"), a plain ``go.Figure`` redrawn into an
   ``ipywidgets.Output``.  Both expose ``.figure`` (whose ``.data`` tests can read), ``.widget`` (what
   to display), ``batch_update()``, ``replace(fig)`` and ``sync()``.
 * **Late views.**  A FigureWidget syncs its full state only when displayed; later updates are
@@ -29,8 +29,15 @@ __all__ = ["figure_widget_available", "resync", "LiveFigure"]
 
 
 def figure_widget_available() -> bool:
-    """True when ``go.FigureWidget`` can be made (plotly needs anywidget for it)."""
-    if os.environ.get("LORA_LAB_STATIC_FIGURES", "").strip() not in ("", "0"):
+    """True when live ``go.FigureWidget``s should be used: anywidget imports (plotly needs it) and
+    the front end is not one known to leave them blank.  ``LORA_LAB_STATIC_FIGURES=1`` forces the
+    static figures, ``=0`` forces live ones.  VS Code (its kernels inherit ``VSCODE_PID``) gets
+    static figures by default: its renderer has failed to load anywidget views ("Failed to load
+    view class AnyView", plotly #5027), which leaves a blank cell."""
+    forced = os.environ.get("LORA_LAB_STATIC_FIGURES", "").strip()
+    if forced not in ("", "0"):
+        return False
+    if forced != "0" and ("VSCODE_PID" in os.environ or "VSCODE_CWD" in os.environ):
         return False
     try:
         import anywidget  # noqa: F401  (only whether it imports)
