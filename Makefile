@@ -34,7 +34,7 @@ test-fast: setup
 # README screenshots come from the browser suite, so they never go stale (needs /usr/bin/chromium).
 screenshots: setup
 	LORA_LAB_SCREENSHOTS=$(CURDIR)/docs/screenshots $(PY) -m pytest -q -m browser -k lab \
-	    tests/browser/test_widgets.py tests/browser/test_dashboard.py
+	    tests/browser/test_browser_widgets.py tests/browser/test_browser_dashboard.py
 
 # Build the Binder environment from binder/ in a fresh venv, run the notebooks, check peak memory.
 check-binder:

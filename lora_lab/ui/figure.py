@@ -13,7 +13,7 @@
   (``_widget_data``/``_widget_layout``, private plotly attributes, hence one tested helper);
   ``batch_update`` does so after each batch unless told not to (``keep_synced=False``, for a
   caller that redraws many times a second and calls ``sync()`` at the end).  Checked in a real
-  browser by tests/browser/test_widgets.py (a reloaded page shows the moved rank cut).
+  browser by tests/browser/test_browser_widgets.py (a reloaded page shows the moved rank cut).
 """
 
 from __future__ import annotations
