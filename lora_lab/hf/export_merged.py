@@ -45,6 +45,8 @@ from torch import nn
 
 from ..errors import MergeError
 from .attach import is_quantized
+from .kbit import dense_weight as _dense
+from .kbit import no_repacking as _no_repacking
 
 __all__ = ["export_merged", "MergedExport"]
 
@@ -162,57 +164,6 @@ def _prepare_folder(path, overwrite: bool) -> Path:
             old.unlink(missing_ok=True)
     path.mkdir(parents=True, exist_ok=True)
     return path
-
-
-# ----------------------------------------------------------------------------- dense weights
-def _dequant_packed_4bit(data: torch.Tensor, state) -> torch.Tensor:
-    """The (N, K) weight of bitsandbytes' CPU-packed 4-bit layout, exactly as its kernel uses it.
-
-    Packed layout: (N, K/2) bytes; each 64-byte row of ``data.reshape(-1, 32)`` holds, for 32
-    output rows, two 4-bit codes each (low nibble: the even column, high nibble: the odd one) of one
-    column pair.  The block scales are bf16, stored transposed: ``absmax`` (K/blocksize, N).
-    """
-    N, K = state.shape
-    packed = data.reshape(-1, 32)
-    codes = torch.cat([packed & 0xF, packed >> 4], dim=-1)            # (N·K/64, 64)
-    codes = codes.reshape(N // 32, K // 2, 32, 2).transpose(1, 2).reshape(N, K)
-    scale = state.absmax.float().T.repeat_interleave(state.blocksize, dim=1)  # (N, K)
-    return state.code.float()[codes.long()] * scale
-
-
-def _dense(module: nn.Module, p: torch.Tensor) -> torch.Tensor:
-    """The full-precision weight a (possibly quantized) parameter stands for; never changes it."""
-    kind = type(p).__name__
-    if kind == "Params4bit":
-        import bitsandbytes.functional as F
-
-        state = p.quant_state
-        if getattr(state, "packing_format_for_cpu", False):
-            return _dequant_packed_4bit(p.data, state)
-        return F.dequantize_4bit(p.data, state).float()
-    if kind == "Int8Params" and p.dtype == torch.int8:
-        import bitsandbytes.functional as F
-
-        scb = p.SCB if p.SCB is not None else getattr(module.state, "SCB", None)
-        if scb is None:
-            raise MergeError(f"The int8 weight of {type(module).__name__} has no row scales (SCB).",
-                             "move the model to its device before exporting, or load it unquantized")
-        return F.int8_vectorwise_dequant(p.data, scb).float()
-    return p.detach()
-
-
-@contextlib.contextmanager
-def _no_repacking(model: nn.Module):
-    """Run forwards without bitsandbytes' CPU repacking of 4-bit weights (restored afterwards)."""
-    layers = [m for m in model.modules() if hasattr(m, "support_avx512bf16_for_cpu")]
-    saved = [m.support_avx512bf16_for_cpu for m in layers]
-    for m in layers:
-        m.support_avx512bf16_for_cpu = False
-    try:
-        yield
-    finally:
-        for m, s in zip(layers, saved):
-            m.support_avx512bf16_for_cpu = s
 
 
 # ----------------------------------------------------------------------------- the merge itself
