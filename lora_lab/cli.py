@@ -3,9 +3,9 @@
 ``lora-lab info`` prints versions, the device, bf16 support, and whether bitsandbytes' 4-bit path
 works on this machine (it runs on x86 CPUs too).
 
-``lora-lab spectrum ADAPTER_DIR [--base MODEL] [--html OUT.html]`` loads a saved LoRA adapter onto
-its base model (the one named in ``adapter_config.json``, or ``--base``; builtin names work) and
-prints the singular-spectrum table of every ΔW = s·B·A (effective rank, stable rank, k90, k99, ...)
+``lora-lab spectrum ADAPTER_DIR [--base NAME] [--html OUT.html]`` reads a saved LoRA adapter's
+factors straight from its safetensors file (no base model is loaded, so a 7B adapter costs a few MB;
+``--base`` only labels the report) and prints the singular-spectrum table of every ΔW = s·B·A (effective rank, stable rank, k90, k99, ...)
 with a summary of what cutting it to a lower rank would keep; ``--html`` writes a self-contained
 report instead (plotly.js embedded once, so it opens offline).
 
@@ -61,31 +61,18 @@ def info_lines() -> list[str]:
 
 
 # ----------------------------------------------------------------------------- spectrum
-def _base_of(adapter_dir: Path, base: str | None) -> str:
-    from lora_lab.errors import AdapterError
-
-    config = adapter_dir / "adapter_config.json"
-    if not config.exists():
-        raise AdapterError(f"{adapter_dir} is not a saved adapter (no adapter_config.json).",
-                           "pass the folder written by lora_lab.save_adapter or peft's "
-                           "save_pretrained")
-    named = json.loads(config.read_text()).get("base_model_name_or_path")
-    if base or named:
-        return base or named
-    raise AdapterError(f"{config} does not name its base model.",
-                       "pass it: lora-lab spectrum DIR --base MODEL (a hub id, a folder or a "
-                       "builtin name)")
-
-
 def load_spectra(adapter_dir, base: str | None = None):
-    """``(AdapterSpectra, base)`` of the adapter saved in ``adapter_dir``, loaded onto its base."""
-    import lora_lab as ll
+    """``(AdapterSpectra, base)`` of the LoRA adapter saved in ``adapter_dir``, computed from its
+    own file (no base model is loaded); ``base`` is only reported (default: the one the adapter's
+    config names)."""
+    from lora_lab.hf.factors import saved_lora_factors
+    from lora_lab.hf.spectra import spectra_from_factors
 
     adapter_dir = Path(adapter_dir)
-    source = _base_of(adapter_dir, base)
-    model, _ = ll.load_model(source, device="cpu")
-    model = ll.load_adapter(model, adapter_dir)
-    return ll.adapter_spectra(model), source
+    factors = saved_lora_factors(adapter_dir)
+    named = json.loads((adapter_dir / "adapter_config.json").read_text()).get(
+        "base_model_name_or_path")
+    return spectra_from_factors(factors, "default"), base or named or "not named"
 
 
 def cut_frame(spectra):
@@ -304,7 +291,8 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("info", help="versions, device, bf16 and 4-bit support")
     spec = sub.add_parser("spectrum", help="singular spectra of a saved LoRA adapter's updates")
     spec.add_argument("adapter_dir", help="folder written by lora_lab.save_adapter / peft")
-    spec.add_argument("--base", help="base model (default: the one in adapter_config.json)")
+    spec.add_argument("--base", help="base model name for the report (default: the one in "
+                      "adapter_config.json; it is not loaded)")
     spec.add_argument("--html", metavar="OUT.html", help="write a self-contained HTML report")
     scan = sub.add_parser("scan", help="quantization error of every linear weight of a checkpoint")
     scan.add_argument("path", help="checkpoint folder, .safetensors file or builtin name")

@@ -23,7 +23,7 @@ from torch import nn
 from ..errors import AdapterError
 from .inspect import layer_index, module_type
 
-__all__ = ["LoraFactors", "lora_factors"]
+__all__ = ["LoraFactors", "lora_factors", "saved_lora_factors"]
 
 
 @dataclass(frozen=True)
@@ -96,3 +96,81 @@ def lora_factors(model: nn.Module, adapter: str | None = None) -> Iterator[LoraF
         have = sorted(getattr(model, "peft_config", {}) or [])
         raise AdapterError(f"No LoRA module carries an adapter named {name!r}.",
                            f"pass one of the LoRA adapters on this model: {have}")
+
+
+# ----------------------------------------------------------------------------- from a saved folder
+_ORDER = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+_SUFFIXES = {".lora_A.weight": "A", ".lora_B.weight": "B"}
+
+
+def _pattern_value(patterns: dict, name: str, default):
+    """peft's rank_pattern / alpha_pattern lookup: the first key that matches the end of ``name``."""
+    import re
+
+    for key, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?{key}$", name):
+            return value
+    return default
+
+
+def _model_order(name: str) -> tuple:
+    """Sort key close to the model's own order: by layer number, then q, k, v, o, gate, up, down."""
+    layer = layer_index(name)
+    kind = module_type(name)
+    return (layer if layer is not None else -1,
+            _ORDER.index(kind) if kind in _ORDER else len(_ORDER), name)
+
+
+def saved_lora_factors(path) -> list[LoraFactors]:
+    """The :class:`LoraFactors` of a LoRA adapter saved by :func:`lora_lab.save_adapter` or peft's
+    ``save_pretrained``, read straight from ``adapter_config.json`` and
+    ``adapter_model.safetensors``: no base model is loaded, so a 7B adapter costs its own few MB.
+
+    The scaling of each module is what peft would give it: α/r, or α/√r with rsLoRA, with
+    ``rank_pattern``/``alpha_pattern`` applied; r is read from A's shape.  Modules come in layer
+    order (q, k, v, o, gate, up, down within a layer).  Like :func:`lora_factors`, embedding LoRA
+    (``lora_embedding_A/B``) is left out.
+    """
+    import json
+    import math
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    folder = Path(path)
+    config_file, weights = folder / "adapter_config.json", folder / "adapter_model.safetensors"
+    if not config_file.exists():
+        raise AdapterError(f"{folder} is not a saved adapter (no adapter_config.json).",
+                           "pass the folder written by lora_lab.save_adapter or peft's "
+                           "save_pretrained")
+    config = json.loads(config_file.read_text())
+    if str(config.get("peft_type", "")).upper() != "LORA":
+        raise AdapterError(f"{folder} holds a {config.get('peft_type')} adapter; spectra of "
+                           "ΔW = s·B·A exist for LoRA adapters only.",
+                           "pass a LoRA (or DoRA / rsLoRA) adapter folder")
+    if not weights.exists():
+        raise AdapterError(f"{folder} has no adapter_model.safetensors.",
+                           "save the adapter again with lora_lab.save_adapter (safetensors only)")
+    tensors = load_file(str(weights))
+    parts: dict[str, dict] = {}
+    for key, value in tensors.items():
+        for suffix, which in _SUFFIXES.items():
+            if key.endswith(suffix):
+                name = key[:-len(suffix)].removeprefix("base_model.model.")
+                parts.setdefault(name, {})[which] = value
+    rs, fifo = bool(config.get("use_rslora")), bool(config.get("fan_in_fan_out"))
+    factors = []
+    for name in sorted(parts, key=_model_order):
+        A, B = parts[name].get("A"), parts[name].get("B")
+        if A is None or B is None:
+            raise AdapterError(f"{weights} has only one of lora_A/lora_B for {name}.",
+                               "the file is incomplete: save the adapter again")
+        r = A.shape[0]
+        alpha = _pattern_value(config.get("alpha_pattern"), name, config.get("lora_alpha", r))
+        scaling = alpha / math.sqrt(r) if rs else alpha / r
+        factors.append(LoraFactors(name=name, A=A, B=B, scaling=float(scaling),
+                                   fan_in_fan_out=fifo, use_dora=bool(config.get("use_dora"))))
+    if not factors:
+        raise AdapterError(f"{weights} holds no lora_A/lora_B tensors.",
+                           "pass a LoRA adapter folder")
+    return factors

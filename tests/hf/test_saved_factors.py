@@ -1,0 +1,62 @@
+"""LoRA factors read from a saved adapter folder, without its base, equal the live model's:
+same modules in the same order, same A and B, and the scaling peft gives each module (α/r,
+α/√r with rsLoRA, rank_pattern and alpha_pattern)."""
+
+import json
+
+import peft
+import pytest
+import torch
+
+import lora_lab as ll
+from lora_lab.errors import AdapterError
+from lora_lab.hf.factors import lora_factors, saved_lora_factors
+
+
+def _randomize_b(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    return model
+
+
+def _same(live, saved):
+    assert [f.name for f in saved] == [f.name for f in live]
+    for a, b in zip(live, saved):
+        assert b.scaling == pytest.approx(a.scaling, rel=1e-12), a.name
+        assert torch.equal(a.A, b.A) and torch.equal(a.B, b.B), a.name
+
+
+@pytest.mark.parametrize("spec", [ll.AdapterSpec(r=4, target_modules="all-linear"),
+                                  ll.AdapterSpec(r=8, alpha=8, use_rslora=True,
+                                                 target_modules=("q_proj", "down_proj"))])
+def test_saved_factors_equal_the_loaded_adapter(tiny_llama, tmp_path, spec):
+    model = _randomize_b(ll.attach(tiny_llama[0], spec))
+    path = ll.save_adapter(model, tmp_path / "a")
+    # the folder names a base that does not exist: nothing may try to load it
+    cfg = json.loads((path / "adapter_config.json").read_text())
+    cfg["base_model_name_or_path"] = str(tmp_path / "no-such-base")
+    (path / "adapter_config.json").write_text(json.dumps(cfg))
+    _same(list(lora_factors(model)), saved_lora_factors(path))
+
+
+def test_rank_and_alpha_patterns_give_peft_scalings(tiny_llama, tmp_path):
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
+                             rank_pattern={"down_proj": 2}, alpha_pattern={"v_proj": 32},
+                             task_type="CAUSAL_LM")
+    model = _randomize_b(peft.get_peft_model(tiny_llama[0], config))
+    model.save_pretrained(tmp_path / "p")
+    live = list(lora_factors(model))
+    assert {f.scaling for f in live} == {2.0, 8.0, 4.0}       # 8/4, 32/4, 8/2: the oracle is peft
+    _same(live, saved_lora_factors(tmp_path / "p"))
+
+
+def test_non_lora_and_missing_folders_are_refused(tiny_llama, tmp_path):
+    with pytest.raises(AdapterError, match="no adapter_config.json"):
+        saved_lora_factors(tmp_path)
+    model = ll.attach(tiny_llama[0], ll.AdapterSpec(method="ia3"))
+    path = ll.save_adapter(model, tmp_path / "ia3")
+    with pytest.raises(AdapterError, match="LoRA adapters only"):
+        saved_lora_factors(path)
