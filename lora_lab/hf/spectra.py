@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 from dataclasses import dataclass
 
 import pandas as pd
@@ -121,12 +122,18 @@ def _resolved_name(model, adapter):
     return active[0] if isinstance(active, (list, tuple)) and active else active
 
 
-def adapter_spectra(model: nn.Module, adapter: str | None = None) -> AdapterSpectra:
+def adapter_spectra(model, adapter: str | None = None) -> AdapterSpectra:
     """Spectrum of ΔW = s·B·A for every module carrying LoRA adapter ``adapter`` (active if None).
 
+    ``model`` may also be a saved adapter folder: its factors are then read from the file alone
+    (:func:`lora_lab.hf.factors.saved_lora_factors`), without loading any base model.
     O((out + in) · r²) per module, in float64; nothing on the model changes.  For DoRA adapters this
     is the spectrum of the low-rank direction update B·A (the learned magnitude is not included).
     """
+    if isinstance(model, (str, os.PathLike)):
+        from .factors import saved_lora_factors
+
+        return spectra_from_factors(saved_lora_factors(model), adapter or "default")
     with torch.no_grad():
         return spectra_from_factors(lora_factors(model, adapter), _resolved_name(model, adapter))
 

@@ -40,6 +40,8 @@ def test_saved_factors_equal_the_loaded_adapter(tiny_llama, tmp_path, spec):
     cfg["base_model_name_or_path"] = str(tmp_path / "no-such-base")
     (path / "adapter_config.json").write_text(json.dumps(cfg))
     _same(list(lora_factors(model)), saved_lora_factors(path))
+    from_file, live = ll.adapter_spectra(path), ll.adapter_spectra(model)
+    assert from_file.table.equals(live.table)
 
 
 def test_rank_and_alpha_patterns_give_peft_scalings(tiny_llama, tmp_path):
