@@ -156,6 +156,32 @@ def finish(trainer, device, output_dir, local_tokens, has_eval):
           f"{what} {peak:,.0f} MB")
     if trainer.is_world_process_zero():
         say(f"adapter saved to {output_dir / 'adapter'}")
+
+
+class TokenCounting:
+    """Put before a Trainer class: counts the non-padding tokens this process trains on."""
+
+    local_tokens = 0
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        self.local_tokens += int(inputs["attention_mask"].sum())
+        return super().training_step(model, inputs, num_items_in_batch)
+
+
+def train_and_save(trainer, device, output_dir):
+    """Log through MetricsLogger, wrap for FSDP, say what each process trains, train, save."""
+    trainer.remove_callback(PrinterCallback)  # MetricsLogger prints instead
+    if trainer.is_fsdp_enabled:
+        # peft + FSDP with use_orig_params=False: wrap trainable and frozen weights apart
+        from peft.utils.other import fsdp_auto_wrap_policy
+        trainer.accelerator.state.fsdp_plugin.auto_wrap_policy = fsdp_auto_wrap_policy(trainer.model)
+    a = trainer.args
+    say(f"rank {a.process_index} of {a.world_size}: training on {a.device} "
+          f"({a.parallel_mode.name.lower()}), {len(trainer.train_dataset)} train sequences")
+    if trainer.is_world_process_zero() and hasattr(trainer.model, "print_trainable_parameters"):
+        trainer.model.print_trainable_parameters()
+    trainer.train()
+    finish(trainer, device, output_dir, trainer.local_tokens, trainer.eval_dataset is not None)
 '''
 
 TRAINER_MAIN = '''
@@ -181,14 +207,8 @@ class PadCollator:
         return batch
 
 
-class CountingTrainer(Trainer):
+class CountingTrainer(TokenCounting, Trainer):
     """A Trainer that counts the non-padding tokens this process trains on."""
-
-    local_tokens = 0
-
-    def training_step(self, model, inputs, num_items_in_batch=None):
-        self.local_tokens += int(inputs["attention_mask"].sum())
-        return super().training_step(model, inputs, num_items_in_batch)
 
 
 def main():
@@ -204,18 +224,7 @@ def main():
         model=model, args=TrainingArguments(**training_kwargs(device, output_dir, eval_ds is not None)),
         train_dataset=train_ds, eval_dataset=eval_ds, data_collator=PadCollator(tokenizer.pad_token_id),
         processing_class=tokenizer, callbacks=callbacks)
-    trainer.remove_callback(PrinterCallback)  # MetricsLogger prints instead
-    if trainer.is_fsdp_enabled:
-        # peft + FSDP with use_orig_params=False: wrap trainable and frozen weights apart
-        from peft.utils.other import fsdp_auto_wrap_policy
-        trainer.accelerator.state.fsdp_plugin.auto_wrap_policy = fsdp_auto_wrap_policy(trainer.model)
-    a = trainer.args
-    say(f"rank {a.process_index} of {a.world_size}: training on {a.device} "
-          f"({a.parallel_mode.name.lower()}), {len(train_ds)} train sequences")
-    if trainer.is_world_process_zero():
-        model.print_trainable_parameters()
-    trainer.train()
-    finish(trainer, device, output_dir, trainer.local_tokens, eval_ds is not None)
+    train_and_save(trainer, device, output_dir)
 
 
 if __name__ == "__main__":
@@ -245,14 +254,8 @@ def prompt_completion(rows, tokenizer):
         "completion": [r for r, k in zip(responses, keep) if k]})
 
 
-class CountingSFTTrainer(SFTTrainer):
+class CountingSFTTrainer(TokenCounting, SFTTrainer):
     """An SFTTrainer that counts the non-padding tokens this process trains on."""
-
-    local_tokens = 0
-
-    def training_step(self, model, inputs, num_items_in_batch=None):
-        self.local_tokens += int(inputs["attention_mask"].sum())
-        return super().training_step(model, inputs, num_items_in_batch)
 
 
 def build_trainer(device, output_dir):
@@ -271,16 +274,7 @@ def build_trainer(device, output_dir):
 def main():
     args = parse_args()
     device, output_dir = start(args)
-    trainer = build_trainer(device, output_dir)
-    trainer.remove_callback(PrinterCallback)  # MetricsLogger prints instead
-    if trainer.is_fsdp_enabled:
-        from peft.utils.other import fsdp_auto_wrap_policy
-        trainer.accelerator.state.fsdp_plugin.auto_wrap_policy = fsdp_auto_wrap_policy(trainer.model)
-    a = trainer.args
-    say(f"rank {a.process_index} of {a.world_size}: training on {a.device} "
-          f"({a.parallel_mode.name.lower()}), {len(trainer.train_dataset)} train sequences")
-    trainer.train()
-    finish(trainer, device, output_dir, trainer.local_tokens, trainer.eval_dataset is not None)
+    train_and_save(build_trainer(device, output_dir), device, output_dir)
 
 
 if __name__ == "__main__":
