@@ -4,20 +4,16 @@ HTML report that carries plotly.js and its figures (so it opens offline)."""
 from __future__ import annotations
 
 import pytest
-import torch
 
 import lora_lab as ll
+from lora_testing import randomize_lora_b
 from lora_lab.cli import main
 
 
 @pytest.fixture
 def saved_adapter(tiny_llama, tmp_path):
     model = ll.attach(tiny_llama[0], ll.AdapterSpec(r=4, target_modules="attention-qv"))
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+    randomize_lora_b(model, seed=0, scale=0.05)
     path = ll.save_adapter(model, tmp_path / "adapter")
     return path, ll.adapter_spectra(model)
 

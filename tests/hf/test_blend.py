@@ -4,18 +4,14 @@ import pytest
 import torch
 
 import lora_lab as ll
+from lora_testing import randomize_lora_b
 from lora_lab.errors import BlendError
 
 
 def two_adapters(model, **spec_kw):
     pm = ll.attach(model, ll.AdapterSpec(r=4, **spec_kw), name="add")
     pm = ll.attach(pm, ll.AdapterSpec(r=2, **spec_kw), name="sub")
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for n, p in pm.named_parameters():
-            if "lora_B" in n:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-    return pm
+    return randomize_lora_b(pm, seed=0, scale=0.1)
 
 
 def dense(model, adapter):

@@ -17,6 +17,7 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 import lora_lab as ll
+from lora_testing import randomize_lora_b
 from lora_lab.hf.export_merged import MergedExport, export_merged
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -26,12 +27,7 @@ Q = "model.layers.0.self_attn.q_proj"
 
 def _lora(model, **spec):
     model = ll.attach(model, ll.AdapterSpec(**{"r": 4, "target_modules": "all-linear", **spec}))
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():                      # B = 0 at init: give the update a size to test
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
-    return model
+    return randomize_lora_b(model, seed=0, scale=0.05)  # B = 0 at init: give ΔW a size
 
 
 @torch.no_grad()

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import lora_lab as ll
+from lora_testing import randomize_lora_b
 from lora_lab.errors import AdapterError, SpecError
 from lora_lab.hf.data import encode_prompt
 from lora_lab.hf.generate import ACTIVE, generate, stream_generate, switch_adapter
@@ -21,12 +22,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def with_adapters(model, names=("x1", "x2"), targets="all-linear"):
     for n in names:
         model = ll.attach(model, ll.AdapterSpec(r=4, alpha=8, target_modules=targets), name=n)
-    g = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
-    return model
+    return randomize_lora_b(model, seed=7, scale=0.5)
 
 
 def test_streamed_pieces_concatenate_to_the_greedy_output(tiny_llama):

@@ -9,17 +9,9 @@ import pytest
 import torch
 
 import lora_lab as ll
+from lora_testing import randomize_lora_b
 from lora_lab.errors import AdapterError
 from lora_lab.hf.factors import lora_factors, saved_lora_factors
-
-
-def _randomize_b(model, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-    return model
 
 
 def _same(live, saved):
@@ -33,7 +25,7 @@ def _same(live, saved):
                                   ll.AdapterSpec(r=8, alpha=8, use_rslora=True,
                                                  target_modules=("q_proj", "down_proj"))])
 def test_saved_factors_equal_the_loaded_adapter(tiny_llama, tmp_path, spec):
-    model = _randomize_b(ll.attach(tiny_llama[0], spec))
+    model = randomize_lora_b(ll.attach(tiny_llama[0], spec))
     path = ll.save_adapter(model, tmp_path / "a")
     # the folder names a base that does not exist: nothing may try to load it
     cfg = json.loads((path / "adapter_config.json").read_text())
@@ -48,7 +40,7 @@ def test_rank_and_alpha_patterns_give_peft_scalings(tiny_llama, tmp_path):
     config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
                              rank_pattern={"down_proj": 2}, alpha_pattern={"v_proj": 32},
                              task_type="CAUSAL_LM")
-    model = _randomize_b(peft.get_peft_model(tiny_llama[0], config))
+    model = randomize_lora_b(peft.get_peft_model(tiny_llama[0], config))
     model.save_pretrained(tmp_path / "p")
     live = list(lora_factors(model))
     assert {f.scaling for f in live} == {2.0, 8.0, 4.0}       # 8/4, 32/4, 8/2: the oracle is peft

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import lora_lab as ll
+from lora_testing import randomize_lora_b
 from lora_lab.hf.generate import generate
 from lora_lab.ui.switchboard import BASE, AdapterSwitchboard
 
@@ -21,12 +22,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def randomize_b(model, seed):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-    return model
+    return randomize_lora_b(model, seed, scale=0.3)
 
 
 @pytest.fixture(scope="module")
