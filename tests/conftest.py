@@ -72,3 +72,23 @@ def one_thread():
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="module")
+def report_inputs(tiny_llama_dir, tmp_path_factory, one_thread):
+    """What lora_lab.report shows, from a 6-step LoRA run on the tiny Llama: the result, the
+    AdapterSpec, spectra, an NF4/int8 scan and a memory estimate (tests/test_report.py and the
+    browser test of the report)."""
+    import lora_lab as ll
+
+    torch.manual_seed(0)
+    model, tok = ll.load_model(tiny_llama_dir, device="cpu")
+    adapter = ll.AdapterSpec(r=4, target_modules="attention-qv")
+    model = ll.attach(model, adapter)
+    data = ll.prepare_dataset(ll.builtin_task("upper", n=64), tok, ll.DataSpec(eval_fraction=0.25))
+    out = tmp_path_factory.mktemp("run")
+    result = ll.train(model, tok, data, spec=ll.TrainSpec(steps=6, batch_size=8, lr=1e-2,
+                                                          eval_every=3, output_dir=str(out)))
+    return dict(result=result, spec=adapter, spectra=ll.adapter_spectra(model),
+                quant=ll.scan_quantization(tiny_llama_dir, schemes=("nf4", "int8"), progress=False),
+                memory=ll.estimate_memory(model))

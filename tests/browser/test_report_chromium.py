@@ -10,35 +10,17 @@ without it the test is skipped locally and fails in CI (``CI`` set).
 from __future__ import annotations
 
 import pytest
-import torch
 
-import lora_lab as ll
-from lora_lab.hf.tasks import builtin_task
 from lora_lab.viz.report import report
 
 pytestmark = pytest.mark.browser
 
 
 @pytest.fixture(scope="module")
-def report_file(tiny_llama_dir, tmp_path_factory):
-    """A report with all five sections (six figures) from a short run on the tiny Llama."""
-    torch.manual_seed(0)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        model, tok = ll.load_model(tiny_llama_dir, device="cpu")
-        spec = ll.AdapterSpec(r=4, target_modules="attention-qv")
-        model = ll.attach(model, spec)
-        data = ll.prepare_dataset(builtin_task("upper", n=48), tok, ll.DataSpec(eval_fraction=0.25))
-        out = tmp_path_factory.mktemp("report")
-        result = ll.train(model, tok, data, spec=ll.TrainSpec(steps=4, batch_size=8, lr=1e-2,
-                                                              eval_every=2, output_dir=str(out)))
-        scan = ll.scan_quantization(tiny_llama_dir, schemes=("nf4", "fp4"), progress=False)
-        return report(out / "report.html", result=result, spec=spec,
-                      spectra=ll.adapter_spectra(model), quant=scan,
-                      memory=ll.estimate_memory(model), summary={"accuracy after": "n/a"})
-    finally:
-        torch.set_num_threads(threads)
+def report_file(report_inputs, tmp_path_factory):
+    """A report with all five sections (six figures), from tests/conftest.py's short run."""
+    out = tmp_path_factory.mktemp("report")
+    return report(out / "report.html", **report_inputs, summary={"accuracy after": "n/a"})
 
 
 def test_report_renders_every_figure_offline(report_file, chromium):
