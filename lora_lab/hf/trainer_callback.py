@@ -74,7 +74,7 @@ class LiveCallback(TrainerCallback):
                 method(snap, self.control)
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        if model is not None:  # an earlier eval/generation may have repacked them (hf/kbit.py)
+        if model is not None:  # undo an earlier repacking and switch it off for good (hf/kbit.py)
             unpack_4bit_weights(model)
         self.control = Control()
         self._t0 = self._t_last = time.perf_counter()
@@ -106,11 +106,6 @@ class LiveCallback(TrainerCallback):
             control.should_training_stop = True
         if ours.take_save_request():
             control.should_save = True
-        return control
-
-    def on_evaluate(self, args, state, control, model=None, **kwargs):
-        if model is not None:  # a Trainer evaluation repacks 4-bit weights on CPU (hf/kbit.py)
-            unpack_4bit_weights(model)
         return control
 
     def on_step_end(self, args, state, control, **kwargs):

@@ -221,7 +221,6 @@ class _Run:
                 loss = self.model(**batch, **self.fwd).loss
             num, den = num + float(loss) * n, den + n
         self.model.train()
-        unpack_4bit_weights(self.model)  # eval repacks 4-bit weights on CPU; see hf/kbit.py
         self.last["eval_loss"] = num / max(den, 1)
         return self.last["eval_loss"]
 
@@ -309,7 +308,9 @@ def train(model, tokenizer, train_data, eval_data=None, spec: TrainSpec = TrainS
         callbacks = [callbacks]
     torch.manual_seed(spec.seed)
     _set_checkpointing(model, spec.gradient_checkpointing)
-    unpack_4bit_weights(model)  # an earlier eval/generation may have repacked them (hf/kbit.py)
+    # an earlier eval/generation may have repacked 4-bit weights: undo it, and switch the
+    # repacking off for good, so this run's evaluations cannot repack them (hf/kbit.py)
+    unpack_4bit_weights(model)
     run = _Run(model, tokenizer, spec, train_rows, eval_rows, list(callbacks), run_dir)
     if resume_from is not None:
         run.resume(resume_from)
