@@ -63,14 +63,16 @@ def resolve_targets(model: nn.Module, spec: AdapterSpec) -> list[str]:
     return targets
 
 
+_RESERVED = frozenset(n for n in dir(nn.ModuleDict) + dir(nn.ParameterDict) if not n.startswith("_"))
+
+
 def check_adapter_name(name, error=AdapterError) -> None:
     """peft keeps each adapter as a key of ``nn.ModuleDict``s in every adapted layer
     (``lora_A[name]``), so a name must be a non-empty string without dots that is not already an
     attribute of a ``ModuleDict`` (``half``, ``train``, ``to``, ``keys``, ...); otherwise peft fails
     deep inside with a ``KeyError``."""
-    reserved = {n for n in dir(nn.ModuleDict) + dir(nn.ParameterDict) if not n.startswith("_")}
-    if not isinstance(name, str) or not name or "." in name or name in reserved:
-        why = "is a method or attribute of torch modules" if name in reserved else "is not usable"
+    if not isinstance(name, str) or not name or "." in name or name in _RESERVED:
+        why = "is a method or attribute of torch modules" if name in _RESERVED else "is not usable"
         raise error(f"Adapter name {name!r} {why}.",
                     "pass a short name without dots, such as 'math' or 'default'")
 
