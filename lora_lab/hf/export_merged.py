@@ -300,9 +300,9 @@ def _source_tokenizer(base):
     """The tokenizer saved beside the base model's source folder, if there is one (offline)."""
     from transformers import AutoTokenizer
 
-    from .loading import resolve_source
+    from .loading import base_source, resolve_source
 
-    source = getattr(base, "lora_lab_source", None) or getattr(base.config, "_name_or_path", "")
+    source = base_source(base)
     try:
         path = Path(resolve_source(source))
         if path.is_dir():

@@ -64,6 +64,13 @@ def resolve_source(source) -> str:
     return source
 
 
+def base_source(model) -> str:
+    """Where ``model``'s base (a peft model's too) was loaded from: the source lora_lab recorded
+    in :func:`load_model`, else transformers' ``config._name_or_path`` ("" when unknown)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return getattr(base, "lora_lab_source", None) or getattr(base.config, "_name_or_path", "")
+
+
 @contextlib.contextmanager
 def _quiet_progress():
     """Hide transformers' per-tensor "Loading weights" bar for small models (it is noise there)."""

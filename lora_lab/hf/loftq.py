@@ -62,10 +62,9 @@ class LoftQReport:
 
 
 def _checkpoint_folder(model) -> Path:
-    from .loading import resolve_source
+    from .loading import base_source, resolve_source
 
-    base = model.get_base_model()
-    source = getattr(base, "lora_lab_source", None) or base.config._name_or_path
+    source = base_source(model)
     path = Path(str(resolve_source(source)))
     if path.is_dir():
         return path

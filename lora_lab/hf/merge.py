@@ -64,10 +64,9 @@ class MergeReport:
 def _full_precision_base(model) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
-    base = model.get_base_model()
-    source = getattr(base, "lora_lab_source", None) or base.config._name_or_path
-    from .loading import resolve_source
+    from .loading import base_source, resolve_source
 
+    source = base_source(model)
     try:
         path = resolve_source(source)
         return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, device_map="cpu")
