@@ -18,8 +18,9 @@ import time
 import torch
 
 import lora_lab as ll
-from lora_lab.hf.data import pad_batch, prepare_dataset
-from lora_lab.hf.tasks import builtin_task, builtin_tasks, task_accuracy
+from lora_lab.hf.data.prepare import pad_batch, prepare_dataset
+from lora_lab.hf.data.tasks import builtin_task, builtin_tasks
+from lora_lab.hf.generate.batch import task_accuracy
 
 
 def finetune(task: str, r: int, steps: int, batch_size: int, lr: float, seed: int = 0):

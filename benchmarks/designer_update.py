@@ -14,7 +14,7 @@ import time
 
 from transformers import LlamaConfig
 
-from lora_lab.hf import plan
+from lora_lab.hf.model import plan
 from lora_lab.ui.designer import AdapterDesigner
 
 LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,

@@ -77,7 +77,7 @@ def build(hidden: int, layers: int, quant: str | None, folder: str):
     LlamaForCausalLM(cfg).save_pretrained(folder)
     from transformers import AutoTokenizer
 
-    from lora_lab.hf.builtin import TOKENIZER_DIR
+    from lora_lab.hf.model.builtin import TOKENIZER_DIR
 
     AutoTokenizer.from_pretrained(TOKENIZER_DIR).save_pretrained(folder)  # load_model wants one
     model = ll.load_model(folder, quant=quant, device="cpu")[0] if quant else \
@@ -110,7 +110,7 @@ def run(argv, work: str) -> None:
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     import lora_lab as ll
-    from lora_lab.hf.export_merged import export_merged
+    from lora_lab.export.merged import export_merged
 
     model = build(args.hidden, args.layers, args.quant, os.path.join(work, "base"))
     shard = int(args.shard_mb * 10**6)

@@ -53,7 +53,7 @@ from transformers import LlamaConfig
 
 import lora_lab as ll
 from lora_lab.core import memory as mem
-from lora_lab.hf.plan import estimate_memory, model_facts
+from lora_lab.hf.model.plan import estimate_memory, model_facts
 
 GIB = mem.GIB
 LLAMA31_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
@@ -122,7 +122,7 @@ def cpu_activation_term() -> None:
     print("== CPU: activation term vs tensors autograd keeps (bf16 autocast, no checkpointing) ==")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from lora_lab.hf.builtin import TOKENIZER_DIR
+    from lora_lab.hf.model.builtin import TOKENIZER_DIR
 
     cfg = LlamaConfig(hidden_size=256, intermediate_size=688, num_hidden_layers=4,
                       num_attention_heads=8, num_key_value_heads=4, vocab_size=4000)
@@ -252,7 +252,7 @@ def gpu_step(folder, quant, dtype, spec, batch, seq, ckpt, device="cuda") -> tup
 def gpu_runs(quick: bool, device: str = "cuda") -> list[dict]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from lora_lab.hf.builtin import TOKENIZER_DIR
+    from lora_lab.hf.model.builtin import TOKENIZER_DIR
 
     dry = not device.startswith("cuda")
     print(f"== GPU: {'DRY RUN on CPU (code path only)' if dry else torch.cuda.get_device_name()}"
@@ -303,10 +303,10 @@ def rss_check() -> None:
     # VmHWM (peak RSS of this process image); ru_maxrss would carry the parent's peak over exec.
     hwm = "int([l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1]) / 1024"
     code = ("import lora_lab as ll; from transformers import LlamaConfig; "
-            "from lora_lab.hf.plan import estimate_memory; import benchmarks.memory_accuracy as m; "
+            "from lora_lab.hf.model.plan import estimate_memory; import benchmarks.memory_accuracy as m; "
             "e = estimate_memory(LlamaConfig(**m.{0}), quant='nf4'); "
             f"print({hwm}, e.total_params)")
-    base = ("import lora_lab, transformers, pandas, lora_lab.hf.plan, benchmarks.memory_accuracy; "
+    base = ("import lora_lab, transformers, pandas, lora_lab.hf.model.plan, benchmarks.memory_accuracy; "
             f"print({hwm}, 0)")
     for label, src in (("imports only", base), ("8B", code.format("LLAMA31_8B")),
                        ("70B", code.format("LLAMA_70B"))):

@@ -77,7 +77,7 @@ def child(mode: str, path: str, schemes: list[str]) -> None:
     """Run in a fresh process: scan ``path`` and print the peak RSS increase as JSON."""
     import safetensors.torch
 
-    from lora_lab.hf.quant import scan_quantization
+    from lora_lab.hf.quant.scan import scan_quantization
 
     # warm up imports (pandas, tqdm), kernels and the allocator outside the measurement
     scan_quantization({"warm.up.weight": torch.randn(256, 256, dtype=torch.float16)},
@@ -151,7 +151,7 @@ def bench_memory(path: Path, size: int, schemes: list[str]) -> None:
 def bench_throughput(path: Path, schemes: list[str]) -> None:
     from safetensors.torch import load_file
 
-    from lora_lab.hf.quant import scan_quantization
+    from lora_lab.hf.quant.scan import scan_quantization
 
     tensors = list(load_file(path).values())
     bare_loop(tensors[:1], schemes)  # warm-up
@@ -169,8 +169,8 @@ def bench_throughput(path: Path, schemes: list[str]) -> None:
 
 
 def bench_lowrank(size: int, ranks=(8, 16, 32, 64)) -> None:
-    from lora_lab.core.quant import truncated_svd
-    from lora_lab.hf.quant import lowrank_recovery, roundtrip
+    from lora_lab.core.lowrank import truncated_svd
+    from lora_lab.hf.quant.roundtrip import lowrank_recovery, roundtrip
 
     g = torch.Generator().manual_seed(1)
     w = 0.02 * torch.randn(size, size, generator=g)

@@ -3,7 +3,7 @@
 Run:  nice python benchmarks/rank_explorer.py [--moves 60]
 
 The adapter: Llama-7B shapes (32 layers × q, k, v, o, gate, up, down = 224 modules), r = 16, random
-factors, as :class:`lora_lab.hf.factors.LoraFactors`; the spectra come from
+factors, as :class:`lora_lab.hf.adapters.factors.LoraFactors`; the spectra come from
 ``spectra_from_factors`` (the code path of ``adapter_spectra``), so no 7B model is needed.
 
 * ``explorer``: set ``RankExplorer.slider.value`` to k (cycling 1..16, never the same value twice
@@ -25,8 +25,8 @@ import time
 
 import torch
 
-from lora_lab.hf.factors import LoraFactors
-from lora_lab.hf.spectra import spectra_from_factors
+from lora_lab.hf.adapters.factors import LoraFactors
+from lora_lab.hf.spectra.analysis import spectra_from_factors
 from lora_lab.ui.rank_explorer import RankExplorer
 from lora_lab.viz.spectrum import spectrum_heatmap
 

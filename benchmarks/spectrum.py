@@ -29,7 +29,7 @@ from types import SimpleNamespace
 import torch
 
 from lora_lab.core.spectrum import lowrank_svdvals
-from lora_lab.hf.spectra import spectra_from_factors
+from lora_lab.hf.spectra.analysis import spectra_from_factors
 
 LLAMA_7B = {"q_proj": (4096, 4096), "k_proj": (4096, 4096), "v_proj": (4096, 4096),
             "o_proj": (4096, 4096), "gate_proj": (11008, 4096), "up_proj": (11008, 4096),

@@ -14,7 +14,7 @@ random non-zero B, one rank):
 For each model:
 
 1. **switch**: 8 adapters loaded; the median of 100 switches cycling through them, three ways:
-   ``lora_lab.hf.generate.switch_adapter`` (what the switchboard and ``generate`` use: re-routes the
+   ``lora_lab.hf.adapters.switch.switch_adapter`` (what the switchboard and ``generate`` use: re-routes the
    cached adapter layers), ``lora_lab.set_adapter`` and peft's ``model.set_adapter`` (both also
    re-flag ``requires_grad`` on every adapter's parameters, so they grow with the adapter count);
 2. **reload**: the median time to load one adapter from disk onto the model (``lora_lab.load_adapter``,
@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 
 import lora_lab as ll
-from lora_lab.hf.generate import switch_adapter
+from lora_lab.hf.adapters.switch import switch_adapter
 
 N_SWITCH_ADAPTERS, N_SWITCHES, N_GROWTH = 8, 100, 32
 ONE_B = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,

@@ -45,7 +45,7 @@ def _model():
     try:
         attach = ll.attach
     except ImportError:
-        from lora_lab.hf.attach import attach
+        from lora_lab.hf.adapters.attach import attach
     torch.manual_seed(0)
     return attach(model, ll.AdapterSpec(r=R, target_modules="all-linear")), tok, name
 
@@ -67,7 +67,7 @@ def _rate(times: list[tuple[float, float]], warmup: int, clock: int) -> float:
 def run_plain(model, tok, rows, steps):
     import torch
 
-    from lora_lab.hf.data import pad_batch
+    from lora_lab.hf.data.prepare import pad_batch
 
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=LR)
@@ -135,7 +135,7 @@ def run_trainer(model, tok, rows, steps):
 SETUPS = {"plain": run_plain, "lora_lab": run_lora_lab, "trainer": run_trainer}
 
 
-IMPORTS = {"plain": ("lora_lab.hf.data",),
+IMPORTS = {"plain": ("lora_lab.hf.data.prepare",),
            "lora_lab": ("lora_lab.ui.dashboard", "lora_lab.train.loop"),
            "trainer": ("transformers.trainer", "datasets")}
 PREPARED: dict = {}  # objects made before the RSS baseline (the dashboard and its FigureWidget)

@@ -46,8 +46,8 @@ def _version(name: str) -> str:
 def info_lines() -> list[str]:
     import torch
 
-    from lora_lab.hf.device import (bf16_supported, default_compute_dtype, default_device,
-                                    four_bit_check)
+    from lora_lab.hf.model.device import (bf16_supported, default_compute_dtype, default_device,
+                                          four_bit_check)
 
     dev = default_device()
     lines = [f"python        {platform.python_version()} ({platform.machine()})"]
@@ -65,8 +65,8 @@ def load_spectra(adapter_dir, base: str | None = None):
     """``(AdapterSpectra, base)`` of the LoRA adapter saved in ``adapter_dir``, computed from its
     own file (no base model is loaded); ``base`` is only reported (default: the one the adapter's
     config names)."""
-    from lora_lab.hf.factors import saved_lora_factors
-    from lora_lab.hf.spectra import spectra_from_factors
+    from lora_lab.hf.adapters.factors import saved_lora_factors
+    from lora_lab.hf.spectra.analysis import spectra_from_factors
 
     adapter_dir = Path(adapter_dir)
     factors = saved_lora_factors(adapter_dir)
@@ -141,7 +141,7 @@ def spectrum_command(args) -> int:
 def scan_source(path: str):
     """A checkpoint folder or ``.safetensors`` file as given, or a builtin name's folder."""
     from lora_lab.errors import ModelLoadError
-    from lora_lab.hf.builtin import is_builtin, resolve_builtin
+    from lora_lab.hf.model.builtin import is_builtin, resolve_builtin
 
     local = Path(path).expanduser()
     if local.exists():
@@ -244,8 +244,9 @@ def demo(out="lora_lab_demo", steps: int = 200, task: str = "upper", rank: int =
     import torch
 
     import lora_lab as ll
-    from lora_lab.hf.builtin import resolve_builtin
-    from lora_lab.hf.tasks import builtin_task, builtin_tasks, task_accuracy
+    from lora_lab.hf.model.builtin import resolve_builtin
+    from lora_lab.hf.data.tasks import builtin_task, builtin_tasks
+    from lora_lab.hf.generate.batch import task_accuracy
     from lora_lab.viz.report import report
 
     if task not in builtin_tasks():

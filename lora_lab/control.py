@@ -1,7 +1,7 @@
 """The TrainState and Control shared by lora_lab's training loop and the Trainer bridge.
 
 They live beside ``specs`` and ``errors`` (no layer of their own) because both ``lora_lab.train``
-and ``lora_lab.hf.trainer_callback`` use them, and ``hf`` may not import ``train``.
+and ``lora_lab.hf.training.trainer_callback`` use them, and ``hf`` may not import ``train``.
 """
 
 from __future__ import annotations

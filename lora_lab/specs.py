@@ -16,7 +16,7 @@ Checks that need the model (do these target modules exist? is r <= min(in, out)?
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal, Sequence
 
 from .errors import SpecError
@@ -143,12 +143,6 @@ class AdapterSpec:
         if "r" in changes and "alpha" not in changes:
             changes["alpha"] = self.alpha
         return replace(self, **changes)
-
-    def to_peft_config(self, task_type: str = "CAUSAL_LM"):
-        """The equivalent ``peft`` config (``LoraConfig``, ``PrefixTuningConfig``, ...)."""
-        from .hf.peft_config import to_peft_config
-
-        return to_peft_config(self, task_type=task_type)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -1,6 +1,6 @@
 """Pretrain ``builtin:tiny``: a seeded, reproducible run on a synthetic corpus, on CPU.
 
-The corpus is generated here from the pretraining skills of :mod:`lora_lab.hf.tasks` (addition,
+The corpus is generated here from the pretraining skills of :mod:`lora_lab.hf.data.tasks` (addition,
 copying, length, counting, first/last letter, max of two numbers), using only prompts of the
 ``"train"`` split.  Every example is rendered with the builtin tokenizer's chat template,
 ``<s>Q: {prompt}\\nA: {response}</s>``, exactly as :func:`lora_lab.prepare_dataset` renders
@@ -32,8 +32,9 @@ from pathlib import Path
 
 import torch
 
-from lora_lab.hf.builtin import ASSETS, TOKENIZER_DIR, builtin_config
-from lora_lab.hf.tasks import PRETRAIN, generate_greedy, in_split, pretraining_skills, sample_examples
+from lora_lab.hf.model.builtin import ASSETS, TOKENIZER_DIR, builtin_config
+from lora_lab.hf.data.tasks import PRETRAIN, in_split, pretraining_skills, sample_examples
+from lora_lab.hf.generate.batch import generate_greedy
 
 DEFAULTS = dict(seed=0, steps=1500, batch_size=128, lr=3e-3, warmup=100, weight_decay=0.1,
                 eval_per_skill=100, threads=2)

@@ -28,7 +28,7 @@ def tiny_llama_dir(tmp_path_factory):
     tokenizer: a local folder, as a user's downloaded checkpoint would be."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from lora_lab.hf.builtin import TOKENIZER_DIR
+    from lora_lab.hf.model.builtin import TOKENIZER_DIR
 
     tok = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128,

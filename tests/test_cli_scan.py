@@ -11,7 +11,7 @@ import pytest
 
 import lora_lab as ll
 from lora_lab.cli import main
-from lora_lab.hf.builtin import resolve_builtin
+from lora_lab.hf.model.builtin import resolve_builtin
 
 
 @pytest.fixture(scope="module")

@@ -65,12 +65,12 @@ def test_data_and_train_specs_validate():
 def test_to_peft_config_maps_every_field():
     import peft
 
-    cfg = ll.AdapterSpec(r=4, alpha=8, dropout=0.1, target_modules=("q_proj",), init="gaussian",
-                         use_rslora=True, layers=(0,)).to_peft_config()
+    cfg = ll.to_peft_config(ll.AdapterSpec(r=4, alpha=8, dropout=0.1, target_modules=("q_proj",),
+                                           init="gaussian", use_rslora=True, layers=(0,)))
     assert isinstance(cfg, peft.LoraConfig)
     assert (cfg.r, cfg.lora_alpha, cfg.lora_dropout, cfg.init_lora_weights, cfg.use_rslora) == \
         (4, 8.0, 0.1, "gaussian", True)
     assert set(cfg.target_modules) == {"q_proj"} and cfg.layers_to_transform == [0]
-    assert isinstance(ll.AdapterSpec(method="prefix").to_peft_config(), peft.PrefixTuningConfig)
-    assert isinstance(ll.AdapterSpec(method="prompt").to_peft_config(), peft.PromptTuningConfig)
-    assert isinstance(ll.AdapterSpec(method="ia3").to_peft_config(), peft.IA3Config)
+    assert isinstance(ll.to_peft_config(ll.AdapterSpec(method="prefix")), peft.PrefixTuningConfig)
+    assert isinstance(ll.to_peft_config(ll.AdapterSpec(method="prompt")), peft.PromptTuningConfig)
+    assert isinstance(ll.to_peft_config(ll.AdapterSpec(method="ia3")), peft.IA3Config)

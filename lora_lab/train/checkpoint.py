@@ -39,10 +39,10 @@ LATEST = "latest"
 def _save_adapter(model: nn.Module, path: Path, adapter: str | None) -> None:
     """The adapter in peft's folder format (safetensors), through lora_lab's own saver if present."""
     try:
-        from ..hf.adapters import save_adapter
+        from ..hf.adapters.io import save_adapter
     except ImportError:
         try:
-            from ..hf.adapter_io import save_adapter
+            from ..hf.adapters.io import save_adapter
         except ImportError:
             save_adapter = None
     if save_adapter is not None:

@@ -44,7 +44,7 @@ def _is_tokenized(data) -> bool:
 
 
 def _prepare(data, tokenizer, eval_fraction: float):
-    from ..hf.data import prepare_dataset
+    from ..hf.data.prepare import prepare_dataset
 
     return prepare_dataset(data, tokenizer, DataSpec(eval_fraction=eval_fraction))
 
@@ -74,7 +74,7 @@ def resolve_data(train_data, eval_data, tokenizer) -> tuple[list[dict], list[dic
 
 
 def _pad(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
-    from ..hf.data import pad_batch
+    from ..hf.data.prepare import pad_batch
 
     return pad_batch(rows, pad_id)
 

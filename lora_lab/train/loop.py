@@ -40,7 +40,7 @@ import pandas as pd
 import torch
 
 from ..errors import TrainingError
-from ..hf.kbit import unpack_4bit_weights
+from ..hf.model.kbit import unpack_4bit_weights
 from ..specs import TrainSpec
 from .checkpoint import load_training_state, restore_trainable, save_checkpoint
 from .data import Batches, eval_batches, resolve_data

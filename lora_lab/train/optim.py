@@ -41,7 +41,7 @@ class Precision:
 
 
 def _bf16_ok(device: torch.device) -> bool:
-    from ..hf.device import bf16_supported
+    from ..hf.model.device import bf16_supported
 
     return bf16_supported(str(device))
 
@@ -87,9 +87,9 @@ def build_optimizer(spec: TrainSpec, params: list[torch.nn.Parameter], device: t
                             f"a CUDA GPU; this model is on {device}.",
                             "pass optimizer='adamw' (fused AdamW) on CPU")
     try:
-        from ..hf.optim import bnb_optimizer
+        from ..hf.training.optim import bnb_optimizer
     except ImportError as exc:
-        raise TrainingError(f"TrainSpec.optimizer={name!r} needs lora_lab.hf.optim.bnb_optimizer, "
+        raise TrainingError(f"TrainSpec.optimizer={name!r} needs lora_lab.hf.training.optim.bnb_optimizer, "
                             "which this installation lacks.", "pass optimizer='adamw'") from exc
     return bnb_optimizer(name, params, lr=spec.lr, weight_decay=spec.weight_decay)
 

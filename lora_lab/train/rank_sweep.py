@@ -122,7 +122,7 @@ def _spec_for_rank(adapter_spec: AdapterSpec, rank: int, alpha_rule: str) -> Ada
 
 
 def _builtin_names() -> set[str]:
-    from ..hf.tasks import builtin_tasks, pretraining_skills
+    from ..hf.data.tasks import builtin_tasks, pretraining_skills
 
     return {*builtin_tasks(), *pretraining_skills(), "pretrain-eval"}
 
@@ -171,11 +171,11 @@ def _train_one(model_source, quant, device, adapter_spec, spec, train_data, eval
                callbacks, run_dir: Path) -> dict:
     import torch
 
-    from ..hf.adapters import attach
-    from ..hf.inspect import count_parameters
-    from ..hf.loading import load_model
-    from ..hf.spectra import adapter_spectra
-    from ..hf.tasks import task_accuracy
+    from ..hf.adapters.attach import attach
+    from ..hf.model.inspect import count_parameters
+    from ..hf.model.loading import load_model
+    from ..hf.spectra.analysis import adapter_spectra
+    from ..hf.generate.batch import task_accuracy
 
     t0 = time.perf_counter()
     model, tok = load_model(model_source, quant=quant, device=device)
@@ -207,7 +207,7 @@ def _train_one(model_source, quant, device, adapter_spec, spec, train_data, eval
 def _data(task_or_data, eval_data, n_train: int, n_eval: int, seed: int):
     """(task name or None, train data, eval data, test rows for accuracy or None)."""
     if isinstance(task_or_data, str) and task_or_data in _builtin_names():
-        from ..hf.tasks import builtin_task
+        from ..hf.data.tasks import builtin_task
 
         test = eval_data if eval_data is not None else \
             builtin_task(task_or_data, n=n_eval, seed=seed, split="test")

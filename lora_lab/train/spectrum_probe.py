@@ -2,7 +2,7 @@
 
 Watch the effective rank of ΔW = s·B·A grow while the adapter trains: it starts at 0 (peft sets
 B = 0, so ΔW = 0) and rises as directions are learned; the LoRA paper (§7) finds that a few of them
-carry most of the update.  Each snapshot is :func:`lora_lab.hf.spectra.adapter_spectra`, which
+carry most of the update.  Each snapshot is :func:`lora_lab.hf.spectra.analysis.adapter_spectra`, which
 works from the factors in O((out + in) · r²) per module: well under a millisecond per module for
 LLM shapes, so snapshots every few dozen steps cost a negligible share of training (``overhead_s``
 says how much it really took)::
@@ -22,7 +22,7 @@ import pandas as pd
 from torch import nn
 
 from ..errors import LoraLabError
-from ..hf.spectra import AdapterSpectra, adapter_spectra
+from ..hf.spectra.analysis import AdapterSpectra, adapter_spectra
 from .events import Callback, Control, TrainState
 
 __all__ = ["SpectrumProbe"]

@@ -13,7 +13,7 @@ memory, a progress bar with ETA, and Stop / Pause-Resume / Save-now buttons.  Re
 plotting costs well under 3% of training time.  The figure stays after the run, and each run is
 kept: a second ``train(..., callbacks=[dash])`` overlays its curves on the first (resuming a run
 continues its curve).  The Export button writes the run's choices as a standalone ``train.py`` with
-accelerate configs (:func:`lora_lab.hf.export_script.export_script`; see :meth:`set_export`).
+accelerate configs (:func:`lora_lab.export.script.export_script`; see :meth:`set_export`).
 
 **Why the buttons work while the cell is busy (ipywidgets #3468).**  A kernel executes one shell
 message at a time; a button click is a ``comm_msg`` on the same shell channel, so it normally waits
@@ -153,7 +153,7 @@ class TrainingDashboard(widgets.VBox):
     figure (``figure.data`` holds the plotted arrays); ``control`` is the current run's Control;
     ``overhead`` the seconds its callbacks took per event (``redraws`` how many redraws that was).
     ``export``: what the Export button writes (see :meth:`set_export`): an ``AdapterDesigner`` or
-    a dict of :func:`~lora_lab.hf.export_script.export_script` arguments.
+    a dict of :func:`~lora_lab.export.script.export_script` arguments.
     """
 
     def __init__(self, smoothing: float = 0.6, log_y: bool = False, redraw_every_s: float = 0.5,
@@ -196,7 +196,7 @@ class TrainingDashboard(widgets.VBox):
     # ---------------------------------------------------------------- export
     def set_export(self, source=None, **choice) -> None:
         """What the Export button writes: an :class:`~lora_lab.ui.AdapterDesigner` (its current
-        choice) or :func:`~lora_lab.hf.export_script.export_script` arguments
+        choice) or :func:`~lora_lab.export.script.export_script` arguments
         (``adapter_spec=..., train_spec=..., model_id=..., data=...``)."""
         self._export = source if source is not None else choice
 

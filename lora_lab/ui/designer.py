@@ -7,12 +7,12 @@
     designer.spec, designer.quant, print(designer.code())
 
 The widget is a thin view: every change rebuilds an :class:`~lora_lab.AdapterSpec` and a
-:class:`~lora_lab.QuantSpec` and calls the planner (:func:`lora_lab.hf.plan.count_adapter` and the
+:class:`~lora_lab.QuantSpec` and calls the planner (:func:`lora_lab.hf.model.plan.count_adapter` and the
 formulas of :mod:`lora_lab.core.memory`) on a meta-device copy of the model made once.  A choice
 the specs or the model refuse (r = 0, r larger than a targeted layer, no target module, a layer that
 does not exist) is shown inline with the fix; the last valid numbers stay on screen.  The Export
 button (:class:`ExportPanel`) writes the current choice as a standalone ``train.py`` with accelerate
-configs (:func:`lora_lab.hf.export_script.export_script`, data: the builtin task ``next``).
+configs (:func:`lora_lab.export.script.export_script`, data: the builtin task ``next``).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import ipywidgets as widgets
 
 from ..core.memory import DEVICES, GIB
 from ..errors import LoraLabError, SpecError
-from ..hf.plan import MemoryEstimate, estimate_from_facts, model_facts
+from ..hf.model.plan import MemoryEstimate, estimate_from_facts, model_facts
 from ..specs import INITS, OPTIMIZERS, PRESET_TARGETS, AdapterSpec, DataSpec, QuantSpec, TrainSpec
 from ..viz.memory import TERM_LABELS, memory_figure, memory_title, memory_traces
 from .figure import LiveFigure
@@ -46,7 +46,7 @@ class AdapterDesigner(widgets.VBox):
     """Design an adapter and plan its memory (see the module docstring).
 
     ``spec`` / ``quant`` are the current valid choice; ``estimate`` the current
-    :class:`~lora_lab.hf.plan.MemoryEstimate`; ``error`` the message shown for an invalid choice
+    :class:`~lora_lab.hf.model.plan.MemoryEstimate`; ``error`` the message shown for an invalid choice
     (``""`` when valid); ``code()`` the plain Python that reproduces the choice.
     """
 
@@ -271,7 +271,7 @@ class AdapterDesigner(widgets.VBox):
 
     # ------------------------------------------------------------------ export
     def export_choice(self) -> dict:
-        """The current choice as :func:`lora_lab.hf.export_script.export_script` arguments."""
+        """The current choice as :func:`lora_lab.export.script.export_script` arguments."""
         if self.error or self.spec is None:
             raise LoraLabError("The current choice is not valid, so there is nothing to export: "
                                + (self.error.splitlines()[0] if self.error else "no choice yet"),
@@ -316,7 +316,7 @@ class AdapterDesigner(widgets.VBox):
 
 
 class ExportPanel(widgets.VBox):
-    """A folder box and an Export button: writes :func:`~lora_lab.hf.export_script.export_script`
+    """A folder box and an Export button: writes :func:`~lora_lab.export.script.export_script`
     for ``choice()`` (a dict of its arguments) and shows the files and the commands, or the
     :class:`~lora_lab.LoraLabError` with its fix, inline.  ``exported`` is the last result."""
 
@@ -332,7 +332,7 @@ class ExportPanel(widgets.VBox):
 
     def export(self):
         """Write the export now; return the ExportedScript (None after an error)."""
-        from ..hf.export_script import export_script
+        from ..export.script import export_script
 
         try:
             self.exported = export_script(**self.choice(), path=self.folder.value)

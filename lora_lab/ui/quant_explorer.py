@@ -31,7 +31,8 @@ import ipywidgets as widgets
 
 from ..core.quant import SCHEMES
 from ..errors import LoraLabError
-from ..hf.quant import BLOCKSIZES, QuantScan, check_scheme, scan_quantization, weight_loaders
+from ..hf.quant.roundtrip import BLOCKSIZES, check_scheme
+from ..hf.quant.scan import QuantScan, scan_quantization, weight_loaders
 from ..viz.quant import error_heatmap, weight_histogram
 from .figure import LiveFigure
 

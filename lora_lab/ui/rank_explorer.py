@@ -40,8 +40,9 @@ import pandas as pd
 import traitlets
 
 from ..errors import AdapterError, LoraLabError
-from ..hf.spectra import AdapterComparison, AdapterSpectra, adapter_spectra, compare_adapters, \
-    compress_adapter
+from ..hf.spectra.analysis import (AdapterComparison, AdapterSpectra, adapter_spectra,
+                                   compare_adapters)
+from ..hf.spectra.compress import compress_adapter
 from ..viz.spectrum import METRIC_LABELS, phi_figure, spectrum_figure
 from ..viz.sweep import CutGrid, diagonal_phi
 from .figure import LiveFigure
@@ -62,7 +63,7 @@ class RankChoice:
     ``energy_kept``: share of the whole adapter's Σ‖ΔW‖²_F kept; ``error_median`` / ``error_max``:
     per-module ‖ΔW − ΔW_k‖_F / ‖ΔW‖_F; ``parameters`` vs ``parameters_full`` (LoRA parameters at k
     and at the trained r); ``table``: per module r, energy and error at k; ``compression``: the
-    :class:`~lora_lab.hf.spectra.Compression` when the button was used at this rank, else None.
+    :class:`~lora_lab.hf.spectra.compress.Compression` when the button was used at this rank, else None.
     """
 
     adapter: str | None
@@ -94,9 +95,9 @@ class RankExplorer(widgets.VBox):
     """Explore rank cuts of a trained LoRA adapter (see the module docstring).
 
     ``source``: a model carrying a LoRA adapter (``adapter`` names it; the active one when None), or
-    a precomputed :class:`~lora_lab.hf.spectra.AdapterSpectra` (then there is nothing to compress).
+    a precomputed :class:`~lora_lab.hf.spectra.analysis.AdapterSpectra` (then there is nothing to compress).
     ``other``: a second model (its ``other_adapter``), or an
-    :class:`~lora_lab.hf.spectra.AdapterComparison`, for the φ metrics; ``other_adapter`` alone
+    :class:`~lora_lab.hf.spectra.analysis.AdapterComparison`, for the φ metrics; ``other_adapter`` alone
     compares two adapters of ``source``.  ``rank``: the first cut (default: median k90).
 
     Traits (observable, updated on every slider move): ``rank``, ``energy_kept`` (whole adapter),
@@ -309,7 +310,7 @@ class RankExplorer(widgets.VBox):
     def compress(self, new_name: str | None = None):
         """Apply :func:`lora_lab.compress_adapter` at the current rank (what the button does).
 
-        Returns the :class:`~lora_lab.hf.spectra.Compression`, or None when refused (the reason is
+        Returns the :class:`~lora_lab.hf.spectra.compress.Compression`, or None when refused (the reason is
         shown inline and kept in ``error``)."""
         if self.model is None:
             self._show("This explorer was built from spectra alone, so there is no adapter to "

@@ -7,7 +7,7 @@
     display(sb)
     sb.model                                     # the peft model the switchboard manages
 
-Switching re-routes adapters that are already loaded (:func:`lora_lab.hf.generate.switch_adapter`):
+Switching re-routes adapters that are already loaded (:func:`lora_lab.hf.adapters.switch.switch_adapter`):
 each LoRA layer adds a different ``s·B_k A_k x`` to ``W x``; nothing is read from disk or merged,
 and the widget shows how long it took.  "(base)" disables the adapter layers: exactly ``y = W x``.
 
@@ -42,12 +42,15 @@ import ipywidgets as widgets
 import torch
 
 from ..errors import AdapterError, LoraLabError
-from ..hf import adapters as hfa
-from ..hf.attach import is_quantized
-from ..hf.blend import blend_adapters
-from ..hf.generate import (GenerationResult, encode_for_generation, generate, merged_adapters,
-                           switch_adapter)
-from ..hf.merge import MergeReport
+from ..hf.adapters.io import load_adapter
+from ..hf.adapters.merge import merge_adapter, merged_copy, unmerge_adapter
+from ..hf.adapters.registry import delete_adapter, list_adapters
+from ..hf.adapters.switch import active_adapter
+from ..hf.model.inspect import is_quantized
+from ..hf.adapters.blend import blend_adapters
+from ..hf.generate.stream import GenerationResult, encode_for_generation, generate
+from ..hf.adapters.switch import merged_adapters, switch_adapter
+from ..hf.adapters.merge import MergeReport
 
 __all__ = ["AdapterSwitchboard", "BASE", "BLEND_COMBINATIONS"]
 
@@ -77,7 +80,7 @@ class AdapterSwitchboard(widgets.VBox):
     """Load, switch, compare, merge, delete and blend adapters on one base model (module docstring).
 
     State to read: ``model``, ``adapters`` (DataFrame), ``active.value``, ``switch_ms``, ``result``
-    (last :class:`~lora_lab.hf.generate.GenerationResult`), ``comparison`` (name → result),
+    (last :class:`~lora_lab.hf.generate.stream.GenerationResult`), ``comparison`` (name → result),
     ``merge_report``, ``merged_model``, ``blend_report``, ``error`` (``""`` when the last action
     worked), ``info`` (the last non-error message) and ``busy``.
     """
@@ -199,12 +202,12 @@ class AdapterSwitchboard(widgets.VBox):
         (``structure``), only the active and merged marks after a switch or merge."""
         names = self._names()
         if structure:
-            table = hfa.list_adapters(self.model)
+            table = list_adapters(self.model)
             sizes = _adapter_bytes(self.model)
             table["size_MB"] = [round(sizes.get(n, 0) / 2**20, 3) for n in table["name"]]
             self.adapters = table[["name", "method", "r", "targets", "params", "size_MB", "source",
                                    "active"]].copy()
-        active = hfa.active_adapter(self.model)
+        active = active_adapter(self.model)
         self.adapters["active"] = self.adapters["name"] == active
         self.adapters["merged"] = self.adapters["name"].isin(merged_adapters(self.model))
         self.table.value = ("<i>no adapters yet: load one from a folder</i>" if not names else
@@ -241,7 +244,7 @@ class AdapterSwitchboard(widgets.VBox):
         if name == BASE or "." in name:
             raise AdapterError(f"{name!r} cannot name an adapter.", "pass a name without dots")
         self._ensure_unmerged()
-        self.model = hfa.load_adapter(self.model, folder, name=name)
+        self.model = load_adapter(self.model, folder, name=name)
         switch_adapter(self.model, name)
         self._refresh()
         self._say(f"loaded {name!r} from {folder}")
@@ -253,7 +256,7 @@ class AdapterSwitchboard(widgets.VBox):
         self._safely(lambda: self.activate(change["new"]))
         if self.error:                                   # refused: show what is really active
             self._hold = True
-            self.active.value = hfa.active_adapter(self.model) or BASE
+            self.active.value = active_adapter(self.model) or BASE
             self._hold = False
 
     def activate(self, name: str | None) -> float:
@@ -282,7 +285,7 @@ class AdapterSwitchboard(widgets.VBox):
         merged = merged_adapters(self.model)
         if not merged:
             return ""
-        hfa.unmerge_adapter(self.model)
+        unmerge_adapter(self.model)
         self._pre_merge = None
         return f"unmerged {', '.join(merged)} first: switching runs on the unmerged weights"
 
@@ -407,12 +410,12 @@ class AdapterSwitchboard(widgets.VBox):
         base into a full-precision copy (``merged_model``).  Either way ``merge_report`` gives the
         logit difference between the merged and the unmerged model."""
         self._guard()
-        name = hfa.active_adapter(self.model)
+        name = active_adapter(self.model)
         if name is None:
             raise AdapterError("No adapter is active, so there is nothing to merge.",
                                "choose an adapter in 'active' first")
         if is_quantized(self.model):
-            self.merged_model, rep = hfa.merged_copy(self.model, name)
+            self.merged_model, rep = merged_copy(self.model, name)
             self.merge_report = rep
             self.merge_label.value = (
                 f"Quantized base: <b>{html.escape(name)}</b> was merged into a full-precision copy "
@@ -426,7 +429,7 @@ class AdapterSwitchboard(widgets.VBox):
             raise AdapterError(f"{merged_adapters(self.model)} is merged already.",
                                "press unmerge first")
         before = self._probe_logits()
-        hfa.merge_adapter(self.model, name)
+        merge_adapter(self.model, name)
         diff = self._probe_logits() - before
         self._pre_merge = before
         rep = MergeReport(adapter=name, max_abs_logit_diff=float(diff.abs().max()),
@@ -448,7 +451,7 @@ class AdapterSwitchboard(widgets.VBox):
             extra = " (the merged copy of a quantized base is sb.merged_model)" \
                 if self.merged_model is not None else ""
             raise AdapterError(f"No adapter is merged in place{extra}.", "merge one first")
-        hfa.unmerge_adapter(self.model)
+        unmerge_adapter(self.model)
         note = ""
         if self._pre_merge is not None:
             back = float((self._probe_logits() - self._pre_merge).abs().max())
@@ -461,15 +464,15 @@ class AdapterSwitchboard(widgets.VBox):
     def delete(self, name: str | None = None) -> None:
         """Delete adapter ``name`` (default: the active one) and switch to the base model."""
         self._guard()
-        name = name or hfa.active_adapter(self.model)
+        name = name or active_adapter(self.model)
         if name is None:
             raise AdapterError("No adapter is active, so there is nothing to delete.",
                                "choose the adapter to delete in 'active' first")
         self._ensure_unmerged()
         others = [n for n in self._names() if n != name]
-        if others and name == hfa.active_adapter(self.model):
+        if others and name == active_adapter(self.model):
             switch_adapter(self.model, others[0])     # peft warns when the active one goes
-        hfa.delete_adapter(self.model, name)
+        delete_adapter(self.model, name)
         switch_adapter(self.model, None)
         self._blends.pop(name, None)
         self._refresh()
@@ -506,7 +509,7 @@ class AdapterSwitchboard(widgets.VBox):
     # ================================================================== code
     def code(self) -> str:
         """Plain Python that rebuilds the adapters and runs the current prompt without widgets."""
-        lines = ["import lora_lab as ll", "from lora_lab.hf.generate import generate", ""]
+        lines = ["import lora_lab as ll", "from lora_lab.hf.generate.stream import generate", ""]
         base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         source = getattr(base, "lora_lab_source", None)
         quant = getattr(base, "lora_lab_quant", None)
@@ -522,7 +525,7 @@ class AdapterSwitchboard(widgets.VBox):
                 w, comb, dens = self._blends[row["name"]]
                 lines.append(f"ll.blend_adapters(model, {w!r}, name={row['name']!r}, "
                              f"combination={comb!r}, density={dens!r})")
-        active = hfa.active_adapter(self.model)
+        active = active_adapter(self.model)
         lines.append(f"ll.set_adapter(model, {active!r})")
         s = {k: v for k, v in self._settings().items() if k != "spec"}
         args = ", ".join(f"{k}={v!r}" for k, v in s.items())

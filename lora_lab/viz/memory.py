@@ -1,4 +1,4 @@
-"""Memory breakdown figure: a :class:`~lora_lab.hf.plan.MemoryEstimate` in, a plotly figure out.
+"""Memory breakdown figure: a :class:`~lora_lab.hf.model.plan.MemoryEstimate` in, a plotly figure out.
 
 One stacked bar per scenario (full FT, LoRA, QLoRA), one colour per term (base weights, 4-bit
 constants, adapter, gradients, optimizer, activations, logits, allocator overhead, CUDA context),

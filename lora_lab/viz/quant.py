@@ -1,5 +1,5 @@
-"""Figures for quantization error: records in (a :class:`~lora_lab.hf.quant.QuantScan`,
-:class:`~lora_lab.core.quant.QuantError` list, :class:`~lora_lab.core.quant.RecoveryResult`),
+"""Figures for quantization error: records in (a :class:`~lora_lab.hf.quant.scan.QuantScan`,
+:class:`~lora_lab.core.quant.QuantError` list, :class:`~lora_lab.core.lowrank.RecoveryResult`),
 plotly ``go.Figure`` out.
 
 * :func:`error_heatmap` — layers × module type, one heatmap per scheme (a dropdown switches).
@@ -18,7 +18,8 @@ import numpy as np
 import plotly.graph_objects as go
 import torch
 
-from ..core.quant import QuantError, RecoveryResult, block_absmax
+from ..core.quant import QuantError, block_absmax
+from ..core.lowrank import RecoveryResult
 
 __all__ = ["error_heatmap", "scheme_bars", "blocksize_figure", "weight_histogram",
            "recovery_figure"]
@@ -103,7 +104,7 @@ def weight_histogram(weight: torch.Tensor, scheme: str = "nf4", blocksize: int =
     """Histogram of ``weight``'s values (computed with ``torch.histc``, so a 4096² weight costs
     ``bins`` points, not 16M) and the scheme's code points times the median block absmax: the
     levels a typical block can represent.  Weights between two levels round to the nearer one."""
-    from ..hf.quant import code_points
+    from ..hf.quant.roundtrip import code_points
 
     w = weight.detach().reshape(-1).float()
     lo, hi = w.min().item(), w.max().item()

@@ -2,7 +2,7 @@
 
 * :func:`spectrum_figure` — σ_i of one module on a log axis, with the cumulative energy curve.
 * :func:`spectrum_heatmap` — layers × module type of one metric (effective rank, k90, energy at k,
-  or φ from :func:`lora_lab.hf.spectra.compare_adapters`).
+  or φ from :func:`lora_lab.hf.spectra.analysis.compare_adapters`).
 * :func:`phi_figure` — the φ(i, j) grid of one module between two adapters (LoRA paper fig. 3).
 * :func:`spectrum_evolution_figure` — how σ_i and the effective rank move over training steps.
 

@@ -53,7 +53,7 @@ class CutGrid:
 
     @classmethod
     def from_spectra(cls, spectra) -> "CutGrid":
-        """From an :class:`~lora_lab.hf.spectra.AdapterSpectra` (its ``spectra``, ``ranks`` and
+        """From an :class:`~lora_lab.hf.spectra.analysis.AdapterSpectra` (its ``spectra``, ``ranks`` and
         ``table``); O(modules · R), done once."""
         table = spectra.table
         names = tuple(table["name"])

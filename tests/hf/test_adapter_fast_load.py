@@ -10,7 +10,7 @@ from peft.tuners.lora import LoraLayer
 from safetensors.torch import load_file
 
 import lora_lab as ll
-from lora_lab.hf import adapter_io
+from lora_lab.hf.adapters import io as adapter_io
 
 IDS = torch.randint(4, 90, (2, 10), generator=torch.Generator().manual_seed(0))
 FIRST = ll.AdapterSpec(r=4)                       # all-linear: wraps every linear layer
@@ -213,7 +213,7 @@ def test_failed_fast_load_leaves_model_unchanged(tiny_llama_dir, folders):
     """A name torch refuses as a module key ("train") fails inside update_layer on the first layer;
     the half-added adapter is removed again and the model still works as before.  (load_adapter
     refuses such names up front now, so the fast path is called directly to fail midway.)"""
-    from lora_lab.hf.adapter_io import _fast_load
+    from lora_lab.hf.adapters.io import _fast_load
 
     fast, _ = _two_models(tiny_llama_dir, folders)
     want = logits(fast)

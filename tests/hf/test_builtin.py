@@ -9,9 +9,10 @@ import pytest
 import torch
 
 import lora_lab as ll
-from lora_lab.hf.builtin import builtin_card, builtin_names, resolve_builtin
-from lora_lab.hf.data import encode_prompt, prepare_dataset
-from lora_lab.hf.tasks import generate_greedy, sample_examples
+from lora_lab.hf.model.builtin import builtin_card, builtin_names, resolve_builtin
+from lora_lab.hf.data.prepare import encode_prompt, prepare_dataset
+from lora_lab.hf.generate.batch import generate_greedy
+from lora_lab.hf.data.tasks import sample_examples
 
 N_EVAL = 48
 

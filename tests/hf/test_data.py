@@ -17,9 +17,9 @@ import pytest
 import torch
 
 from lora_lab import DataError, DataSpec
-from lora_lab.hf.builtin import TOKENIZER_DIR
-from lora_lab.hf.data import (IGNORE_INDEX, PreparedData, encode_prompt, format_prompt, pad_batch,
-                              prepare_dataset)
+from lora_lab.hf.model.builtin import TOKENIZER_DIR
+from lora_lab.hf.data.prepare import (IGNORE_INDEX, PreparedData, encode_prompt, format_prompt,
+                                      pad_batch, prepare_dataset)
 
 # A chat template in the usual shape: BOS written by the template, assistant turns end with EOS.
 CHAT = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}"

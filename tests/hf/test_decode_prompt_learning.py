@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import lora_lab as ll
-from lora_lab.hf.data import encode_prompt
-from lora_lab.hf.tasks import generate_greedy
+from lora_lab.hf.data.prepare import encode_prompt
+from lora_lab.hf.generate.batch import generate_greedy
 
 PROMPTS = ["copy hello", "upper: abc", "reverse: lora lab", "next: 3 4 5"]
 

@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM
 
 import lora_lab as ll
 from lora_testing import randomize_lora_b
-from lora_lab.hf.export_merged import MergedExport, export_merged
+from lora_lab.export.merged import MergedExport, export_merged
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 IDS = torch.randint(3, 90, (2, 16), generator=torch.Generator().manual_seed(7))

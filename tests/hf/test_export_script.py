@@ -16,9 +16,9 @@ import pytest
 
 import lora_lab as ll
 from lora_lab.errors import LoraLabError
-from lora_lab.hf.adapter_io import read_adapter_spec
-from lora_lab.hf.data import prepare_dataset
-from lora_lab.hf.export_script import ExportedScript, export_script
+from lora_lab.hf.adapters.io import read_adapter_spec
+from lora_lab.hf.data.prepare import prepare_dataset
+from lora_lab.export.script import ExportedScript, export_script
 
 ACCELERATE = Path(sys.executable).with_name("accelerate")
 
@@ -91,7 +91,7 @@ def test_scripts_compile_do_not_import_lora_lab_and_configs_load(tmp_path):
 def test_peft_config_is_the_one_to_peft_config_builds(spec, tmp_path):
     out = export_script(spec, path=tmp_path / "x")
     module = _import(out.file("train.py"), "exported_cfg")
-    assert module.peft_config().to_dict() == spec.to_peft_config().to_dict()
+    assert module.peft_config().to_dict() == ll.to_peft_config(spec).to_dict()
     assert ll.AdapterSpec(**{**module.ADAPTER_SPEC, "target_modules": spec.target_modules,
                              "layers": spec.layers}) == spec
 

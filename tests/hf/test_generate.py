@@ -9,9 +9,10 @@ import torch
 import lora_lab as ll
 from lora_testing import randomize_lora_b
 from lora_lab.errors import AdapterError, SpecError
-from lora_lab.hf.data import encode_prompt
-from lora_lab.hf.generate import ACTIVE, generate, stream_generate, switch_adapter
-from lora_lab.hf.tasks import generate_greedy
+from lora_lab.hf.data.prepare import encode_prompt
+from lora_lab.hf.adapters.switch import ACTIVE, switch_adapter
+from lora_lab.hf.generate.stream import generate, stream_generate
+from lora_lab.hf.generate.batch import generate_greedy
 
 PROMPT = "reverse abc"
 

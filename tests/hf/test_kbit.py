@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import lora_lab as ll
-from lora_lab.hf.kbit import unpack_4bit_weights
+from lora_lab.hf.model.kbit import unpack_4bit_weights
 
 
 def _logits(model, ids, training):

@@ -41,7 +41,7 @@ def test_quantized_load_on_cpu(tiny_llama_dir, quant, cls):
 
 
 def test_quant_spec_compute_dtype_defaults_to_fp32_on_cpu(tiny_llama_dir):
-    from lora_lab.hf.loading import bnb_config
+    from lora_lab.hf.model.loading import bnb_config
 
     cfg = bnb_config(ll.QuantSpec.parse("nf4"), "cpu")
     assert cfg.bnb_4bit_compute_dtype == torch.float32 and cfg.bnb_4bit_use_double_quant

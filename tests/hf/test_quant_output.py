@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lora_lab.errors import LoraLabError
-from lora_lab.hf.quant_output import quantized_output_error
+from lora_lab.hf.quant.output import quantized_output_error
 
 
 @pytest.fixture

@@ -10,7 +10,8 @@ import torch
 
 from lora_lab.core.quant import block_absmax
 from lora_lab.errors import LoraLabError
-from lora_lab.hf import quant as hq
+from lora_lab.hf.quant import roundtrip as hq
+from lora_lab.hf.quant import scan as hs
 
 N = 1024
 
@@ -91,7 +92,7 @@ def test_loftq_factors_initialise_a_peft_adapter(tiny_llama):
 # ---------------------------------------------------------------- the scan --------------------
 def test_scan_selects_linear_weights_with_layer_and_module(tiny_llama):
     model, _ = tiny_llama
-    scan = hq.scan_quantization(model, schemes=("nf4", "int8"), progress=False)
+    scan = hs.scan_quantization(model, schemes=("nf4", "int8"), progress=False)
     t = scan.table
     assert len(t) == 2 * 7 * 2 and not scan.interrupted and scan.n_done == scan.n_total == 14
     assert set(t.module) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
@@ -110,17 +111,17 @@ def test_scan_selects_linear_weights_with_layer_and_module(tiny_llama):
 def test_streaming_file_folder_and_shards_equal_in_memory(tiny_llama, tiny_llama_dir, tmp_path):
     model, _ = tiny_llama
     schemes = ("nf4", "int8")
-    ref = hq.scan_quantization(model, schemes, progress=False).table
+    ref = hs.scan_quantization(model, schemes, progress=False).table
     model.save_pretrained(tmp_path, max_shard_size="40KB")
     assert (tmp_path / "model.safetensors.index.json").exists()
     for src in (tiny_llama_dir, tiny_llama_dir / "model.safetensors", str(tmp_path)):
-        got = hq.scan_quantization(src, schemes, progress=False).table
+        got = hs.scan_quantization(src, schemes, progress=False).table
         got = got.set_index(["name", "scheme"]).loc[ref.set_index(["name", "scheme"]).index]
         pd.testing.assert_frame_equal(got.reset_index()[ref.columns], ref, check_exact=True)
 
 
 def test_interrupted_scan_keeps_finished_rows(tiny_llama_dir):
-    full = hq.scan_quantization(tiny_llama_dir, schemes=("nf4",), progress=False)
+    full = hs.scan_quantization(tiny_llama_dir, schemes=("nf4",), progress=False)
     seen = []
 
     def stop_after_five(row):
@@ -129,7 +130,7 @@ def test_interrupted_scan_keeps_finished_rows(tiny_llama_dir):
             raise KeyboardInterrupt
 
     with pytest.warns(RuntimeWarning, match="interrupted after 4 of 14"):
-        part = hq.scan_quantization(tiny_llama_dir, schemes=("nf4",), progress=True,
+        part = hs.scan_quantization(tiny_llama_dir, schemes=("nf4",), progress=True,
                                     callback=stop_after_five)
     assert part.interrupted and part.n_done == 4 and part.n_total == 14
     pd.testing.assert_frame_equal(part.table, full.table.iloc[:5])
@@ -141,13 +142,13 @@ def test_other_errors_in_a_scan_propagate(tiny_llama_dir):
         raise ValueError("boom")
 
     with pytest.raises(ValueError, match="boom"):
-        hq.scan_quantization(tiny_llama_dir, progress=False, callback=boom)
+        hs.scan_quantization(tiny_llama_dir, progress=False, callback=boom)
 
 
 def test_quantized_model_is_refused_with_a_fix(tiny_llama_nf4):
     model, _ = tiny_llama_nf4
     with pytest.raises(LoraLabError, match="full-precision") as info:
-        hq.scan_quantization(model, progress=False)
+        hs.scan_quantization(model, progress=False)
     assert "scan_quantization(" in str(info.value)  # points at the checkpoint it came from
 
 
@@ -156,12 +157,12 @@ def test_truncated_safetensors_names_file_and_tensor(tiny_llama_dir, tmp_path):
     bad = tmp_path / "cut.safetensors"
     bad.write_bytes(data[:-5000])
     with pytest.raises(LoraLabError, match="cut.safetensors") as info:
-        hq.scan_quantization(bad, progress=False)
+        hs.scan_quantization(bad, progress=False)
     assert "truncated" in str(info.value) and "tensor 'model." in str(info.value)
     junk = tmp_path / "junk.safetensors"
     junk.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all" + b"0" * 100)
     with pytest.raises(LoraLabError, match="junk.safetensors"):
-        hq.scan_quantization(junk, progress=False)
+        hs.scan_quantization(junk, progress=False)
 
 
 @pytest.mark.parametrize("make, match", [
@@ -172,7 +173,7 @@ def test_truncated_safetensors_names_file_and_tensor(tiny_llama_dir, tmp_path):
 ])
 def test_bad_sources_raise_clear_errors(tmp_path, make, match):
     with pytest.raises(LoraLabError, match=match):
-        hq.scan_quantization(make(tmp_path), progress=False)
+        hs.scan_quantization(make(tmp_path), progress=False)
 
 
 def test_scan_of_a_state_dict_with_double_quant():
@@ -181,7 +182,7 @@ def test_scan_of_a_state_dict_with_double_quant():
           "model.embed_tokens.weight": torch.randn(100, 64)}
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        scan = hq.scan_quantization(sd, schemes=("nf4", "int4"), double_quant=True, progress=False)
+        scan = hs.scan_quantization(sd, schemes=("nf4", "int4"), double_quant=True, progress=False)
     assert list(scan.table.name.unique()) == ["model.layers.0.mlp.up_proj.weight"]
     assert (scan.table.bits_per_param < 4.2).all() and scan.table.double_quant.all()
 

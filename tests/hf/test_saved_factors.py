@@ -11,7 +11,7 @@ import torch
 import lora_lab as ll
 from lora_testing import randomize_lora_b
 from lora_lab.errors import AdapterError
-from lora_lab.hf.factors import lora_factors, saved_lora_factors
+from lora_lab.hf.adapters.factors import lora_factors, saved_lora_factors
 
 
 def _same(live, saved):

@@ -9,8 +9,9 @@ import torch
 
 from lora_lab.core.spectrum import lowrank_svdvals
 from lora_lab.errors import AdapterError
-from lora_lab.hf.factors import lora_factors
-from lora_lab.hf.spectra import adapter_spectra, compare_adapters, compress_adapter
+from lora_lab.hf.adapters.factors import lora_factors
+from lora_lab.hf.spectra.analysis import adapter_spectra, compare_adapters
+from lora_lab.hf.spectra.compress import compress_adapter
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 

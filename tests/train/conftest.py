@@ -13,7 +13,7 @@ def attach_lora(model, r: int = 8, seed: int = 0):
     try:
         attach = ll.attach
     except ImportError:  # the public name maps to a module that may still be landing
-        from lora_lab.hf.attach import attach
+        from lora_lab.hf.adapters.attach import attach
     torch.manual_seed(seed)
     return attach(model, ll.AdapterSpec(r=r, target_modules="all-linear"))
 

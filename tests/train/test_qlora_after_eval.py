@@ -4,7 +4,7 @@ AVX512-BF16 CPUs and the packed path drops input gradients; see lora_lab/hf/kbit
 import torch
 
 import lora_lab as ll
-from lora_lab.hf.kbit import unpack_4bit_weights
+from lora_lab.hf.model.kbit import unpack_4bit_weights
 
 X = torch.randint(4, 90, (4, 16), generator=torch.Generator().manual_seed(5))
 

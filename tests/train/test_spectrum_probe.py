@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from lora_lab.errors import LoraLabError
-from lora_lab.hf.factors import lora_factors
-from lora_lab.hf.spectra import adapter_spectra
+from lora_lab.hf.adapters.factors import lora_factors
+from lora_lab.hf.spectra.analysis import adapter_spectra
 from lora_lab.train.events import Control, TrainState, emit
 from lora_lab.train.loop import train
 from lora_lab.train.spectrum_probe import SpectrumProbe

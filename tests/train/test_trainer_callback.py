@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from lora_lab.hf.trainer_callback import LiveCallback
+from lora_lab.hf.training.trainer_callback import LiveCallback
 from lora_lab.train.events import Control, TrainState
 
 
 def test_the_trainer_bridge_uses_the_loops_classes():
-    import lora_lab.hf.trainer_callback as bridge
+    import lora_lab.hf.training.trainer_callback as bridge
 
     assert bridge.TrainState is TrainState and LiveCallback().control.__class__ is Control
 

@@ -35,7 +35,7 @@ def with_lora(model):
     try:
         attach = ll.attach
     except ImportError:
-        from lora_lab.hf.attach import attach
+        from lora_lab.hf.adapters.attach import attach
     torch.manual_seed(0)
     return attach(model, ll.AdapterSpec(r=4))
 
@@ -192,8 +192,8 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"
 import torch, lora_lab as ll
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-from lora_lab.hf.builtin import TOKENIZER_DIR
-from lora_lab.hf.attach import attach
+from lora_lab.hf.model.builtin import TOKENIZER_DIR
+from lora_lab.hf.adapters.attach import attach
 from lora_lab.train.loop import train
 from lora_lab.ui.dashboard import TrainingDashboard
 tok = AutoTokenizer.from_pretrained(TOKENIZER_DIR)

@@ -9,8 +9,8 @@ import torch
 
 import lora_lab as ll
 from lora_lab.errors import AdapterError
-from lora_lab.hf.factors import lora_factors
-from lora_lab.hf.spectra import adapter_spectra
+from lora_lab.hf.adapters.factors import lora_factors
+from lora_lab.hf.spectra.analysis import adapter_spectra
 from lora_lab.ui.rank_explorer import RankExplorer
 
 

@@ -11,7 +11,7 @@ import torch
 
 import lora_lab as ll
 from lora_testing import randomize_lora_b
-from lora_lab.hf.generate import generate
+from lora_lab.hf.generate.stream import generate
 from lora_lab.ui.switchboard import BASE, AdapterSwitchboard
 
 PROMPT = "reverse abc"

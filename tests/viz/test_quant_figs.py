@@ -6,8 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from lora_lab.core.quant import absmax_roundtrip, block_absmax, recover_lowrank
-from lora_lab.hf import quant as hq
+from lora_lab.core.quant import absmax_roundtrip, block_absmax
+from lora_lab.core.lowrank import recover_lowrank
+from lora_lab.hf.quant import roundtrip as hq
+from lora_lab.hf.quant import scan as hs
 from lora_lab.viz import quant as vq
 
 
@@ -17,7 +19,7 @@ def scan():
     sd = {f"model.layers.{i}.{m}.weight": torch.randn(48, 64, generator=g) * (1 + i)
           for i in range(3) for m in ("self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj")}
     sd["model.layers.1.mlp.down_proj.weight"][0, 0] = 60.0  # one bad block
-    return hq.scan_quantization(sd, schemes=("nf4", "fp4", "int8"), progress=False)
+    return hs.scan_quantization(sd, schemes=("nf4", "fp4", "int8"), progress=False)
 
 
 def test_heatmap_is_the_table_pivoted_per_scheme(scan):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lora_lab.core.spectrum import Spectrum, subspace_similarity_grid
-from lora_lab.hf.spectra import AdapterComparison, spectra_from_factors
+from lora_lab.hf.spectra.analysis import AdapterComparison, spectra_from_factors
 from lora_lab.viz.spectrum import (phi_figure, spectrum_evolution_figure, spectrum_figure,
                                    spectrum_heatmap)
 

@@ -1,0 +1,127 @@
+"""Merge an adapter into the base weights: W' = W + s·B·A.
+
+Merging in place is offered for full-precision bases only.  On a 4-bit base it is refused: bitsandbytes
+rearranges packed 4-bit weights the first time a layer runs in eval mode on AVX512-BF16 CPUs, and
+peft's merge then reads them in the wrong layout, changing the logits by about 127% with no error
+(PITFALLS.md).  :func:`merged_copy` is the safe path for every base: it reloads the base in full
+precision, puts the adapter's weights on it, merges there, and reports how far the merged logits are
+from the unmerged model's.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ...errors import MergeError
+from ..model.inspect import is_quantized
+
+__all__ = ["merge_adapter", "unmerge_adapter", "merged_copy", "MergeReport"]
+
+
+def _lora_model(model):
+    import peft
+
+    if not isinstance(model, peft.PeftModel) or not hasattr(model.base_model, "merge_adapter"):
+        raise MergeError("Only LoRA-style adapters (LoRA, DoRA, rsLoRA, IA3) can be merged.",
+                         "prefix and prompt tuning add tokens, not weights; keep them unmerged")
+    return model.base_model
+
+
+def merge_adapter(model: nn.Module, adapter: str | None = None) -> None:
+    """Merge ``adapter`` (the active one when None) into the base weights, in place, reversibly."""
+    tuner = _lora_model(model)
+    if is_quantized(model):
+        raise MergeError("Merging into a quantized base is refused: it can silently corrupt the packed "
+                         "4-bit weights (see PITFALLS.md) and changes outputs even where it works.",
+                         "use lora_lab.merged_copy(model), which merges into a full-precision copy")
+    names = [adapter] if adapter else None
+    tuner.merge_adapter(adapter_names=names)
+
+
+def unmerge_adapter(model: nn.Module) -> None:
+    """Undo :func:`merge_adapter`: W = W' − s·B·A (exact up to float rounding)."""
+    _lora_model(model).unmerge_adapter()
+
+
+@dataclass(frozen=True)
+class MergeReport:
+    """How far the merged model's logits are from the unmerged (adapter) model's."""
+
+    adapter: str
+    max_abs_logit_diff: float
+    rel_logit_diff: float  # ‖Δlogits‖ / ‖logits‖ over the probe tokens
+    from_quantized: bool
+
+    def __repr__(self) -> str:
+        return (f"MergeReport(adapter={self.adapter!r}, rel_logit_diff={self.rel_logit_diff:.2e}, "
+                f"max_abs={self.max_abs_logit_diff:.2e}, from_quantized={self.from_quantized})")
+
+
+def _full_precision_base(model) -> nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    from ..model.loading import base_source, resolve_source
+
+    source = base_source(model)
+    try:
+        path = resolve_source(source)
+        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, device_map="cpu")
+    except Exception as exc:  # noqa: BLE001 - we re-raise with the fix
+        raise MergeError(f"Could not reload the base model {source!r} in full precision to merge "
+                         f"into: {exc}", "load the base with lora_lab.load_model so its source is "
+                         "known, and keep that folder available") from exc
+
+
+def _probe_ids(model) -> torch.Tensor:
+    vocab = model.get_base_model().config.vocab_size
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(3, vocab, (2, 32), generator=g)
+
+
+@torch.no_grad()
+def merged_copy(model: nn.Module, adapter: str | None = None,
+                probe_ids: torch.Tensor | None = None) -> tuple[nn.Module, MergeReport]:
+    """A plain transformers model with ``adapter`` merged in, and a :class:`MergeReport`.
+
+    The original ``model`` is left as it was.  For a quantized base the merge happens in a
+    full-precision reload of the base (never in packed 4-bit weights); the report then shows the
+    quantization gap, since the adapter was trained against Q(W), not W.
+    """
+    import peft
+
+    tuner = _lora_model(model)
+    adapter = adapter or (model.active_adapter if isinstance(model.active_adapter, str)
+                          else model.active_adapter[0])
+    quantized = is_quantized(model)
+    ids = probe_ids if probe_ids is not None else _probe_ids(model)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    active_before = model.active_adapter
+    model.set_adapter(adapter)
+    ref = model(input_ids=ids.to(device)).logits.float().cpu()
+    model.set_adapter(active_before)
+    model.train(was_training)
+    if quantized:
+        base = _full_precision_base(model)
+        config = copy.deepcopy(model.peft_config[adapter])
+        merged = peft.get_peft_model(base, config, adapter_name=adapter)
+        state = peft.get_peft_model_state_dict(model, adapter_name=adapter)
+        peft.set_peft_model_state_dict(merged, state, adapter_name=adapter)
+        merged = merged.merge_and_unload()
+    else:
+        clone = copy.deepcopy(model)
+        clone.set_adapter(adapter)
+        merged = clone.merge_and_unload(adapter_names=[adapter])
+    merged.eval()
+    out = merged(input_ids=ids.to(next(merged.parameters()).device)).logits.float().cpu()
+    diff = (out - ref)
+    report = MergeReport(adapter=adapter, max_abs_logit_diff=float(diff.abs().max()),
+                         rel_logit_diff=float(diff.norm() / ref.norm().clamp_min(1e-12)),
+                         from_quantized=quantized)
+    del tuner
+    return merged, report

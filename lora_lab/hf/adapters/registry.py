@@ -1,0 +1,62 @@
+"""The adapters loaded on one model: list them (one row each) and delete one."""
+
+from __future__ import annotations
+
+import pandas as pd
+from torch import nn
+
+from ...errors import AdapterError
+from .._peft import is_peft, require_adapter, require_peft
+from .switch import active_adapter
+
+__all__ = ["list_adapters", "delete_adapter"]
+
+
+def delete_adapter(model: nn.Module, name: str) -> None:
+    """Remove adapter ``name`` and free its weights."""
+    model = require_peft(model)
+    require_adapter(model, name)
+    if len(model.peft_config) == 1:
+        raise AdapterError(f"{name!r} is the model's only adapter; peft cannot delete the last one.",
+                           "use model.get_base_model() for the bare base, or attach another first")
+    model.delete_adapter(name)
+    for attr in ("lora_lab_specs", "lora_lab_sources"):
+        d = dict(getattr(model, attr, {}))
+        d.pop(name, None)
+        setattr(model, attr, d)
+
+
+def list_adapters(model: nn.Module) -> pd.DataFrame:
+    """One row per adapter: method, rank, alpha, targets, modules, parameters, active, source."""
+    cols = ["name", "method", "r", "alpha", "targets", "modules", "params", "active", "source"]
+    if not is_peft(model):
+        return pd.DataFrame(columns=cols)
+    active = active_adapter(model)
+    specs = getattr(model, "lora_lab_specs", {})
+    sources = getattr(model, "lora_lab_sources", {})
+    rows = []
+    for name, cfg in model.peft_config.items():
+        n_mod = n_par = 0
+        for mod_name, p in model.named_parameters():
+            if f".{name}." in f"{mod_name}." or mod_name.endswith(f".{name}"):
+                n_par += p.numel()
+                n_mod += ".lora_A." in mod_name or ".ia3_l." in mod_name
+        spec = specs.get(name)
+        targets = getattr(cfg, "target_modules", None)
+        rows.append({
+            "name": name, "method": _method_name(cfg, spec), "r": getattr(cfg, "r", None),
+            "alpha": getattr(cfg, "lora_alpha", None),
+            "targets": ",".join(sorted(targets)) if isinstance(targets, (set, list)) else targets,
+            "modules": n_mod, "params": n_par, "active": name == active,
+            "source": sources.get(name, ""),
+        })
+    return pd.DataFrame(rows, columns=cols)
+
+
+def _method_name(cfg, spec) -> str:
+    kind = str(cfg.peft_type).split(".")[-1].lower()
+    if kind == "lora":
+        if getattr(cfg, "use_dora", False):
+            return "dora"
+        return "rslora" if getattr(cfg, "use_rslora", False) else "lora"
+    return {"prefix_tuning": "prefix", "prompt_tuning": "prompt"}.get(kind, kind)

@@ -1,0 +1,101 @@
+"""Greedy generation for many prompts at once, and exact-match accuracy on a task.
+
+Rows are left-padded into batches and completed by ``model.generate`` (KV cache); prompt and
+prefix tuning are decoded without a cache (:mod:`lora_lab.hf.generate.decode`).
+"""
+
+from __future__ import annotations
+
+
+from ...errors import DataError
+
+__all__ = ['generate_greedy', 'task_accuracy']
+
+
+def _left_pad(rows: list[list[int]], pad_id: int):
+    import torch
+
+    T = max(len(r) for r in rows)
+    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), T), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, T - len(r):] = torch.as_tensor(r, dtype=torch.long)
+        mask[i, T - len(r):] = 1
+    return ids, mask
+
+
+def generate_greedy(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int,
+                    batch_size: int = 64) -> list[str]:
+    """Greedy completions of tokenized prompts, in left-padded batches (``model.generate``, KV cache;
+    prompt and prefix tuning are decoded without a cache, see :mod:`lora_lab.hf.generate.decode`).
+
+    ``prompt_ids`` are token-id lists as training sees them (see
+    :func:`lora_lab.hf.data.prepare.encode_prompt`).  Rows sharing a batch are padded on the left, so every
+    row's last prompt token sits at the same position.  Stops a row at EOS and returns the decoded new
+    text without special tokens.  The model's train/eval mode is restored afterwards.
+    """
+    import torch
+
+    from .decode import decode_without_cache, is_prompt_learning
+
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    outputs: list[str] = [""] * len(prompt_ids)
+    was_training = model.training
+    model.eval()
+    try:
+        if is_prompt_learning(model):  # generate() is wrong for these (hf/decode.py): no cache
+            by_len: dict[int, list[int]] = {}
+            for k, ids in enumerate(prompt_ids):
+                by_len.setdefault(len(ids), []).append(k)
+            for rows in by_len.values():
+                for i in range(0, len(rows), batch_size):
+                    part = rows[i:i + batch_size]
+                    x = torch.tensor([prompt_ids[k] for k in part], device=device)
+                    out = decode_without_cache(model, x, max_new_tokens, [tokenizer.eos_token_id])
+                    texts = tokenizer.batch_decode(out[:, x.shape[1]:], skip_special_tokens=True)
+                    for k, text in zip(part, texts):
+                        outputs[k] = text
+            return outputs
+        for i in range(0, len(prompt_ids), batch_size):
+            ids, mask = _left_pad(prompt_ids[i:i + batch_size], pad)
+            with torch.no_grad():
+                out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                     max_new_tokens=max_new_tokens, do_sample=False,
+                                     pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
+            outputs[i:i + len(out)] = tokenizer.batch_decode(out[:, ids.shape[1]:],
+                                                             skip_special_tokens=True)
+    finally:
+        if was_training:
+            model.train()
+    return outputs
+
+
+def task_accuracy(model, tokenizer, dataset, *, max_new_tokens: int | None = None,
+                  batch_size: int = 32, spec=None) -> float:
+    """Exact-match accuracy of greedy generation on ``dataset`` (``prompt``/``response`` rows).
+
+    Each prompt is rendered and tokenized by :func:`lora_lab.hf.data.prepare.encode_prompt` — the same ids
+    that training sees (chat template, BOS) — then completed greedily; a row counts when the completion, stripped of surrounding
+    whitespace, equals the response.  ``max_new_tokens=None`` allows the longest response plus one
+    token (for EOS).  Neither the model nor the tokenizer is changed.
+    """
+    from ...specs import DataSpec
+    from ..data.prepare import encode_prompt
+
+    spec = spec or DataSpec()
+    for col in (spec.prompt_column, spec.response_column):
+        if col not in dataset.column_names:
+            raise DataError(f"task_accuracy needs a {col!r} column; the dataset has "
+                            f"{dataset.column_names}.", "pass a builtin_task(...) dataset or rename "
+                            "your columns to prompt/response")
+    prompts = list(dataset[spec.prompt_column])
+    answers = [str(a).strip() for a in dataset[spec.response_column]]
+    if not prompts:
+        raise DataError("task_accuracy got an empty dataset.", "pass at least one row")
+    if max_new_tokens is None:
+        max_new_tokens = max(len(tokenizer(a, add_special_tokens=False)["input_ids"])
+                             for a in answers) + 1
+    ids = [encode_prompt(tokenizer, p, spec) for p in prompts]
+    got = generate_greedy(model, tokenizer, ids, max_new_tokens, batch_size)
+    return sum(g.strip() == a for g, a in zip(got, answers)) / len(answers)

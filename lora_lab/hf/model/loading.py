@@ -1,0 +1,134 @@
+"""Load a base model and its tokenizer: from a builtin name, a local folder or a hub id.
+
+All three go through the same ``from_pretrained`` code, so quantization, dtype and device handling are
+identical whichever the source.  Quantization uses bitsandbytes through
+``transformers.BitsAndBytesConfig``: int8 (LLM.int8()), or 4-bit NF4/FP4 (QLoRA), which also runs on
+x86 CPUs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from ...errors import ModelLoadError
+from ...specs import QuantSpec
+from .builtin import builtin_names, is_builtin, resolve_builtin
+from .device import as_dtype, default_compute_dtype, default_device
+
+__all__ = ["load_model", "bnb_config", "resolve_source"]
+
+# bitsandbytes logs a harmless failure to fetch optional CPU kernels from the hub (PITFALLS.md).
+logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+
+
+def bnb_config(quant: QuantSpec, device: str):
+    """The ``transformers.BitsAndBytesConfig`` for ``quant`` on ``device``."""
+    from transformers import BitsAndBytesConfig
+
+    if quant.bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    compute = as_dtype(quant.compute_dtype) or default_compute_dtype(device)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quant.quant_type,
+        bnb_4bit_use_double_quant=quant.double_quant,
+        bnb_4bit_compute_dtype=compute,
+        bnb_4bit_quant_storage=torch.uint8,
+    )
+
+
+def resolve_source(source) -> str:
+    """A builtin name becomes its local folder; a folder or hub id is returned as is."""
+    if is_builtin(source):
+        return str(resolve_builtin(source))
+    if isinstance(source, os.PathLike):
+        source = os.fspath(source)
+    if not isinstance(source, str) or not source:
+        raise ModelLoadError(f"load_model got source={source!r}, which is not a model name.",
+                             f"pass a hub id, a local folder, or one of {builtin_names()}")
+    path = Path(source).expanduser()
+    if path.exists():
+        if not (path / "config.json").exists():
+            raise ModelLoadError(f"The folder {path} has no config.json, so it is not a saved model.",
+                                 "pass the folder written by save_pretrained()")
+        return str(path)
+    looks_local = source.startswith((".", "/", "~")) or source.count("/") > 1
+    if looks_local:
+        raise ModelLoadError(f"The folder {source!r} does not exist.",
+                             f"check the path, or use one of {builtin_names()}")
+    return source
+
+
+def base_source(model) -> str:
+    """Where ``model``'s base (a peft model's too) was loaded from: the source lora_lab recorded
+    in :func:`load_model`, else transformers' ``config._name_or_path`` ("" when unknown)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return getattr(base, "lora_lab_source", None) or getattr(base.config, "_name_or_path", "")
+
+
+@contextlib.contextmanager
+def _quiet_progress():
+    """Hide transformers' per-tensor "Loading weights" bar for small models (it is noise there)."""
+    from transformers.utils import logging as hf_logging
+
+    was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            hf_logging.enable_progress_bar()
+
+
+def load_model(source, quant=None, *, device: str | None = None, dtype=None,
+               trust_remote_code: bool = False):
+    """Load ``(model, tokenizer)``.
+
+    Parameters
+    ----------
+    source: a builtin name (``"builtin:tiny"``, ``"builtin:tiny-random"``), a local folder written by
+        ``save_pretrained``, or a hub id such as ``"HuggingFaceTB/SmolLM2-135M"``.
+    quant: ``None`` (full precision), a :class:`~lora_lab.QuantSpec`, or ``"nf4"``, ``"fp4"``,
+        ``"int8"``.
+    device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``; ``None`` picks CUDA when there is one.
+    dtype: weight dtype of the unquantized parts; ``None`` means the device default
+        (fp32 on CPU, bf16/fp16 on GPU).
+    trust_remote_code: off unless you trust the repository's Python code.
+
+    The tokenizer always has a pad token (the EOS token when the model defines none).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    quant = QuantSpec.parse(quant)
+    device = device or default_device()
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelLoadError(f"device={device!r} was asked for, but no CUDA GPU is visible.",
+                             "pass device='cpu' (or None to choose automatically)")
+    dtype = as_dtype(dtype) or default_compute_dtype(device)
+    path = resolve_source(source)
+    kwargs = dict(dtype=dtype, trust_remote_code=trust_remote_code, device_map=device)
+    if quant is not None:
+        kwargs["quantization_config"] = bnb_config(quant, device)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        with _quiet_progress():
+            model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except OSError as exc:
+        raise ModelLoadError(
+            f"Could not load {source!r}: {str(exc).splitlines()[0]}",
+            f"with no network, pass a local folder or a builtin name ({', '.join(builtin_names())}); "
+            "for a hub id, check the spelling and that you are online") from exc
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if quant is not None:  # bitsandbytes' CPU repacking is lossy and breaks training (hf/kbit.py)
+        from .kbit import keep_4bit_layout
+
+        keep_4bit_layout(model)
+    model.lora_lab_source = str(source)
+    model.lora_lab_quant = quant
+    return model, tokenizer
