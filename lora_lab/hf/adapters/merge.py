@@ -17,15 +17,15 @@ import torch
 from torch import nn
 
 from ...errors import MergeError
+from .._peft import active_name, is_peft
 from ..model.inspect import is_quantized
 
-__all__ = ["merge_adapter", "unmerge_adapter", "merged_copy", "MergeReport"]
+__all__ = ["merge_adapter", "unmerge_adapter", "merged_copy", "merge_checked", "MergeReport",
+           "LogitGap", "logit_gap", "make_probe_ids", "probe_logits"]
 
 
 def _lora_model(model):
-    import peft
-
-    if not isinstance(model, peft.PeftModel) or not hasattr(model.base_model, "merge_adapter"):
+    if not is_peft(model) or not hasattr(model.base_model, "merge_adapter"):
         raise MergeError("Only LoRA-style adapters (LoRA, DoRA, rsLoRA, IA3) can be merged.",
                          "prefix and prompt tuning add tokens, not weights; keep them unmerged")
     return model.base_model
@@ -56,9 +56,57 @@ class MergeReport:
     rel_logit_diff: float  # ‖Δlogits‖ / ‖logits‖ over the probe tokens
     from_quantized: bool
 
+    @classmethod
+    def of(cls, adapter: str, gap: "LogitGap", from_quantized: bool) -> "MergeReport":
+        return cls(adapter=adapter, max_abs_logit_diff=gap.max_abs, rel_logit_diff=gap.rel,
+                   from_quantized=from_quantized)
+
     def __repr__(self) -> str:
         return (f"MergeReport(adapter={self.adapter!r}, rel_logit_diff={self.rel_logit_diff:.2e}, "
                 f"max_abs={self.max_abs_logit_diff:.2e}, from_quantized={self.from_quantized})")
+
+
+# ----------------------------------------------------------------------------- the logit check
+def make_probe_ids(model: nn.Module, n: int = 2, length: int = 32, seed: int = 0) -> torch.Tensor:
+    """``n × length`` random token ids in [3, vocab) (ids 0-2 are often special), the same for a
+    given seed; ``length`` is cut to the model's ``max_position_embeddings``."""
+    config = model.get_base_model().config if hasattr(model, "get_base_model") else model.config
+    length = min(length, getattr(config, "max_position_embeddings", length) or length)
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, config.vocab_size, (n, length), generator=g)
+
+
+@torch.no_grad()
+def probe_logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """fp32 logits of ``model`` on ``ids`` (batch × T × vocab, on the CPU), in eval mode and without
+    bitsandbytes' CPU repacking; the model's train/eval mode is restored."""
+    from ..model.kbit import no_repacking
+
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        with no_repacking(model):
+            return model(input_ids=ids.to(device)).logits.float().cpu()
+    finally:
+        model.train(was_training)
+
+
+@dataclass(frozen=True)
+class LogitGap:
+    """How far logits ``out`` are from reference logits ``ref`` (same shape):
+    ``max_abs`` = max |out − ref|, ``mean_abs`` = mean |out − ref|, ``rel`` = ‖out − ref‖ / ‖ref‖."""
+
+    max_abs: float
+    mean_abs: float
+    rel: float
+
+
+def logit_gap(ref: torch.Tensor, out: torch.Tensor) -> LogitGap:
+    """The one merged-vs-unmerged check: :class:`LogitGap` of ``out`` against ``ref``."""
+    diff = out.float() - ref.float()
+    return LogitGap(max_abs=float(diff.abs().max()), mean_abs=float(diff.abs().mean()),
+                    rel=float(diff.norm() / ref.float().norm().clamp_min(1e-12)))
 
 
 def _full_precision_base(model) -> nn.Module:
@@ -76,12 +124,6 @@ def _full_precision_base(model) -> nn.Module:
                          "known, and keep that folder available") from exc
 
 
-def _probe_ids(model) -> torch.Tensor:
-    vocab = model.get_base_model().config.vocab_size
-    g = torch.Generator().manual_seed(0)
-    return torch.randint(3, vocab, (2, 32), generator=g)
-
-
 @torch.no_grad()
 def merged_copy(model: nn.Module, adapter: str | None = None,
                 probe_ids: torch.Tensor | None = None) -> tuple[nn.Module, MergeReport]:
@@ -93,19 +135,16 @@ def merged_copy(model: nn.Module, adapter: str | None = None,
     """
     import peft
 
-    tuner = _lora_model(model)
-    adapter = adapter or (model.active_adapter if isinstance(model.active_adapter, str)
-                          else model.active_adapter[0])
+    _lora_model(model)
+    adapter = active_name(model, adapter)
     quantized = is_quantized(model)
-    ids = probe_ids if probe_ids is not None else _probe_ids(model)
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
+    ids = probe_ids if probe_ids is not None else make_probe_ids(model)
     active_before = model.active_adapter
     model.set_adapter(adapter)
-    ref = model(input_ids=ids.to(device)).logits.float().cpu()
-    model.set_adapter(active_before)
-    model.train(was_training)
+    try:
+        ref = probe_logits(model, ids)
+    finally:
+        model.set_adapter(active_before)
     if quantized:
         base = _full_precision_base(model)
         config = copy.deepcopy(model.peft_config[adapter])
@@ -118,10 +157,19 @@ def merged_copy(model: nn.Module, adapter: str | None = None,
         clone.set_adapter(adapter)
         merged = clone.merge_and_unload(adapter_names=[adapter])
     merged.eval()
-    out = merged(input_ids=ids.to(next(merged.parameters()).device)).logits.float().cpu()
-    diff = (out - ref)
-    report = MergeReport(adapter=adapter, max_abs_logit_diff=float(diff.abs().max()),
-                         rel_logit_diff=float(diff.norm() / ref.norm().clamp_min(1e-12)),
-                         from_quantized=quantized)
-    del tuner
-    return merged, report
+    gap = logit_gap(ref, probe_logits(merged, ids))
+    return merged, MergeReport.of(adapter, gap, from_quantized=quantized)
+
+
+def merge_checked(model: nn.Module, adapter: str | None = None,
+                  probe_ids: torch.Tensor | None = None) -> tuple[MergeReport, torch.Tensor]:
+    """:func:`merge_adapter` in place, checked: the logits on ``probe_ids`` (default: one random
+    sequence of 16 tokens) before and after the merge, as a :class:`MergeReport`.
+
+    Returns the report and the logits before the merge, so that an unmerge can be checked against
+    them with :func:`logit_gap`."""
+    adapter = active_name(model, adapter)
+    ids = probe_ids if probe_ids is not None else make_probe_ids(model, n=1, length=16)
+    before = probe_logits(model, ids)
+    merge_adapter(model, adapter)
+    return MergeReport.of(adapter, logit_gap(before, probe_logits(model, ids)), False), before
