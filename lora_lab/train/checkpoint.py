@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from ..errors import TrainingError
+from ..hf.adapters.io import save_adapter
 
 __all__ = ["save_checkpoint", "load_training_state", "restore_trainable", "resolve_checkpoint",
            "STATE_FILE"]
@@ -37,26 +38,8 @@ LATEST = "latest"
 
 
 def _save_adapter(model: nn.Module, path: Path, adapter: str | None) -> None:
-    """The adapter in peft's folder format (safetensors), through lora_lab's own saver if present."""
-    try:
-        from ..hf.adapters.io import save_adapter
-    except ImportError:
-        try:
-            from ..hf.adapters.io import save_adapter
-        except ImportError:
-            save_adapter = None
-    if save_adapter is not None:
-        save_adapter(model, path, adapter=adapter)
-        return
-    kwargs = {"safe_serialization": True}
-    if adapter is not None:
-        kwargs["selected_adapters"] = [adapter]
-    model.save_pretrained(str(path), **kwargs)
-    sub = path / (adapter or "")
-    if adapter and (sub / "adapter_config.json").exists():  # peft nests non-default adapters
-        for f in sub.iterdir():
-            os.replace(f, path / f.name)
-        sub.rmdir()
+    """The adapter in peft's folder format (safetensors), by :func:`lora_lab.save_adapter`."""
+    save_adapter(model, path, adapter=adapter)
 
 
 def _atomic_text(path: Path, text: str) -> None:

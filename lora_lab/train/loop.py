@@ -40,6 +40,7 @@ import pandas as pd
 import torch
 
 from ..errors import TrainingError
+from ..hf._peft import active_name
 from ..hf.model.kbit import unpack_4bit_weights
 from ..specs import TrainSpec
 from .checkpoint import load_training_state, restore_trainable, save_checkpoint
@@ -108,15 +109,10 @@ def _device(model) -> torch.device:
                         "attach an adapter first: model = lora_lab.attach(model, AdapterSpec())")
 
 
-def _adapter_name(model) -> str | None:
-    active = getattr(model, "active_adapter", None)
-    return active[0] if isinstance(active, (list, tuple)) else active
-
-
 def _default_dir(model) -> Path:
     """``runs/<timestamp>-<adapter>`` under the working directory (``-2``, ... if taken)."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    base = Path.cwd() / "runs" / f"{stamp}-{_adapter_name(model) or 'adapter'}"
+    base = Path.cwd() / "runs" / f"{stamp}-{active_name(model) or 'adapter'}"
     path, k = base, 2
     while path.exists():
         path, k = base.with_name(f"{base.name}-{k}"), k + 1
@@ -147,7 +143,7 @@ class _Run:
         self.history = History()
         self.callbacks = [self.history, *callbacks]
         self.control = Control()
-        self.run_dir, self.adapter = Path(run_dir), _adapter_name(model)
+        self.run_dir, self.adapter = Path(run_dir), active_name(model)
         self.step, self.tokens, self.session_tokens = 0, 0, 0
         self.last: dict = {}
         self.checkpoint: str | None = None

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import TrainingError
+from ..hf.training.optim import bnb_optimizer
 from ..specs import TrainSpec
 
 __all__ = ["Precision", "resolve_precision", "build_optimizer", "lr_factor"]
@@ -86,11 +87,6 @@ def build_optimizer(spec: TrainSpec, params: list[torch.nn.Parameter], device: t
         raise TrainingError(f"TrainSpec.optimizer={name!r} is a bitsandbytes optimizer, which needs "
                             f"a CUDA GPU; this model is on {device}.",
                             "pass optimizer='adamw' (fused AdamW) on CPU")
-    try:
-        from ..hf.training.optim import bnb_optimizer
-    except ImportError as exc:
-        raise TrainingError(f"TrainSpec.optimizer={name!r} needs lora_lab.hf.training.optim.bnb_optimizer, "
-                            "which this installation lacks.", "pass optimizer='adamw'") from exc
     return bnb_optimizer(name, params, lr=spec.lr, weight_decay=spec.weight_decay)
 
 

@@ -12,24 +12,11 @@ from torch import nn
 
 from ...errors import AdapterError, SpecError
 from ...specs import AdapterSpec
+from .._peft import check_adapter_name, is_peft
 from ..model.inspect import is_quantized, resolve_targets
 from .peft_config import to_peft_config
 
-__all__ = ["attach", "check_adapter_name"]
-
-
-_RESERVED = frozenset(n for n in dir(nn.ModuleDict) + dir(nn.ParameterDict) if not n.startswith("_"))
-
-
-def check_adapter_name(name, error=AdapterError) -> None:
-    """peft keeps each adapter as a key of ``nn.ModuleDict``s in every adapted layer
-    (``lora_A[name]``), so a name must be a non-empty string without dots that is not already an
-    attribute of a ``ModuleDict`` (``half``, ``train``, ``to``, ``keys``, ...); otherwise peft fails
-    deep inside with a ``KeyError``."""
-    if not isinstance(name, str) or not name or "." in name or name in _RESERVED:
-        why = "is a method or attribute of torch modules" if name in _RESERVED else "is not usable"
-        raise error(f"Adapter name {name!r} {why}.",
-                    "pass a short name without dots, such as 'math' or 'default'")
+__all__ = ["attach"]
 
 
 def _prepare_kbit(model: nn.Module, gradient_checkpointing: bool) -> nn.Module:
@@ -60,8 +47,8 @@ def attach(model: nn.Module, spec: AdapterSpec | None = None, name: str = "defau
         raise SpecError("attach", "spec", spec, "spec must be an AdapterSpec",
                         "pass lora_lab.AdapterSpec(r=8)")
     check_adapter_name(name)
-    is_peft = isinstance(model, peft.PeftModel)
-    if is_peft and name in model.peft_config:
+    wrapped = is_peft(model)
+    if wrapped and name in model.peft_config:
         raise AdapterError(f"The model already has an adapter named {name!r}.",
                            f"pass another name, or delete it first with "
                            f"lora_lab.delete_adapter(model, {name!r})")
@@ -69,7 +56,7 @@ def attach(model: nn.Module, spec: AdapterSpec | None = None, name: str = "defau
     if spec.method in ("lora", "ia3"):
         explicit = resolve_targets(model, spec)
         targets = explicit if spec.method == "lora" or spec.target_modules != "all-linear" else None
-    base = model.get_base_model() if is_peft else model
+    base = model.get_base_model() if wrapped else model
     if spec.init == "loftq" and not getattr(base, "is_loaded_in_4bit", False):
         raise SpecError("AdapterSpec", "init", "loftq",
                         "LoftQ initialises an adapter against a 4-bit base, and this base is not "
@@ -86,15 +73,15 @@ def attach(model: nn.Module, spec: AdapterSpec | None = None, name: str = "defau
         from ..model.kbit import unpack_4bit_weights
 
         unpack_4bit_weights(model)  # a model evaluated before lora_lab saw it (hf/kbit.py)
-    if is_quantized(model) and not is_peft:
+    if is_quantized(model) and not wrapped:
         model = _prepare_kbit(model, gradient_checkpointing)
-    elif gradient_checkpointing and not is_peft:
+    elif gradient_checkpointing and not wrapped:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     try:
         with warnings.catch_warnings():  # peft 0.21 reads transformers' deprecated property
             warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
-            if is_peft:
+            if wrapped:
                 model.add_adapter(name, config)
                 model.set_adapter(name)
             else:

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from ...errors import BlendError
+from .._peft import check_adapter_name, is_peft
 from .factors import lora_factors
 
 __all__ = ["blend_adapters", "BlendReport", "COMBINATIONS"]
@@ -104,9 +105,7 @@ def blend_adapters(model: nn.Module, weights: dict[str, float], name: str = "ble
     ``combination="cat"`` (default) is exact.  Raises :class:`~lora_lab.errors.BlendError` for the
     combinations peft gets wrong, and when the self-check or the sum check fails.
     """
-    import peft
-
-    if not isinstance(model, peft.PeftModel):
+    if not is_peft(model):
         raise BlendError("This model has no adapters to blend.", "attach or load adapters first")
     if combination not in COMBINATIONS:
         raise BlendError(f"combination={combination!r} is not known.", f"use one of {COMBINATIONS}")
@@ -119,8 +118,6 @@ def blend_adapters(model: nn.Module, weights: dict[str, float], name: str = "ble
         raise BlendError(f"Blend weights must be finite numbers; got {ws}.", "pass weights like 0.5")
     if name in model.peft_config:
         raise BlendError(f"An adapter named {name!r} exists already.", "pass another name=")
-    from .attach import check_adapter_name
-
     check_adapter_name(name, BlendError)
     if refuse_known_bugs:
         _refuse_known_bugs(model, names, combination)

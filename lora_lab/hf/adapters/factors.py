@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from ...errors import AdapterError
+from .._peft import active_name, lora_layers, strip_prefix
 from ..model.inspect import layer_index, module_type
 
 __all__ = ["check_matrix", "LoraFactors", "lora_factors", "saved_lora_factors"]
@@ -64,11 +65,7 @@ class LoraFactors:
 
 
 def _adapter_name(model: nn.Module, adapter: str | None) -> str:
-    if adapter is not None:
-        return adapter
-    active = getattr(model, "active_adapter", None)
-    if isinstance(active, (list, tuple)):
-        active = active[0] if active else None
+    active = active_name(model, adapter)
     if not active:
         raise AdapterError("The model has no active adapter to read factors from.",
                            "attach one with lora_lab.attach(model, spec), or pass adapter=NAME")
@@ -80,15 +77,11 @@ def lora_factors(model: nn.Module, adapter: str | None = None) -> Iterator[LoraF
     (the active adapter when None).  Tensors are detached views; nothing is copied or changed."""
     name = _adapter_name(model, adapter)
     found = False
-    for mod_name, module in model.named_modules():
-        lora_A = getattr(module, "lora_A", None)
-        if not isinstance(lora_A, nn.ModuleDict) or name not in lora_A:
-            continue
+    for clean, module in lora_layers(model, name):
         found = True
-        A = lora_A[name].weight.detach()
+        A = module.lora_A[name].weight.detach()
         B = module.lora_B[name].weight.detach()
         dora = getattr(module, "use_dora", {}).get(name, False)
-        clean = mod_name[len("base_model.model."):] if mod_name.startswith("base_model.model.") else mod_name
         yield LoraFactors(name=clean, A=A, B=B, scaling=float(module.scaling[name]),
                           fan_in_fan_out=bool(getattr(module, "fan_in_fan_out", False)),
                           use_dora=bool(dora))
@@ -156,7 +149,7 @@ def saved_lora_factors(path) -> list[LoraFactors]:
     for key, value in tensors.items():
         for suffix, which in _SUFFIXES.items():
             if key.endswith(suffix):
-                name = key[:-len(suffix)].removeprefix("base_model.model.")
+                name = strip_prefix(key[:-len(suffix)])
                 parts.setdefault(name, {})[which] = value
     rs, fifo = bool(config.get("use_rslora")), bool(config.get("fan_in_fan_out"))
     factors = []

@@ -21,11 +21,11 @@ from torch import nn
 
 from ...errors import AdapterError, AdapterMismatchError
 from ...specs import AdapterSpec
+from .._peft import PREFIX, active_name, check_adapter_name, is_peft, strip_prefix
 
 __all__ = ["save_adapter", "load_adapter", "read_adapter_spec"]
 
 SPEC_FILE = "lora_lab_spec.json"
-_PREFIX = "base_model.model."
 # Adds to an existing PeftModel, by path taken (tests read it to see which one ran).
 _LOAD_PATHS = {"fast": 0, "peft": 0}
 # LoraConfig fields that make an adapter more than plain LoRA: any set one sends it to peft's path.
@@ -35,19 +35,12 @@ _NOT_PLAIN = ("use_dora", "modules_to_save", "rank_pattern", "alpha_pattern", "l
               "velora_config", "monteclora_config", "kasa_config", "use_bdlora", "megatron_config")
 
 
-def _active(model) -> str:
-    active = getattr(model, "active_adapter", None)
-    return active[0] if isinstance(active, (list, tuple)) else active
-
-
 def save_adapter(model: nn.Module, path, adapter: str | None = None) -> Path:
     """Save ``adapter`` (the active one when None) to folder ``path``, atomically; return the path."""
-    import peft
-
-    if not isinstance(model, peft.PeftModel):
+    if not is_peft(model):
         raise AdapterError("This model has no adapter to save.",
                            "attach one first: model = lora_lab.attach(model, spec)")
-    adapter = adapter or _active(model)
+    adapter = active_name(model, adapter)
     if adapter not in model.peft_config:
         raise AdapterError(f"There is no adapter named {adapter!r} to save.",
                            f"pass one of {sorted(model.peft_config)}")
@@ -114,7 +107,7 @@ def _check_shapes(model: nn.Module, path: Path) -> None:
         for key in f.keys():
             if ".lora_A." not in key and ".lora_B." not in key:
                 continue
-            module = key.split(".lora_")[0].removeprefix(_PREFIX)
+            module = strip_prefix(key.split(".lora_")[0])
             shape = tuple(f.get_slice(key).get_shape())
             features = _linear_features(model, module)
             if features is None:
@@ -137,27 +130,25 @@ def _linear_features(model: nn.Module, module: str) -> tuple[int, int] | None:
     """``(in_features, out_features)`` of ``module`` when it is a row of
     :func:`~lora_lab.inspect_model` (an adaptable linear layer, not the LM head, not inside a peft
     wrapper), else None.  Found by name, so the cost does not grow with the adapters loaded."""
-    import peft
-
-    from ..model.inspect import (_OUTPUT_NAMES, _base_and_wrapper, _features, _linear_kind,
+    from ..model.inspect import (OUTPUT_NAMES, base_layer, layer_features, linear_kind,
                                  module_type)
 
-    if (module_type(module) in _OUTPUT_NAMES + ("base_layer",) or ".lora_" in module
+    if (module_type(module) in OUTPUT_NAMES + ("base_layer",) or ".lora_" in module
             or ".ia3_" in module or not module):
         return None
-    full = _PREFIX + module if isinstance(model, peft.PeftModel) else module
+    full = PREFIX + module if is_peft(model) else module
     node = model
     for part in full.split("."):
         if node is not model:                    # an ancestor that wraps a linear layer hides it
-            base = _base_and_wrapper(node)
-            if base is not node and _linear_kind(base) is not None:
+            base = base_layer(node)
+            if base is not node and linear_kind(base) is not None:
                 return None
         node = node._modules.get(part) if isinstance(node, nn.Module) else None
         if node is None:
             return None
-    base = _base_and_wrapper(node)
-    kind = _linear_kind(base)
-    return None if kind is None else _features(base, kind)
+    base = base_layer(node)
+    kind = linear_kind(base)
+    return None if kind is None else layer_features(base, kind)
 
 
 def load_adapter(model: nn.Module, path, name: str | None = None, *, trainable: bool = False,
@@ -171,16 +162,14 @@ def load_adapter(model: nn.Module, path, name: str | None = None, *, trainable: 
     spec = read_adapter_spec(path)
     if spec.is_lora:
         _check_shapes(model, path)
-    is_peft = isinstance(model, peft.PeftModel)
-    name = name or (path.name if is_peft else "default")
-    from .attach import check_adapter_name
-
+    wrapped = is_peft(model)
+    name = name or (path.name if wrapped else "default")
     check_adapter_name(name)
-    if is_peft and name in model.peft_config:
+    if wrapped and name in model.peft_config:
         raise AdapterError(f"The model already has an adapter named {name!r}.",
                            "pass name='another_name' or delete the old one first")
     try:
-        if is_peft:
+        if wrapped:
             if not _fast_load(model, path, name, trainable):
                 model.load_adapter(str(path), adapter_name=name, is_trainable=trainable)
             if activate:
@@ -289,8 +278,8 @@ def _read_lora_tensors(path: Path):
     out: dict[str, dict[str, torch.Tensor]] = {}
     with safe_open(str(path / "adapter_model.safetensors"), framework="pt") as f:
         for key in f.keys():
-            module, sep, rest = key.removeprefix(_PREFIX).rpartition(".lora_")
-            if not key.startswith(_PREFIX) or not sep or rest not in ("A.weight", "B.weight"):
+            module, sep, rest = strip_prefix(key).rpartition(".lora_")
+            if not key.startswith(PREFIX) or not sep or rest not in ("A.weight", "B.weight"):
                 return None
             out.setdefault(module, {})[rest[0]] = f.get_tensor(key)
     if not out or any(set(ab) != {"A", "B"} for ab in out.values()):

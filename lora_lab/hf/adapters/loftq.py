@@ -28,6 +28,7 @@ import torch
 
 from ...core.lowrank import recover_lowrank
 from ...errors import SpecError
+from .._peft import lora_layers
 
 __all__ = ["loftq_initialize", "LoftQReport"]
 
@@ -130,10 +131,7 @@ def loftq_initialize(model, adapter: str = "default", iters: int = LOFTQ_ITERS) 
     loaders = weight_loaders(_checkpoint_folder(model))
     rows = []
     rank = scaling = None
-    for name, module in model.named_modules():
-        lora_A = getattr(module, "lora_A", None)
-        if lora_A is None or adapter not in lora_A:
-            continue
+    for name, module in lora_layers(model, adapter):
         layer = module.get_base_layer()
         if type(layer).__name__ != "Linear4bit":
             continue

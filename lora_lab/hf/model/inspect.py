@@ -17,12 +17,13 @@ from torch import nn
 
 from ...errors import TargetModuleError
 from ...specs import AdapterSpec
+from .._peft import strip_prefix
 
 __all__ = ["inspect_model", "count_parameters", "ParameterCount", "linear_modules", "layer_index",
            "module_type", "is_quantized", "resolve_targets"]
 
 _LAYER_RE = re.compile(r"\.(?:layers|h|blocks|layer|decoder\.layers)\.(\d+)\.")
-_OUTPUT_NAMES = ("lm_head", "embed_out", "output_projection")
+OUTPUT_NAMES = ("lm_head", "embed_out", "output_projection")
 
 
 def layer_index(name: str) -> int | None:
@@ -36,7 +37,7 @@ def module_type(name: str) -> str:
     return name.rsplit(".", 1)[-1]
 
 
-def _linear_kind(module: nn.Module) -> str | None:
+def linear_kind(module: nn.Module) -> str | None:
     cls = type(module).__name__
     if cls in ("Linear4bit", "Linear8bitLt"):
         return cls
@@ -47,13 +48,13 @@ def _linear_kind(module: nn.Module) -> str | None:
     return None
 
 
-def _base_and_wrapper(module: nn.Module):
+def base_layer(module: nn.Module):
     """For a peft-wrapped layer return its base layer; else the module itself."""
     get_base = getattr(module, "get_base_layer", None)
     return get_base() if callable(get_base) else module
 
 
-def _features(module: nn.Module, kind: str) -> tuple[int, int]:
+def layer_features(module: nn.Module, kind: str) -> tuple[int, int]:
     if kind == "Conv1D":
         fan_in, fan_out = module.weight.shape
         return int(fan_in), int(fan_out)
@@ -67,22 +68,15 @@ def linear_modules(model: nn.Module):
     for name, module in model.named_modules():
         if any(name.startswith(p) for p in skip_prefixes):
             continue
-        base = _base_and_wrapper(module)
-        kind = _linear_kind(base)
+        base = base_layer(module)
+        kind = linear_kind(base)
         if base is not module and kind is not None:  # a peft wrapper: report it, skip its insides
             skip_prefixes.append(name + ".")
-        if kind is None or module_type(name) in _OUTPUT_NAMES:
+        if kind is None or module_type(name) in OUTPUT_NAMES:
             continue
         if module_type(name) in ("base_layer",) or ".lora_" in name or ".ia3_" in name:
             continue
-        yield _strip_peft_prefix(name), base, kind
-
-
-def _strip_peft_prefix(name: str) -> str:
-    for prefix in ("base_model.model.",):
-        if name.startswith(prefix):
-            return name[len(prefix):]
-    return name
+        yield strip_prefix(name), base, kind
 
 
 def inspect_model(model: nn.Module) -> pd.DataFrame:
@@ -95,7 +89,7 @@ def inspect_model(model: nn.Module) -> pd.DataFrame:
     """
     rows = []
     for name, mod, kind in linear_modules(model):
-        fin, fout = _features(mod, kind)
+        fin, fout = layer_features(mod, kind)
         bias = getattr(mod, "bias", None)
         rows.append({
             "name": name, "module_type": module_type(name), "layer": layer_index(name),

@@ -22,10 +22,11 @@ import torch
 from ...core.quant import (QuantError, bits_per_param,
                            error_metrics, weight_stats)
 from ...errors import LoraLabError
+from .._peft import strip_prefix
 from .roundtrip import roundtrip
 
-
-__all__ = ['scan_quantization', 'QuantScan', 'weight_loaders', 'linear_weight_names', 'clean_name', 'layer_and_module', 'module_items']
+__all__ = ["scan_quantization", "QuantScan", "weight_loaders", "linear_weight_names", "clean_name",
+           "layer_and_module", "module_items"]
 
 _SKIP = re.compile(r"(embed|norm|lm_head|^wte$|^wpe$|^ln_|^ln\d|lora_)")
 
@@ -33,7 +34,7 @@ _SKIP = re.compile(r"(embed|norm|lm_head|^wte$|^wpe$|^ln_|^ln\d|lora_)")
 # ------------------------------------------------------------------ which tensors -------------
 def clean_name(name: str) -> str:
     """Drop peft's wrappers so names match the checkpoint: base_model.model.X.base_layer.weight."""
-    name = name.removeprefix("base_model.model.")
+    name = strip_prefix(name)
     return name.replace(".base_layer.", ".")
 
 

@@ -17,7 +17,7 @@ from torch import nn
 
 from ...core.spectrum import Spectrum, lowrank_svd
 from ...errors import AdapterError
-from .._peft import active_name
+from .._peft import active_name, is_peft, lora_layers
 from ..adapters.factors import LoraFactors, check_matrix, lora_factors
 
 __all__ = ['Compression', 'compress_adapter']
@@ -102,20 +102,10 @@ def _truncated_factors(f: LoraFactors, rank: int, new_scaling: float):
 
 
 def _add_adapter(model: nn.Module, name: str, config) -> None:
-    import peft
-
-    if isinstance(model, peft.PeftModel):
+    if is_peft(model):
         model.add_adapter(name, config)
     else:  # a transformers model with peft integration
         model.add_adapter(config, adapter_name=name)
-
-
-def _lora_modules(model: nn.Module) -> dict:
-    out = {}
-    for full, module in model.named_modules():
-        if isinstance(getattr(module, "lora_A", None), nn.ModuleDict):
-            out[full.removeprefix("base_model.model.")] = module
-    return out
 
 
 def _copy_modules_to_save(model: nn.Module, source: str, target: str) -> None:
@@ -128,7 +118,7 @@ def _copy_modules_to_save(model: nn.Module, source: str, target: str) -> None:
 
 def _install(model: nn.Module, factors: list, adapter: str, new_name: str, rank: int) -> list:
     """Write the truncated factors into adapter ``new_name``; return the per-module report rows."""
-    modules, rows = _lora_modules(model), []
+    modules, rows = dict(lora_layers(model)), []
     for f in factors:
         layer = modules[f.name]
         B_new, A_new, energy = _truncated_factors(f, rank, float(layer.scaling[new_name]))
