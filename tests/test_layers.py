@@ -1,5 +1,12 @@
-"""Imports point one way (DESIGN.md): ui -> viz -> train -> hf -> core, and only hf/ touches
-transformers, peft, bitsandbytes, datasets and safetensors."""
+"""The architecture, checked from the imports (DESIGN.md, docs/architecture.md).
+
+Layers, bottom to top: core → hf → export → train → viz → ui → cli.  A file may import its own
+layer and the layers below it, and the root files ``errors``, ``specs``, ``control`` and
+``_version``; those root files import only each other.  Only hf/ touches transformers, peft,
+bitsandbytes, datasets and safetensors; ui/ and viz/ import no torch; no subpackage imports the
+package root; no import circle exists (module-level and function-level imports alike); no file is
+over 400 lines.
+"""
 
 import ast
 from pathlib import Path
@@ -7,42 +14,140 @@ from pathlib import Path
 import pytest
 
 PKG = Path(__file__).resolve().parent.parent / "lora_lab"
-ORDER = ["core", "hf", "train", "viz", "ui"]  # a layer may import only layers to its left
+ORDER = ["core", "hf", "export", "train", "viz", "ui", "cli"]   # may import only to its left
+ROOT_FILES = {"errors", "specs", "control", "_version"}           # importable from every layer
 HF_ONLY = {"transformers", "peft", "bitsandbytes", "datasets", "safetensors"}
+NO_TORCH = {"ui", "viz"}
+MAX_LINES = 400
+FILES = sorted(PKG.rglob("*.py"))
+
+
+def module_of(path: Path) -> str:
+    parts = list(path.relative_to(PKG.parent).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MODULES = {module_of(p) for p in FILES}
 
 
 def imports(path: Path):
+    """(absolute module, line) for every import in ``path``, at any depth; ``from X import m``
+    where X.m is a module counts as importing X.m."""
     tree = ast.parse(path.read_text())
+    package = module_of(path).split(".") if path.name == "__init__.py" else \
+        module_of(path).split(".")[:-1]
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             for a in node.names:
-                yield a.name, 0
+                yield a.name, node.lineno
         elif isinstance(node, ast.ImportFrom):
-            yield node.module or "", node.level
+            if node.level:
+                base = package[: len(package) - (node.level - 1)]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            subs = [f"{target}.{a.name}" for a in node.names if f"{target}.{a.name}" in MODULES]
+            if subs and len(subs) == len(node.names):
+                for s in subs:
+                    yield s, node.lineno
+            else:
+                yield target, node.lineno
 
 
-def layer_of(path: Path) -> str | None:
-    rel = path.relative_to(PKG).parts
-    return rel[0] if len(rel) > 1 and rel[0] in ORDER else None
+def layer_of(module: str) -> str | None:
+    """The layer of a lora_lab module; None for the root files and the package itself."""
+    parts = module.split(".")
+    if parts[0] != "lora_lab" or len(parts) < 2:
+        return None
+    if parts[1] == "cli":
+        return "cli"
+    return parts[1] if parts[1] in ORDER else None
 
 
-def resolve(path: Path, module: str, level: int) -> str:
-    if level == 0:
-        return module
-    base = list(path.relative_to(PKG).parts[:-1])
-    base = base[: len(base) - (level - 1)] if level > 1 else base
-    return ".".join(["lora_lab", *base, *([module] if module else [])])
+def rel(path: Path) -> str:
+    return str(path.relative_to(PKG))
 
 
-@pytest.mark.parametrize("path", sorted(PKG.rglob("*.py")), ids=lambda p: str(p.relative_to(PKG)))
-def test_layering(path):
-    layer = layer_of(path)
-    for module, level in imports(path):
-        target = resolve(path, module, level)
+@pytest.mark.parametrize("path", FILES, ids=rel)
+def test_every_file_has_a_layer_and_imports_point_down(path):
+    me = module_of(path)
+    layer = layer_of(me)
+    root_file = me.split(".")[-1] in ROOT_FILES and me.count(".") == 1
+    assert layer or root_file or me == "lora_lab", f"{rel(path)} belongs to no layer"
+    for target, line in imports(path):
         top = target.split(".")[0]
         if top in HF_ONLY:
-            assert layer == "hf", f"{path.name} imports {target}: only lora_lab/hf/ may"
-        parts = target.split(".")
-        if layer and parts[0] == "lora_lab" and len(parts) > 1 and parts[1] in ORDER:
-            assert ORDER.index(parts[1]) <= ORDER.index(layer), \
-                f"{path.relative_to(PKG)} ({layer}) imports {target}, a layer above it"
+            assert layer == "hf", f"{rel(path)}:{line} imports {target}: only lora_lab/hf/ may"
+        if top == "torch":
+            assert layer not in NO_TORCH, f"{rel(path)}:{line} imports torch: {layer}/ takes records"
+        if top != "lora_lab":
+            continue
+        assert target != "lora_lab" or me == "lora_lab", \
+            f"{rel(path)}:{line} imports the package root (import what you need from its module)"
+        if target.split(".")[1] in ROOT_FILES:
+            continue
+        assert not root_file and me != "lora_lab", \
+            f"{rel(path)}:{line}: a root file may import only {sorted(ROOT_FILES)}, not {target}"
+        theirs = layer_of(target)
+        assert theirs is not None, f"{rel(path)}:{line} imports {target}, which has no layer"
+        assert ORDER.index(theirs) <= ORDER.index(layer), \
+            f"{rel(path)}:{line} ({layer}) imports {target} ({theirs}), a layer above it"
+
+
+def _graph() -> dict[str, set[str]]:
+    graph = {m: set() for m in MODULES}
+    for path in FILES:
+        me = module_of(path)
+        for target, _ in imports(path):
+            while target and target not in MODULES:      # `from pkg.mod import name`
+                target = target.rpartition(".")[0]
+            if target and target != me and target.startswith("lora_lab"):
+                graph[me].add(target)
+    return graph
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import circle (as a list of modules) if any, by depth-first search."""
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(m: str):
+        state[m] = 1
+        stack.append(m)
+        for n in sorted(graph[m]):
+            if state.get(n) == 1:
+                return stack[stack.index(n):] + [n]
+            if n not in state and (found := visit(n)):
+                return found
+        stack.pop()
+        state[m] = 2
+        return None
+
+    for m in sorted(graph):
+        if m not in state and (found := visit(m)):
+            return found
+    return None
+
+
+def test_no_import_circle():
+    circle = _cycle(_graph())
+    assert circle is None, "import circle: " + " → ".join(circle)
+
+
+def test_the_circle_finder_finds_circles():
+    assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert _cycle({"a": {"b", "c"}, "b": {"c"}, "c": set()}) is None
+
+
+def test_the_layer_check_sees_relative_and_lazy_imports(tmp_path):
+    """The import reader resolves ``from ..x import y`` and imports inside functions."""
+    path = PKG / "hf" / "adapters" / "attach.py"
+    found = {t for t, _ in imports(path)}
+    assert "lora_lab.errors" in found and "lora_lab.hf.model.inspect" in found
+    assert "peft" in found          # imported inside attach()
+
+
+@pytest.mark.parametrize("path", FILES, ids=rel)
+def test_no_file_over_the_size_budget(path):
+    n = len(path.read_text().splitlines())
+    assert n <= MAX_LINES, f"{rel(path)} has {n} lines (budget {MAX_LINES}): split it by topic"
