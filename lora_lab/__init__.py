@@ -21,7 +21,7 @@ from .errors import *  # noqa: F401,F403  (errors are tiny and always needed)
 from .errors import LoraLabError
 from .specs import AdapterSpec, DataSpec, QuantSpec, TrainSpec
 
-__version__ = "0.1.0"
+from ._version import __version__  # noqa: F401  (re-exported as lora_lab.__version__)
 
 # public name -> module that defines it (relative to lora_lab)
 _LAZY = {

@@ -4,8 +4,8 @@ Layers, bottom to top: core → hf → export → train → viz → ui → cli. 
 layer and the layers below it, and the root files ``errors``, ``specs``, ``control`` and
 ``_version``; those root files import only each other.  Only hf/ touches transformers, peft,
 bitsandbytes, datasets and safetensors; ui/ and viz/ import no torch; no subpackage imports the
-package root; no import circle exists (module-level and function-level imports alike); no file is
-over 400 lines.
+package root; no import circle exists (module-level and function-level imports alike); no module
+imports another's private (underscore) names; no file is over 400 lines.
 """
 
 import ast
@@ -151,3 +151,15 @@ def test_the_layer_check_sees_relative_and_lazy_imports(tmp_path):
 def test_no_file_over_the_size_budget(path):
     n = len(path.read_text().splitlines())
     assert n <= MAX_LINES, f"{rel(path)} has {n} lines (budget {MAX_LINES}): split it by topic"
+
+
+@pytest.mark.parametrize("path", FILES, ids=rel)
+def test_no_module_imports_another_modules_private_names(path):
+    """A name starting with ``_`` is private to its module: importing it from another module means
+    the file border is in the wrong place (make it public, or move the code)."""
+    tree = ast.parse(path.read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith("lora_lab")):
+            private = [a.name for a in node.names if a.name.startswith("_")
+                       and not a.name.startswith("__")]
+            assert not private, f"{rel(path)}:{node.lineno} imports private {private} from {node.module}"

@@ -1,24 +1,25 @@
 """Write a merged full model, W' = W + s·B·A, as sharded safetensors, streamed tensor by tensor.
 
 The folder loads with plain ``transformers.AutoModelForCausalLM.from_pretrained(path)``: no peft,
-no bitsandbytes, no lora_lab.  The merge never happens inside the model:
+no bitsandbytes, no lora_lab.  The merge never happens inside the model.  This module plans and
+orchestrates; the pieces that touch peft, safetensors and transformers live in ``hf/``:
 
-* each weight is read from the model *as it computes with it*.  A 4-bit weight (NF4/FP4, QLoRA §3)
-  is dequantized (``bitsandbytes.functional.dequantize_4bit``, or the CPU-packed layout bitsandbytes
-  switches to after an eval forward, decoded here from its own codebook and bf16 block scales); an
-  int8 weight (LLM.int8()) is ``CB · SCB / 127`` per row.  peft's merge is never called on a
-  4-bit layer: on AVX512-BF16 CPUs it reads repacked weights in the wrong layout (PITFALLS.md);
-* the adapter's update is added in fp32: ΔW = s·B·A with s = α/r, or α/√r for rsLoRA (peft's
-  ``scaling`` dict holds the right one).  DoRA (Liu et al. 2024, §4.1) rescales every output row:
-  W' = m ⊙ (W + ΔW) / ‖W + ΔW‖_row;
-* the result is cast to the target dtype and goes into the current shard.  A shard is written as soon
-  as it is full, so the memory used beyond the loaded model stays near one shard (plus one fp32 copy
-  of the largest weight while it is merged).
+1. :func:`~lora_lab.hf.adapters.merged_weights.merged_items` lists every tensor of the merged model
+   as ``(name, shape, source dtype, make)``.  ``make()`` reads the weight *as the model computes with
+   it* (a 4-bit NF4/FP4 or int8 base is dequantized, never merged in its packed form: PITFALLS.md)
+   and adds the adapter's update in fp32: ΔW = s·B·A with s = α/r (α/√r for rsLoRA), or DoRA's
+   row rescaling W' = m ⊙ (W + ΔW) / ‖W + ΔW‖_row (Liu et al. 2024, §4.1);
+2. :func:`_plan` cuts that list into shards of at most ``max_shard_size`` bytes in the target dtype;
+3. each shard's tensors are made, cast to the target dtype and written
+   (:func:`~lora_lab.hf.model.save.write_shard`) as soon as the shard is full, so the memory used
+   beyond the loaded model stays near one shard (plus one fp32 copy of the largest weight while it
+   is merged); then the index, config and tokenizer (:func:`~lora_lab.hf.model.save.write_config`).
 
 The model is not changed: no merge, no repacking (the reference forward runs with bitsandbytes' CPU
 repacking switched off for its duration), the adapter stays active and unmerged.  With ``check=True``
 the written folder is loaded back with ``AutoModelForCausalLM`` (in fp32, on CPU) and its logits on a
-few probe sequences are compared with the unmerged adapter model's.
+few probe sequences are compared with the unmerged adapter model's, by the one logit check of
+:mod:`lora_lab.hf.adapters.merge` (:func:`~lora_lab.hf.adapters.merge.logit_gap`).
 
 Measured differences (tiny Llama, fp32 export): full-precision or NF4 base 1e-6 relative; fp16 export
 about 4e-4 (fp16 rounding); an int8 base about 2e-2, because LLM.int8() inference also quantizes the
@@ -31,22 +32,20 @@ bases quantized without double quantization).
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import json
 import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
 
 import torch
 from torch import nn
 
 from ..errors import MergeError
+from ..hf.adapters.merge import logit_gap, make_probe_ids, probe_logits
+from ..hf.adapters.merged_weights import mergeable_adapter, merged_items
 from ..hf.model.inspect import is_quantized
-from ..hf.model.kbit import dense_weight as _dense
-from ..hf.model.kbit import no_repacking as _no_repacking
+from ..hf.model.save import load_saved, write_config, write_shard
 
 __all__ = ["export_merged", "MergedExport"]
 
@@ -98,6 +97,7 @@ class MergedExport:
 
 # ----------------------------------------------------------------------------- arguments
 def _dtype(dtype) -> torch.dtype:
+    """The stored dtype: fp16, bf16 or fp32, given as a torch dtype or a name (``"bf16"``)."""
     if isinstance(dtype, torch.dtype) and dtype in _DTYPES.values():
         return dtype
     if isinstance(dtype, str) and dtype.lower().removeprefix("torch.") in _DTYPES:
@@ -107,6 +107,7 @@ def _dtype(dtype) -> torch.dtype:
 
 
 def _shard_bytes(size) -> int:
+    """A shard size in bytes, from an int or a text such as ``"500MB"`` (10**6) or ``"2GiB"`` (2**30)."""
     if isinstance(size, int) and not isinstance(size, bool) and size > 0:
         return size
     text = str(size).strip().upper().replace(" ", "")
@@ -119,40 +120,9 @@ def _shard_bytes(size) -> int:
                      "pass a positive number of bytes or a size such as '500MB' or '2GiB'")
 
 
-def _adapter_of(model) -> str:
-    import peft
-
-    if not isinstance(model, peft.PeftModel):
-        raise MergeError(f"export_merged needs a peft model with a LoRA adapter; got "
-                         f"{type(model).__name__}.",
-                         "attach or load one first: lora_lab.attach(model, AdapterSpec()) or "
-                         "lora_lab.load_adapter(model, path); a plain model needs no merge "
-                         "(use model.save_pretrained)")
-    if not hasattr(model.base_model, "merge_adapter") or not isinstance(
-            model.base_model, peft.tuners.lora.LoraModel):
-        raise MergeError(f"export_merged merges LoRA adapters (LoRA, rsLoRA, DoRA, QLoRA); this "
-                         f"model carries a {model.peft_type} adapter.",
-                         "prefix, prompt and IA3 adapters are kept separate: save them with "
-                         "lora_lab.save_adapter")
-    if getattr(model, "_lora_lab_disabled", False):
-        raise MergeError("The adapters of this model are switched off, so there is nothing to merge.",
-                         "switch one on first: lora_lab.set_adapter(model, name)")
-    active = model.active_adapter
-    if isinstance(active, (list, tuple)):
-        if len(active) != 1:
-            raise MergeError(f"Several adapters are active at once ({list(active)}).",
-                             "activate one with lora_lab.set_adapter, or blend them first with "
-                             "lora_lab.blend_adapters")
-        active = active[0]
-    from peft.tuners.lora import LoraLayer
-
-    if any(isinstance(m, LoraLayer) and m.merged for m in model.modules()):
-        raise MergeError("Some LoRA layers are merged in place already.",
-                         "unmerge first with lora_lab.unmerge_adapter(model), then export")
-    return active
-
-
 def _prepare_folder(path, overwrite: bool) -> Path:
+    """A new or empty folder at ``path``; ``overwrite`` clears the model files of a used one (and
+    only those: other files stay)."""
     path = Path(path).expanduser()
     if path.exists() and not path.is_dir():
         raise MergeError(f"{path} exists and is a file.", "pass a folder path for the model")
@@ -166,82 +136,12 @@ def _prepare_folder(path, overwrite: bool) -> Path:
     return path
 
 
-# ----------------------------------------------------------------------------- the merge itself
-def _merged_weight(layer, adapter: str) -> torch.Tensor:
-    """W + s·B·A (or DoRA's row-rescaled version) of one peft LoRA layer, in fp32."""
-    base = layer.get_base_layer()
-    w = _dense(base, base.weight).float()
-    if adapter not in layer.lora_A and adapter not in getattr(layer, "lora_embedding_A", {}):
-        return w
-    delta = layer.get_delta_weight(adapter).float().to(w.device)
-    if delta.shape != w.shape:
-        raise MergeError(f"The update of {type(layer).__name__} has shape {tuple(delta.shape)}, "
-                         f"its weight {tuple(w.shape)}.", "export_merged supports Linear, "
-                         "Embedding and Conv LoRA layers; keep this adapter unmerged")
-    merged = w + delta
-    if layer.use_dora.get(adapter, False):
-        if w.dim() != 2 or layer.fan_in_fan_out:
-            raise MergeError(f"DoRA on {type(base).__name__} layers is not supported by export_merged.",
-                             "use DoRA on Linear layers only, or keep the adapter unmerged")
-        m = layer.lora_magnitude_vector[adapter].weight.float().to(w.device)   # (out,)
-        merged = merged * (m / torch.linalg.norm(merged, dim=1)).unsqueeze(1)
-    return merged
-
-
-def _items(model, adapter: str) -> Iterator[tuple[str, tuple, torch.dtype, Callable]]:
-    """``(name, shape, source dtype, make)`` for every tensor of the merged model, in model order.
-
-    Names are the plain transformers ones (peft's ``base_layer.`` and wrapper levels removed); a
-    tied parameter appears once.
-    """
-    from peft.tuners.lora import LoraLayer
-    from peft.utils.other import AuxiliaryTrainingWrapper, ModulesToSaveWrapper
-
-    seen: set[int] = set()
-
-    def shape_of(p):
-        state = getattr(p, "quant_state", None)
-        return tuple(state.shape) if type(p).__name__ == "Params4bit" else tuple(p.shape)
-
-    def walk(module, prefix):
-        if isinstance(module, LoraLayer):
-            base = module.get_base_layer()
-            if getattr(module, "lora_bias", {}).get(adapter, False):
-                raise MergeError("The adapter trains a LoRA bias (lora_bias=True).",
-                                 "export_merged does not merge LoRA biases; keep it unmerged")
-            seen.add(id(base.weight))
-            yield (prefix + "weight", shape_of(base.weight), torch.float32,
-                   lambda: _merged_weight(module, adapter))
-            yield from plain(base, prefix, skip={"weight"})
-            return
-        if isinstance(module, ModulesToSaveWrapper):
-            inner = module.modules_to_save[adapter] if adapter in module.modules_to_save \
-                else module.original_module
-            yield from walk(inner, prefix)
-            return
-        if isinstance(module, AuxiliaryTrainingWrapper):
-            raise MergeError(f"{prefix.rstrip('.')} is a {type(module).__name__}.",
-                             "export_merged merges LoRA layers and modules_to_save only")
-        yield from plain(module, prefix)
-        for name, child in module.named_children():
-            yield from walk(child, f"{prefix}{name}.")
-
-    def plain(module, prefix, skip=frozenset()):
-        tensors = [*module.named_parameters(recurse=False),
-                   *((n, b) for n, b in module.named_buffers(recurse=False)
-                     if n not in module._non_persistent_buffers_set)]
-        for name, t in tensors:
-            if name in skip or t is None or id(t) in seen:
-                continue
-            seen.add(id(t))
-            dtype = torch.float32 if type(t).__name__ in ("Params4bit", "Int8Params") else t.dtype
-            yield prefix + name, shape_of(t), dtype, (lambda m=module, t=t: _dense(m, t))
-
-    yield from walk(model.get_base_model(), "")
-
-
+# ----------------------------------------------------------------------------- shards
 def _plan(items, dtype: torch.dtype, limit: int) -> list[list]:
-    """Split the items into shards of at most ``limit`` bytes (a larger tensor gets its own)."""
+    """Split the items into shards of at most ``limit`` bytes (a larger tensor gets its own).
+
+    Each item ``(name, shape, source dtype, make)`` comes back with its size in the stored dtype
+    appended: floating tensors take ``dtype``'s size, integer ones keep their own."""
     shards, size = [[]], 0
     for item in items:
         _, shape, src, _ = item
@@ -255,8 +155,8 @@ def _plan(items, dtype: torch.dtype, limit: int) -> list[list]:
 
 
 def _write_shards(shards, dtype: torch.dtype, folder: Path) -> tuple[list[str], dict]:
-    from safetensors.torch import save_file
-
+    """Make, cast and write each shard in turn (one shard's tensors in memory at a time); returns
+    the file names and the ``{tensor name: file name}`` map of the index."""
     n = len(shards)
     files, weight_map = [], {}
     for i, shard in enumerate(shards, 1):
@@ -267,80 +167,10 @@ def _write_shards(shards, dtype: torch.dtype, folder: Path) -> tuple[list[str], 
             t = t.to(dtype) if t.is_floating_point() else t
             tensors[name] = t.detach().to("cpu").contiguous()
             weight_map[name] = fname
-        save_file(tensors, str(folder / fname), metadata={"format": "pt"})
+        write_shard(tensors, folder / fname)
         files.append(fname)
         del tensors
     return files, weight_map
-
-
-# ----------------------------------------------------------------------------- config, tokenizer
-def _write_config(model, folder: Path, dtype: torch.dtype, tokenizer) -> list[str]:
-    base = model.get_base_model()
-    config = copy.deepcopy(base.config)
-    for attr in ("quantization_config", "_pre_quantization_dtype"):
-        if hasattr(config, attr):
-            with contextlib.suppress(AttributeError):
-                delattr(config, attr)
-    config.dtype = dtype
-    config.architectures = [type(base).__name__]
-    config.save_pretrained(folder)
-    written = ["config.json"]
-    gen = getattr(base, "generation_config", None)
-    if gen is not None:
-        gen.save_pretrained(folder)
-        written.append("generation_config.json")
-    if tokenizer is None:
-        tokenizer = _source_tokenizer(base)
-    if tokenizer is not None:
-        written += [Path(f).name for f in tokenizer.save_pretrained(folder)]
-    return written
-
-
-def _source_tokenizer(base):
-    """The tokenizer saved beside the base model's source folder, if there is one (offline)."""
-    from transformers import AutoTokenizer
-
-    from ..hf.model.loading import base_source, resolve_source
-
-    source = base_source(base)
-    try:
-        path = Path(resolve_source(source))
-        if path.is_dir():
-            return AutoTokenizer.from_pretrained(path)
-    except Exception:  # noqa: BLE001 - a tokenizer is optional here
-        return None
-    return None
-
-
-# ----------------------------------------------------------------------------- the check
-def _probe_ids(model, n: int = 3, length: int = 24) -> torch.Tensor:
-    config = model.get_base_model().config
-    length = min(length, getattr(config, "max_position_embeddings", length) or length)
-    g = torch.Generator().manual_seed(0)
-    return torch.randint(3, config.vocab_size, (n, length), generator=g)
-
-
-@torch.no_grad()
-def _reference_logits(model, ids) -> torch.Tensor:
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    try:
-        with _no_repacking(model):
-            return model(input_ids=ids.to(device)).logits.float().cpu()
-    finally:
-        model.train(was_training)
-
-
-@torch.no_grad()
-def _exported_logits(folder: Path, ids) -> torch.Tensor:
-    from transformers import AutoModelForCausalLM
-
-    from ..hf.model.loading import _quiet_progress
-
-    with _quiet_progress():
-        merged = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, device_map="cpu")
-    return merged.eval()(input_ids=ids).logits.float()
 
 
 # ----------------------------------------------------------------------------- export_merged
@@ -363,13 +193,13 @@ def export_merged(model: nn.Module, path, dtype=torch.float16, max_shard_size="5
     adapter was trained against, so the exported model reproduces the QLoRA model, quantization
     error included.
     """
-    adapter = _adapter_of(model)
+    adapter = mergeable_adapter(model)
     target = _dtype(dtype)
     limit = _shard_bytes(max_shard_size)
-    shards = _plan(_items(model, adapter), target, limit)
+    shards = _plan(merged_items(model, adapter), target, limit)
     folder = _prepare_folder(path, overwrite)
-    ids = probe_ids if probe_ids is not None else _probe_ids(model)
-    ref = _reference_logits(model, ids) if check else None
+    ids = probe_ids if probe_ids is not None else make_probe_ids(model, n=3, length=24)
+    ref = probe_logits(model, ids) if check else None
     total = sum(item[-1] for shard in shards for item in shard)
     biggest_shard = max(sum(item[-1] for item in shard) for shard in shards)
     biggest_tensor = max(torch.Size(item[1]).numel() for shard in shards for item in shard)
@@ -384,13 +214,12 @@ def export_merged(model: nn.Module, path, dtype=torch.float16, max_shard_size="5
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (folder / INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
         files.append(INDEX)
-    files = _write_config(model, folder, target, tokenizer) + files
+    files = write_config(model, folder, target, tokenizer) + files
     diffs = {}
     if check:
-        diff = _exported_logits(folder, ids) - ref
-        diffs = dict(max_abs_logit_diff=float(diff.abs().max()),
-                     mean_abs_logit_diff=float(diff.abs().mean()),
-                     rel_logit_diff=float(diff.norm() / ref.norm().clamp_min(1e-12)))
+        gap = logit_gap(ref, probe_logits(load_saved(folder), ids))
+        diffs = dict(max_abs_logit_diff=gap.max_abs, mean_abs_logit_diff=gap.mean_abs,
+                     rel_logit_diff=gap.rel)
     return MergedExport(path=os.fspath(folder), files=tuple(dict.fromkeys(files)),
                         shards=len(shards), dtype=str(target).removeprefix("torch."),
                         adapter=adapter, from_quantized=is_quantized(model), total_bytes=total,

@@ -27,14 +27,15 @@ import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from .._version import __version__
 from ..errors import DataError, LoraLabError, ModelLoadError, SpecError
 from ..specs import AdapterSpec, DataSpec, QuantSpec, TrainSpec
 from . import launch as L
 from . import templates as T
 from ..hf.adapters.peft_config import to_peft_config
 from ..hf.model.builtin import is_builtin, resolve_builtin
-from ..hf.data.sources import DATA_SUFFIXES, FILE_TYPES, _load
-from ..hf.data.prepare import _prompts_responses
+from ..hf.data.sources import DATA_SUFFIXES, FILE_TYPES, load_columns
+from ..hf.data.prepare import prompts_responses
 
 __all__ = ["export_script", "ExportedScript"]
 
@@ -150,7 +151,7 @@ def _write_jsonl(path: Path, cols: dict) -> int:
 
 def _data(data, spec: DataSpec, folder: Path) -> tuple[dict, str, list[str]]:
     """(the DATA settings, a description, files written) for any source lora_lab reads."""
-    from ..hf.data.prepare import _split
+    from ..hf.data.prepare import split_columns
     from ..hf.data.tasks import builtin_task
 
     if data is None:
@@ -163,7 +164,7 @@ def _data(data, spec: DataSpec, folder: Path) -> tuple[dict, str, list[str]]:
             raise DataError(f"{path} has the extension {path.suffix!r}; the exported script reads "
                             f"{', '.join(FILE_TYPES)} files.", "convert the file, or pass its rows")
         if path.exists():
-            _prompts_responses(_load(str(path))[0], spec, "train")  # the columns exist
+            prompts_responses(load_columns(str(path))[0], spec, "train")  # the columns exist
             return {"source": str(path.resolve()), "train": None, "eval": None}, \
                 f"the {'file' if path.is_file() else 'folder'} {path.resolve()}", []
         if isinstance(data, os.PathLike) or path.suffix.lower() in DATA_SUFFIXES \
@@ -171,12 +172,12 @@ def _data(data, spec: DataSpec, folder: Path) -> tuple[dict, str, list[str]]:
             raise DataError(f"The file {str(data)!r} does not exist.",
                             f"check the path (current folder: {os.getcwd()})")
         return {"source": str(data), "train": None, "eval": None}, f"the hub dataset {data}", []
-    train, ev = _load(data)
-    _prompts_responses(train, spec, "train")
+    train, ev = load_columns(data)
+    prompts_responses(train, spec, "train")
     if spec.eval_fraction == 0:
         ev = None
     elif ev is None:
-        train, ev = _split(train, spec.eval_fraction, spec.seed)  # the split lora_lab makes
+        train, ev = split_columns(train, spec.eval_fraction, spec.seed)  # the split lora_lab makes
     n = _write_jsonl(folder / "data" / "train.jsonl", train)
     files = ["data/train.jsonl"]
     stale = folder / "data" / "eval.jsonl"
@@ -314,8 +315,6 @@ def _commands(folder: str, trl: bool) -> tuple[tuple[str, str], ...]:
 
 
 def _script(name: str, title: str, settings: str, main: str, main_import: str) -> str:
-    from .. import __version__
-
     head = (T.HEAD.replace("@TITLE@", title).replace("@VERSION@", __version__)
             .replace("@NAME@", name).replace("@MAIN_IMPORT@", main_import)
             .replace("@EXTRA@", ", trl" if "trl" in main_import else ""))
@@ -371,8 +370,6 @@ def export_script(adapter_spec: AdapterSpec, quant_spec=None, train_spec: TrainS
 
 
 def _readme(spec, quant, model_id, model_note, data_note, trl: bool, path) -> str:
-    from .. import __version__
-
     qarg = "" if quant is None else f", quant=ll.{quant!r}"
     return (T.README.replace("@TITLE@", "LoRA training script").replace("@VERSION@", __version__)
             .replace("@MODEL@", model_note).replace("@DATA@", data_note).replace("@SPEC@", repr(spec))

@@ -35,10 +35,10 @@ import torch
 
 from ...errors import DataError
 from ...specs import DataSpec
-from .sources import _load
+from .sources import load_columns
 
 __all__ = ["PreparedData", "prepare_dataset", "format_prompt", "encode_prompt", "pad_batch",
-           "IGNORE_INDEX"]
+           "prompts_responses", "split_columns", "IGNORE_INDEX"]
 
 IGNORE_INDEX = -100  # torch.nn.CrossEntropyLoss(ignore_index=-100): these positions add no loss
 COLUMN_HINTS = (("instruction", "output"), ("question", "answer"), ("input", "output"),
@@ -180,7 +180,7 @@ def _missing_column(cols: dict, spec: DataSpec) -> DataError:
     return DataError(problem, fix)
 
 
-def _prompts_responses(cols: dict, spec: DataSpec, split: str) -> tuple[list, list[str]]:
+def prompts_responses(cols: dict, spec: DataSpec, split: str) -> tuple[list, list[str]]:
     """Per row: the prompt (a string or prompt messages) and the response string."""
     if spec.prompt_column in cols and spec.response_column in cols:
         prompts, responses = cols[spec.prompt_column], cols[spec.response_column]
@@ -210,7 +210,7 @@ def _prompts_responses(cols: dict, spec: DataSpec, split: str) -> tuple[list, li
 
 def _examples(cols: dict, tokenizer, spec: DataSpec, split: str):
     """Tokenized examples of one split, plus (n_truncated, n_dropped, longest prompt)."""
-    prompts, responses = _prompts_responses(cols, spec, split)
+    prompts, responses = prompts_responses(cols, spec, split)
     eos = getattr(tokenizer, "eos_token_id", None)
     if eos is None:
         raise DataError("The tokenizer has no eos_token, so responses cannot be ended.",
@@ -254,7 +254,7 @@ def _to_dataset(examples: list[dict]):
     })
 
 
-def _split(cols: dict, fraction: float, seed: int) -> tuple[dict, dict | None]:
+def split_columns(cols: dict, fraction: float, seed: int) -> tuple[dict, dict | None]:
     """Hold out round(n·fraction) rows (at least 1, never all), chosen by ``seed``."""
     n = len(next(iter(cols.values())))
     if fraction <= 0 or n < 2:
@@ -286,7 +286,7 @@ def prepare_dataset(source, tokenizer, spec: DataSpec = DataSpec()) -> PreparedD
     if not isinstance(spec, DataSpec):
         raise DataError(f"spec must be a DataSpec, not {type(spec).__name__}.",
                         "pass spec=lora_lab.DataSpec(...)")
-    train_cols, eval_cols = _load(source)
+    train_cols, eval_cols = load_columns(source)
     n_train = len(next(iter(train_cols.values()), []))
     n_eval = len(next(iter(eval_cols.values()), [])) if eval_cols else 0
     if n_train == 0:
@@ -295,7 +295,7 @@ def prepare_dataset(source, tokenizer, spec: DataSpec = DataSpec()) -> PreparedD
     if spec.eval_fraction == 0:
         eval_cols, n_eval = None, 0
     elif eval_cols is None:
-        train_cols, eval_cols = _split(train_cols, spec.eval_fraction, spec.seed)
+        train_cols, eval_cols = split_columns(train_cols, spec.eval_fraction, spec.seed)
     splits, counts, train_examples = {}, [0, 0], []
     for name, cols in (("train", train_cols), ("eval", eval_cols)):
         if cols is None or not len(next(iter(cols.values()), [])):

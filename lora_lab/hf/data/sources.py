@@ -1,7 +1,8 @@
 """Read a data source into columns: a Dataset or DatasetDict, a list of dicts, a dict of columns, a
 pandas DataFrame, a .json/.jsonl/.csv/.tsv file, a ``save_to_disk`` folder, or a hub dataset name.
 
-``_load(source)`` returns ``(train_columns, eval_columns_or_None)``, each a dict of column -> list.
+``load_columns(source)`` returns ``(train_columns, eval_columns_or_None)``, each a dict of
+column -> list.
 Local files are read with the standard library so that values keep their types as written
 (``datasets``' CSV loader would turn "42" into an int).
 """
@@ -15,6 +16,8 @@ from pathlib import Path
 from typing import Mapping
 
 from ...errors import DataError
+
+__all__ = ["load_columns", "FILE_TYPES", "DATA_SUFFIXES", "EVAL_SPLITS"]
 
 EVAL_SPLITS = ("validation", "test")  # a source's own eval split, in order of preference
 FILE_TYPES = (".json", ".jsonl", ".csv", ".tsv")
@@ -111,7 +114,7 @@ def _columns(ds) -> dict[str, list]:
     return ds.to_dict("list") if type(ds).__name__ == "DataFrame" else ds.to_dict()
 
 
-def _load(source) -> tuple[dict[str, list], dict[str, list] | None]:
+def load_columns(source) -> tuple[dict[str, list], dict[str, list] | None]:
     """The train rows' columns and, when the source has one, its own eval split's columns."""
     if isinstance(source, (str, os.PathLike)):
         source = _from_path(source, explicit_path=isinstance(source, os.PathLike))

@@ -20,7 +20,7 @@ from ...specs import QuantSpec
 from .builtin import builtin_names, is_builtin, resolve_builtin
 from .device import as_dtype, default_compute_dtype, default_device
 
-__all__ = ["load_model", "bnb_config", "resolve_source"]
+__all__ = ["load_model", "bnb_config", "resolve_source", "base_source", "quiet_progress"]
 
 # bitsandbytes logs a harmless failure to fetch optional CPU kernels from the hub (PITFALLS.md).
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
@@ -72,7 +72,7 @@ def base_source(model) -> str:
 
 
 @contextlib.contextmanager
-def _quiet_progress():
+def quiet_progress():
     """Hide transformers' per-tensor "Loading weights" bar for small models (it is noise there)."""
     from transformers.utils import logging as hf_logging
 
@@ -116,7 +116,7 @@ def load_model(source, quant=None, *, device: str | None = None, dtype=None,
         kwargs["quantization_config"] = bnb_config(quant, device)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-        with _quiet_progress():
+        with quiet_progress():
             model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except OSError as exc:
         raise ModelLoadError(
