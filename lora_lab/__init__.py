@@ -8,8 +8,9 @@ Five lines from nothing to a trainable adapter::
     print(ll.count_parameters(model))                          # trainable / total / MB on disk
     data = ll.prepare_dataset(ll.builtin_task("reverse", n=500), tok)
 
-Layers (imports point down only): ``ui`` → ``viz`` → ``train`` → ``hf`` → ``core``; beside them
-``specs`` (validated choices) and ``errors`` (:class:`LoraLabError`).  Public names are imported
+Layers (imports point down only): ``ui`` → ``viz`` → ``train`` → ``export`` → ``hf`` → ``core``;
+beside them ``specs`` (validated choices) and ``errors`` (:class:`LoraLabError`).  The tree and where
+each feature lives: ``docs/architecture.md``.  Public names are imported
 lazily, so ``import lora_lab`` stays cheap until you use something.
 """
 
