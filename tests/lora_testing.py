@@ -15,3 +15,23 @@ def randomize_lora_b(model, seed: int = 0, scale: float = 0.05):
             if "lora_B" in name:
                 p.copy_(torch.randn(p.shape, generator=g) * scale)
     return model
+
+
+IDS = torch.randint(4, 90, (2, 12), generator=torch.Generator().manual_seed(0))
+
+
+def logits(model, ids=IDS):
+    """fp32 logits of ``model`` on ``ids`` (default: two fixed random rows of 12 tokens), eval mode."""
+    model.eval()
+    with torch.no_grad():
+        return model(input_ids=ids).logits.float()
+
+
+def randomize_lora(model, adapter, seed=0):
+    """Give adapter ``adapter``'s B non-zero N(0, 0.05²) values, so it changes outputs (peft starts
+    B at zero)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if f"lora_B.{adapter}." in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)

@@ -72,3 +72,11 @@ def test_inspect_model_table(tiny_llama):
                                                  cfg.num_key_value_heads * head_dim)
     assert sorted(t["layer"].unique()) == list(range(cfg.num_hidden_layers))
     assert (t["params"] == t["in_features"] * t["out_features"]).all()
+
+
+@pytest.mark.gpu
+def test_cuda_compute_dtype_follows_the_device(tiny_llama_dir):
+    model, _ = ll.load_model(tiny_llama_dir, quant="nf4", device="cuda")
+    want = torch.bfloat16 if torch.cuda.get_device_capability()[0] >= 8 else torch.float16  # T4: fp16
+    layer = model.model.layers[0].self_attn.q_proj
+    assert layer.compute_dtype == want

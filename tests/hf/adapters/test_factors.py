@@ -1,4 +1,5 @@
-"""LoRA factors read from a saved adapter folder, without its base, equal the live model's:
+"""lora_factors on a live model (incl. a 4-bit base), and LoRA factors read from a saved adapter
+folder without its base, which equal the live model's:
 same modules in the same order, same A and B, and the scaling peft gives each module (α/r,
 α/√r with rsLoRA, rank_pattern and alpha_pattern)."""
 
@@ -9,7 +10,7 @@ import pytest
 import torch
 
 import lora_lab as ll
-from lora_testing import randomize_lora_b
+from lora_testing import randomize_lora, randomize_lora_b
 from lora_lab.errors import AdapterError
 from lora_lab.hf.adapters.factors import lora_factors, saved_lora_factors
 
@@ -54,3 +55,19 @@ def test_non_lora_and_missing_folders_are_refused(tiny_llama, tmp_path):
     path = ll.save_adapter(model, tmp_path / "ia3")
     with pytest.raises(AdapterError, match="LoRA adapters only"):
         saved_lora_factors(path)
+
+
+def test_lora_factors_on_a_4bit_base(tiny_llama_nf4):
+    model, _ = tiny_llama_nf4
+    pm = ll.attach(model, ll.AdapterSpec(r=4, alpha=4, target_modules="attention-qv"))
+    randomize_lora(pm, "default")
+    fs = list(ll.lora_factors(pm))
+    assert len(fs) == 2 * model.config.num_hidden_layers
+    cfg = model.config
+    for f in fs:
+        out = cfg.hidden_size if f.module_type == "q_proj" else \
+            cfg.num_key_value_heads * cfg.hidden_size // cfg.num_attention_heads
+        assert f.shape == (out, cfg.hidden_size) and f.scaling == 1.0 and f.r == 4
+        assert f.A.dtype == torch.float32 and f.delta().abs().sum() > 0
+    with pytest.raises(AdapterError, match="No LoRA module"):
+        list(ll.lora_factors(pm, "missing"))
