@@ -3,9 +3,10 @@
 Layers, bottom to top: core → hf → export → train → viz → ui → cli.  A file may import its own
 layer and the layers below it, and the root files ``errors``, ``specs``, ``control`` and
 ``_version``; those root files import only each other.  Only hf/ touches transformers, peft,
-bitsandbytes, datasets and safetensors; ui/ and viz/ import no torch; no subpackage imports the
-package root; no import circle exists (module-level and function-level imports alike); no module
-imports another's private (underscore) names; no file is over 400 lines.
+bitsandbytes, datasets and safetensors, and inside it the features import downwards too; ui/ and
+viz/ import no torch; no subpackage imports the package root; no import circle exists (module-level
+and function-level imports alike); no module imports another's private (underscore) names; no file
+is over 400 lines.
 """
 
 import ast
@@ -18,6 +19,7 @@ ORDER = ["core", "hf", "export", "train", "viz", "ui", "cli"]   # may import onl
 ROOT_FILES = {"errors", "specs", "control", "_version"}           # importable from every layer
 HF_ONLY = {"transformers", "peft", "bitsandbytes", "datasets", "safetensors"}
 NO_TORCH = {"ui", "viz"}
+HF_ORDER = ["_peft", "data", "model", "quant", "adapters", "spectra", "generate", "training"]
 MAX_LINES = 400
 FILES = sorted(PKG.rglob("*.py"))
 
@@ -92,6 +94,21 @@ def test_every_file_has_a_layer_and_imports_point_down(path):
         assert theirs is not None, f"{rel(path)}:{line} imports {target}, which has no layer"
         assert ORDER.index(theirs) <= ORDER.index(layer), \
             f"{rel(path)}:{line} ({layer}) imports {target} ({theirs}), a layer above it"
+
+
+@pytest.mark.parametrize("path", sorted((PKG / "hf").rglob("*.py")), ids=rel)
+def test_hf_features_import_downwards(path):
+    """Inside hf/ the features are ordered too: peft's names, data, the model, quantization,
+    adapters, then what reads adapters (spectra, generation) and the Trainer bridge."""
+    parts = path.relative_to(PKG / "hf").with_suffix("").parts
+    if len(parts) < 2 and parts[0] != "_peft":
+        return                                                       # hf/__init__.py
+    mine = HF_ORDER.index(parts[0])
+    for target, line in imports(path):
+        t = target.split(".")
+        if t[:2] == ["lora_lab", "hf"] and len(t) > 2 and t[2] in HF_ORDER:
+            assert HF_ORDER.index(t[2]) <= mine, \
+                f"hf/{rel(path)}:{line} imports {target}, a feature above hf/{parts[0]}"
 
 
 def _graph() -> dict[str, set[str]]:
