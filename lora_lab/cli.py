@@ -80,7 +80,7 @@ def cut_frame(spectra):
     per-module ΔW error √(1 − energy) (median and max)."""
     import pandas as pd
 
-    from lora_lab.viz.sweep import CutGrid
+    from lora_lab.core.rank_cut import CutGrid
 
     cut = CutGrid.from_spectra(spectra)
     R = cut.max_rank

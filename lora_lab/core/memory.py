@@ -65,6 +65,11 @@ Each term, in bytes (``c`` = bytes of the compute dtype: 2 for fp16/bf16, 4 for 
   ``out × in`` delta at a time; on a quantized base the safe path dequantizes the whole base
   (``c`` bytes/param of the quantized layers).
 
+Storage of quantized weights (no training): :func:`quant_storage` sums, over tensors t with n_t
+weights stored at b_t bits per parameter (codes plus block constants, see
+:func:`lora_lab.core.quant.bits_per_param`), ``fp16 = 2·Σ n_t`` bytes against
+``quant = Σ n_t·b_t / 8`` bytes, into a :class:`QuantStorage`.
+
 Assumptions: weights stored in the compute dtype (no fp32 master copy), autocast to the compute
 dtype, SDPA without an ``s²`` score matrix (flash / memory-efficient kernels), fused AdamW (no
 per-step temporaries).  These terms are
@@ -75,10 +80,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
 
 __all__ = ["GIB", "DEVICES", "Architecture", "QuantLayout", "TrainableLayout", "four_bit_bytes",
            "int8_bytes", "device_bytes", "optimizer_bytes_per_param", "layer_activation_bytes",
-           "activation_bytes", "logits_bytes", "memory_terms", "verdict", "OPTIMIZERS"]
+           "QuantStorage", "quant_storage", "activation_bytes", "logits_bytes", "memory_terms", "verdict", "OPTIMIZERS"]
 
 GIB = 2**30
 # Usable memory as sold (GiB); the CUDA context is a separate term of the estimate.
@@ -296,3 +304,51 @@ def verdict(need: float, capacity: float) -> str:
     if need <= 0.9 * capacity:
         return "fits"
     return "tight" if need <= capacity else "does not fit"
+
+
+@dataclass(frozen=True)
+class QuantStorage:
+    """Bytes of a set of weights at fp16 and in a quantized scheme (:func:`quant_storage`).
+
+    ``numel`` = Σ n_t weights; ``fp16_bytes`` = 2·Σ n_t; ``quant_bytes`` = Σ n_t·b_t / 8 (b_t: bits
+    per parameter of tensor t, block constants included); ``saved_bytes`` = fp16 − quant;
+    ``saved_share`` = saved / fp16 (0 for no weights).  ``record["fp16_bytes"]`` reads a field too
+    (the dict this record replaced).
+    """
+
+    numel: int
+    fp16_bytes: float
+    quant_bytes: float
+    saved_bytes: float
+    saved_share: float
+
+    @property
+    def bits_per_param(self) -> float:
+        """Mean storage bits per weight, Σ n_t·b_t / Σ n_t (0 for no weights)."""
+        return 8 * self.quant_bytes / max(self.numel, 1)
+
+    def __getitem__(self, field: str) -> float:
+        if field not in self.__dataclass_fields__:
+            raise KeyError(field)
+        return getattr(self, field)
+
+    def __repr__(self) -> str:
+        mb = 2**20
+        return (f"QuantStorage({self.numel:,} weights: {self.fp16_bytes / mb:.2f} MB at fp16 → "
+                f"{self.quant_bytes / mb:.2f} MB at {self.bits_per_param:.3f} bits/param, saves "
+                f"{self.saved_bytes / mb:.2f} MB ({self.saved_share:.1%}))")
+
+    def _repr_html_(self) -> str:
+        return f"<b>{repr(self)}</b>"
+
+
+def quant_storage(numels: Sequence[int], bits_per_param: Sequence[float]) -> QuantStorage:
+    """:class:`QuantStorage` of tensors with ``numels[t]`` weights stored at ``bits_per_param[t]``
+    bits each (e.g. the ``numel`` and ``bits_per_param`` columns of a
+    :class:`~lora_lab.hf.quant.scan.QuantScan` table).  MB = 2²⁰ bytes."""
+    n = np.asarray(numels, dtype=np.int64)
+    fp16 = 2.0 * float(n.sum())
+    quant = float((n * np.asarray(bits_per_param, dtype=float)).sum()) / 8
+    saved = fp16 - quant
+    return QuantStorage(numel=int(n.sum()), fp16_bytes=fp16, quant_bytes=quant, saved_bytes=saved,
+                        saved_share=saved / fp16 if fp16 else 0.0)

@@ -12,10 +12,12 @@
   the relative error ‖W − Q(W)‖_F / ‖W‖_F with decoder layers down and module types across.
 * **memory** — the linear weights at fp16 (2 bytes each) against the chosen scheme's storage,
   Σ numel × bits_per_param / 8 over the scanned tensors (bits_per_param counts the block constants:
-  4.5 bits for NF4 at blocksize 64, ≈ 4.127 with double quantization, QLoRA §3).  MB = 2²⁰ bytes
-  and GB = 2³⁰, as in ``QuantScan.summary``.
+  4.5 bits for NF4 at blocksize 64, ≈ 4.127 with double quantization, QLoRA §3), as a
+  :class:`~lora_lab.core.memory.QuantStorage` (:func:`lora_lab.core.memory.quant_storage`).
+  MB = 2²⁰ bytes and GB = 2³⁰, as in ``QuantScan.summary``.
 * **module** — one tensor's detail: its weight histogram with the scheme's code levels
-  (:func:`lora_lab.viz.quant.weight_histogram`) and its :class:`~lora_lab.QuantError` numbers.
+  (:func:`lora_lab.hf.quant.roundtrip.weight_histogram_data`, drawn by
+  :func:`lora_lab.viz.quant.weight_histogram`) and its :class:`~lora_lab.QuantError` numbers.
   Clicking a heatmap cell selects it (live figures only).
 
 A source that cannot be scanned (an already quantized model, a missing path) or a choice
@@ -29,9 +31,10 @@ import os
 
 import ipywidgets as widgets
 
+from ..core.memory import QuantStorage, quant_storage
 from ..core.quant import SCHEMES
 from ..errors import LoraLabError
-from ..hf.quant.roundtrip import BLOCKSIZES, check_scheme
+from ..hf.quant.roundtrip import BLOCKSIZES, check_scheme, weight_histogram_data
 from ..hf.quant.scan import QuantScan, scan_quantization, weight_loaders
 from ..viz.quant import error_heatmap, weight_histogram
 from .figure import LiveFigure
@@ -49,17 +52,6 @@ def _size(nbytes: float) -> str:
     return f"{nbytes / 2**30:.2f} GB" if nbytes >= 2**30 else f"{nbytes / 2**20:.2f} MB"
 
 
-def memory_of(table) -> dict:
-    """Bytes of the scanned linear weights at fp16 and at the table's bits_per_param.
-
-    ``fp16_bytes`` = 2 · Σ numel, ``quant_bytes`` = Σ numel · bits_per_param / 8,
-    ``saved_bytes`` = their difference, ``saved_share`` = saved / fp16 (0 for an empty table)."""
-    fp16 = 2.0 * float(table["numel"].sum())
-    quant = float((table["numel"] * table["bits_per_param"]).sum()) / 8
-    return dict(fp16_bytes=fp16, quant_bytes=quant, saved_bytes=fp16 - quant,
-                saved_share=(fp16 - quant) / fp16 if fp16 else 0.0)
-
-
 def _check_choice(scheme, blocksize) -> LoraLabError | None:
     """hf.quant's own check, reworded for the widget, which falls back to nf4 / 64."""
     try:
@@ -74,7 +66,8 @@ class QuantExplorer(widgets.VBox):
     """Explore the quantization error of a full-precision model (see the module docstring).
 
     ``result``: the current :class:`~lora_lab.QuantScan` (None until one succeeds); ``memory``: its
-    :func:`memory_of`; ``error``: the message shown for a refusal (``""`` when fine); ``code()``:
+    :class:`~lora_lab.core.memory.QuantStorage` (fp16 vs quantized bytes); ``error``: the message
+    shown for a refusal (``""`` when fine); ``code()``:
     plain Python that reproduces ``result``.
     """
 
@@ -83,7 +76,7 @@ class QuantExplorer(widgets.VBox):
         self._source, self._progress = source, progress
         self._cache: dict[tuple, QuantScan] = {}
         self.result: QuantScan | None = None
-        self.memory: dict | None = None
+        self.memory: QuantStorage | None = None
         self.error = ""
         refused = _check_choice(scheme, blocksize)
         if refused:
@@ -148,7 +141,8 @@ class QuantExplorer(widgets.VBox):
             self._show_error(exc)
             return
         self.error, self.message.value = "", ""
-        self.result, self.memory = scan, memory_of(scan.table)
+        self.result = scan
+        self.memory = quant_storage(scan.table["numel"], scan.table["bits_per_param"])
         self.summary.value = self._summary_html()
         self._draw_heatmap(scan)
         names = list(scan.table["name"])
@@ -167,13 +161,12 @@ class QuantExplorer(widgets.VBox):
     def _summary_html(self) -> str:
         m, t = self.memory, self.result.table
         scheme, bs, dq = self.choice
-        bits = (t["numel"] * t["bits_per_param"]).sum() / max(int(t["numel"].sum()), 1)
         return (f"<b>{scheme}</b>, blocksize {bs}{', double quant' if dq else ''}: "
-                f"{len(t)} linear weights, {int(t['numel'].sum()):,} parameters, "
-                f"{bits:.3f} bits/param · relative error mean {t['rel_error'].mean():.4g}, "
-                f"max {t['rel_error'].max():.4g}<br><b>memory</b> {_size(m['fp16_bytes'])} at fp16 → "
-                f"{_size(m['quant_bytes'])} in {scheme}: <b>saves {_size(m['saved_bytes'])} "
-                f"({m['saved_share']:.1%})</b>")
+                f"{len(t)} linear weights, {m.numel:,} parameters, {m.bits_per_param:.3f} "
+                f"bits/param · relative error mean {t['rel_error'].mean():.4g}, "
+                f"max {t['rel_error'].max():.4g}<br><b>memory</b> {_size(m.fp16_bytes)} at fp16 → "
+                f"{_size(m.quant_bytes)} in {scheme}: <b>saves {_size(m.saved_bytes)} "
+                f"({m.saved_share:.1%})</b>")
 
     def _draw_heatmap(self, scan: QuantScan) -> None:
         fig = error_heatmap(scan)
@@ -200,8 +193,8 @@ class QuantExplorer(widgets.VBox):
             return
         scheme, bs, _ = self.choice
         try:
-            fig = weight_histogram(self._loaders[name]().float().cpu(), scheme=scheme, blocksize=bs,
-                                   name=name)
+            fig = weight_histogram(weight_histogram_data(self._loaders[name]().float().cpu(),
+                                                         scheme=scheme, blocksize=bs, name=name))
         except (LoraLabError, RuntimeError, ValueError) as exc:
             self._show_error(exc)
             return
@@ -242,5 +235,5 @@ class QuantExplorer(widgets.VBox):
             return f"QuantExplorer(no scan: {self.error.splitlines()[0] if self.error else ''})"
         m = self.memory
         return (f"QuantExplorer({self.result.source}, {self.choice}: mean rel error "
-                f"{self.result.table['rel_error'].mean():.4g}, saves {_size(m['saved_bytes'])} "
-                f"({m['saved_share']:.1%}))")
+                f"{self.result.table['rel_error'].mean():.4g}, saves {_size(m.saved_bytes)} "
+                f"({m.saved_share:.1%}))")

@@ -23,8 +23,8 @@ directions carry most of an adapter: the explorer shows where that is true, laye
   is the truncated SVD; its report shows under the button.
 
 All SVDs happen once, at construction (:func:`lora_lab.adapter_spectra`, O((out + in)·r²) per
-module); a slider move reads precomputed arrays (:class:`lora_lab.viz.sweep.CutGrid`) and sends one
-batched figure update (under 50 ms for a 224-module 7B-shaped adapter, see
+module); a slider move reads precomputed arrays (:class:`lora_lab.core.rank_cut.CutGrid`) and sends
+one batched figure update (under 50 ms for a 224-module 7B-shaped adapter, see
 ``benchmarks/rank_explorer.py``).
 Refusals (a rank the adapter cannot be cut to, a DoRA adapter, a name already taken) show inline.
 """
@@ -39,12 +39,13 @@ import numpy as np
 import pandas as pd
 import traitlets
 
+from ..core.rank_cut import CutGrid, diagonal_phi
 from ..errors import AdapterError, LoraLabError
 from ..hf.spectra.analysis import (AdapterComparison, AdapterSpectra, adapter_spectra,
                                    compare_adapters)
 from ..hf.spectra.compress import compress_adapter
 from ..viz.spectrum import METRIC_LABELS, phi_figure, spectrum_figure
-from ..viz.sweep import CutGrid, diagonal_phi
+from ..viz.sweep import cut_heatmap
 from .figure import LiveFigure
 
 __all__ = ["RankExplorer", "RankChoice"]
@@ -122,7 +123,7 @@ class RankExplorer(widgets.VBox):
         self.updates = 0
         self.cut = CutGrid.from_spectra(self.spectra)
         self._table = self.spectra.table
-        self._phi = (diagonal_phi(self.comparison, self.cut.names, self.cut.max_rank)
+        self._phi = (diagonal_phi(self.comparison.grids, self.cut.names, self.cut.max_rank)
                      if self.comparison is not None else None)
         R = self.cut.max_rank
         self._full_params = self.cut.parameters_at(R)
@@ -227,7 +228,7 @@ class RankExplorer(widgets.VBox):
     # ------------------------------------------------------------------ figures
     def _heatmap_figure(self, k: int):
         metric = self.metric.value
-        fig = self.cut.heatmap(self._values(metric, k), self._label(metric, k))
+        fig = cut_heatmap(self.cut, self._values(metric, k), self._label(metric, k))
         return fig.update_layout(width=FIG_WIDTH, height=FIG_HEIGHT)
 
     def _detail_title(self, k: int) -> str:

@@ -1,12 +1,15 @@
 """Figures for quantization error: records in (a :class:`~lora_lab.hf.quant.scan.QuantScan`,
-:class:`~lora_lab.core.quant.QuantError` list, :class:`~lora_lab.core.lowrank.RecoveryResult`),
+:class:`~lora_lab.core.quant.QuantError` list, :class:`~lora_lab.core.lowrank.RecoveryResult`,
+:class:`~lora_lab.core.histogram.WeightHistogram`),
 plotly ``go.Figure`` out.
 
 * :func:`error_heatmap` — layers × module type, one heatmap per scheme (a dropdown switches).
 * :func:`scheme_bars` — NF4 vs FP4 vs int8 (…) per module type, averaged over layers.
 * :func:`blocksize_figure` — error against blocksize (one line per scheme).
 * :func:`weight_histogram` — one weight's histogram with the NF4 code points, scaled by the
-  median block absmax (what the 16 levels look like for a typical block).
+  median block absmax (what the 16 levels look like for a typical block), from a
+  :class:`~lora_lab.core.histogram.WeightHistogram`
+  (:func:`lora_lab.hf.quant.roundtrip.weight_histogram_data` computes it).
 * :func:`recovery_figure` — remaining error against LoRA rank (SVD and LoftQ).
 """
 
@@ -16,9 +19,9 @@ from typing import Sequence
 
 import numpy as np
 import plotly.graph_objects as go
-import torch
 
-from ..core.quant import QuantError, block_absmax
+from ..core.histogram import WeightHistogram
+from ..core.quant import QuantError
 from ..core.lowrank import RecoveryResult
 
 __all__ = ["error_heatmap", "scheme_bars", "blocksize_figure", "weight_histogram",
@@ -99,33 +102,28 @@ def blocksize_figure(errors: Sequence[QuantError], metric: str = "rel_error") ->
     return fig
 
 
-def weight_histogram(weight: torch.Tensor, scheme: str = "nf4", blocksize: int = 64,
-                     bins: int = 200, name: str = "weight") -> go.Figure:
-    """Histogram of ``weight``'s values (computed with ``torch.histc``, so a 4096² weight costs
-    ``bins`` points, not 16M) and the scheme's code points times the median block absmax: the
-    levels a typical block can represent.  Weights between two levels round to the nearer one."""
-    from ..hf.quant.roundtrip import code_points
+def weight_histogram(hist: WeightHistogram) -> go.Figure:
+    """Bars of ``hist.counts`` at ``hist.centers`` (one bar per bin, no gaps) and one vertical red
+    line per level of ``hist.levels`` (the scheme's code points × the median block absmax: the
+    levels a typical block can represent; weights between two levels round to the nearer one).
 
-    w = weight.detach().reshape(-1).float()
-    lo, hi = w.min().item(), w.max().item()
-    counts = torch.histc(w, bins=bins, min=lo, max=hi)
-    width = (hi - lo) / bins or 1.0
-    centers = lo + width * (torch.arange(bins, dtype=torch.float64) + 0.5)
-    scale = block_absmax(w, blocksize).median().item()
-    levels = (code_points(scheme).double() * scale).numpy()
-    top = float(counts.max())
-    xs = np.repeat(levels, 3)
-    ys = np.tile([0.0, top, np.nan], len(levels))
+    >>> weight_histogram(lora_lab.hf.quant.roundtrip.weight_histogram_data(W, "nf4", name="up"))
+    """
+    top = float(hist.counts.max())
+    levels = hist.levels
+    xs = np.repeat(levels, 3)                     # x: (l, l, NaN) per level: one segment each
+    ys = np.tile([0.0, top, np.nan], len(levels))  # y: (0, max count, NaN)
     xs[2::3] = np.nan
     fig = go.Figure([
-        go.Bar(x=centers.numpy(), y=counts.numpy(), width=width, name=name,
+        go.Bar(x=hist.centers, y=hist.counts, width=hist.width, name=hist.name,
                marker_color="#7f8c9b", hovertemplate="%{x:.4g}: %{y} weights<extra></extra>"),
-        go.Scatter(x=xs, y=ys, mode="lines", name=f"{scheme} code × median absmax ({scale:.3g})",
+        go.Scatter(x=xs, y=ys, mode="lines",
+                   name=f"{hist.scheme} code × median absmax ({hist.scale:.3g})",
                    line=dict(color="#d62728", width=1)),
     ])
     fig.update_layout(bargap=0, xaxis_title="weight value", yaxis_title="count",
-                      title=f"{name}: {w.numel():,} weights and the {len(levels)} {scheme} levels "
-                            f"(blocksize {blocksize})")
+                      title=f"{hist.name}: {hist.numel:,} weights and the {len(levels)} "
+                            f"{hist.scheme} levels (blocksize {hist.blocksize})")
     return fig
 
 

@@ -121,3 +121,18 @@ def test_devices_and_verdict():
             mem.device_bytes(bad)
     assert mem.verdict(8, 10) == "fits" and mem.verdict(9.5, 10) == "tight"
     assert mem.verdict(10.5, 10) == "does not fit"
+
+
+def test_quant_storage_by_hand():
+    # a 64×64 NF4 weight at 4.5 bits (32/64 for the fp32 absmax) and 128 int8 weights at 8.25
+    s = mem.quant_storage([64 * 64, 128], [4.5, 8.25])
+    assert s.numel == 4224 and s.fp16_bytes == 2 * 4224
+    assert s.quant_bytes == (4096 * 4.5 + 128 * 8.25) / 8
+    assert s.saved_bytes == s.fp16_bytes - s.quant_bytes
+    assert s.saved_share == pytest.approx(1 - s.quant_bytes / s.fp16_bytes)
+    assert s.bits_per_param == pytest.approx((4096 * 4.5 + 128 * 8.25) / 4224)
+    assert s["saved_bytes"] == s.saved_bytes                   # the old dict's keys still read
+    with pytest.raises(KeyError):
+        s["nonsense"]
+    empty = mem.quant_storage([], [])
+    assert (empty.fp16_bytes, empty.saved_share, empty.bits_per_param) == (0.0, 0.0, 0.0)

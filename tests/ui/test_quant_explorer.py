@@ -51,14 +51,16 @@ def test_memory_saved_equals_hand_computation(tiny):
     fp16 = sum(2 * int(n) for n in t["numel"])
     quant = sum(int(n) * float(b) / 8 for n, b in zip(t["numel"], t["bits_per_param"]))
     m = e.memory
-    assert m["fp16_bytes"] == fp16 and m["quant_bytes"] == pytest.approx(quant, rel=1e-12)
-    assert m["saved_bytes"] == pytest.approx(fp16 - quant) and \
-        m["saved_share"] == pytest.approx(1 - quant / fp16)
-    assert f"({m['saved_share']:.1%})" in e.summary.value
+    assert m.fp16_bytes == fp16 and m.quant_bytes == pytest.approx(quant, rel=1e-12)
+    assert m.saved_bytes == pytest.approx(fp16 - quant) and \
+        m.saved_share == pytest.approx(1 - quant / fp16)
+    assert m["saved_bytes"] == m.saved_bytes                # the keys of the old dict still read
+    assert f"({m.saved_share:.1%})" in e.summary.value
+    assert f"{quant * 8 / (fp16 / 2):.3f} bits/param" in e.summary.value
     # without double quant NF4 stores 4 bits + one fp32 absmax per 64 weights = 4.5 bits (QLoRA §3)
     e.double_quant.value = False
-    assert e.memory["quant_bytes"] == pytest.approx(t["numel"].sum() * 4.5 / 8)
-    assert e.memory["saved_bytes"] < m["saved_bytes"]       # double quant saves more
+    assert e.memory.quant_bytes == pytest.approx(t["numel"].sum() * 4.5 / 8)
+    assert e.memory.saved_bytes < m.saved_bytes             # double quant saves more
 
 
 def test_module_dropdown_changes_histogram_and_detail(tiny):

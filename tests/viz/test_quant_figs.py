@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from lora_lab.core.histogram import WeightHistogram
 from lora_lab.core.quant import absmax_roundtrip, block_absmax
 from lora_lab.core.lowrank import recover_lowrank
 from lora_lab.hf.quant import roundtrip as hq
@@ -63,7 +64,7 @@ def test_blocksize_figure_orders_points_and_splits_double_quant():
 
 def test_histogram_counts_every_weight_and_draws_nf4_levels():
     w = torch.randn(96, 64, generator=torch.Generator().manual_seed(2))
-    fig = vq.weight_histogram(w, "nf4", blocksize=64, bins=50)
+    fig = vq.weight_histogram(hq.weight_histogram_data(w, "nf4", blocksize=64, bins=50))
     bars, lines = fig.data
     assert sum(bars.y) == w.numel() and len(bars.x) == 50
     assert bars.x[0] >= w.min().item() and bars.x[-1] <= w.max().item()
@@ -71,6 +72,38 @@ def test_histogram_counts_every_weight_and_draws_nf4_levels():
     want = hq.code_points("nf4").numpy() * block_absmax(w, 64).median().item()
     assert len(levels) == 16 and levels == pytest.approx(want, rel=1e-6)
     assert levels.min() == pytest.approx(-block_absmax(w, 64).median().item(), rel=1e-6)
+
+
+def test_histogram_figure_data_equal_a_direct_computation():
+    """The figure's arrays, computed here with torch.histc and the code points (the oracle)."""
+    w = torch.randn(40, 72, generator=torch.Generator().manual_seed(7)) * 0.05
+    fig = vq.weight_histogram(hq.weight_histogram_data(w, "fp4", blocksize=128, bins=33, name="up"))
+    lo, hi = w.min().item(), w.max().item()
+    counts = torch.histc(w.reshape(-1), bins=33, min=lo, max=hi).numpy()
+    width = (hi - lo) / 33
+    scale = block_absmax(w, 128).median().item()
+    levels = hq.code_points("fp4").double().numpy() * scale
+    bars, lines = fig.data
+    np.testing.assert_array_equal(bars.y, counts)
+    np.testing.assert_array_equal(bars.x, lo + width * (np.arange(33) + 0.5))
+    assert bars.width == width and bars.name == "up"
+    np.testing.assert_array_equal(lines.x[0::3], levels)
+    np.testing.assert_array_equal(lines.x[1::3], levels)
+    np.testing.assert_array_equal(lines.y[1::3], np.full(len(levels), counts.max()))
+    assert np.isnan(lines.x[2::3]).all() and np.isnan(lines.y[2::3]).all()
+    assert lines.name == f"fp4 code × median absmax ({scale:.3g})"
+    assert fig.layout.title.text == (f"up: {w.numel():,} weights and the {len(levels)} fp4 levels "
+                                     "(blocksize 128)")
+
+
+def test_histogram_draws_a_hand_made_record():
+    """viz needs only the record: two bins, three levels."""
+    h = WeightHistogram(centers=np.array([-0.5, 0.5]), width=1.0, counts=np.array([3.0, 5.0]),
+                        levels=np.array([-1.0, 0.0, 1.0]), scale=1.0, numel=8, scheme="toy",
+                        blocksize=4, name="w")
+    bars, lines = vq.weight_histogram(h).data
+    assert list(bars.x) == [-0.5, 0.5] and list(bars.y) == [3.0, 5.0] and bars.width == 1.0
+    assert list(lines.x[0::3]) == [-1.0, 0.0, 1.0] and list(lines.y[1::3]) == [5.0] * 3
 
 
 def test_recovery_figure_plots_svd_and_loftq_errors():

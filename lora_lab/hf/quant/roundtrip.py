@@ -5,6 +5,9 @@
   and ``int4`` (plain absmax, the baseline; pure torch).  Double quantization: bitsandbytes'
   ``compress_statistics`` (4-bit) and ``nested`` (8-bit).
 * :func:`lowrank_recovery` — what a rank-r LoRA correction (plain SVD or LoftQ) wins back.
+* :func:`weight_histogram_data` — one weight's histogram and the scheme's levels for a typical
+  block (:class:`~lora_lab.core.histogram.WeightHistogram`, drawn by
+  :func:`lora_lab.viz.quant.weight_histogram`).
 * :func:`scan_quantization` — one row per linear weight × scheme, from a loaded model, a state
   dict, a ``.safetensors`` file, a checkpoint folder or a sharded checkpoint (index json).  Files are
   read one tensor at a time with ``safetensors.safe_open``, so peak memory is about the largest
@@ -22,12 +25,13 @@ from typing import Sequence
 
 import torch
 
+from ...core.histogram import WeightHistogram, histogram_with_levels
 from ...core.quant import (SCHEMES, QuantError, RoundTrip, absmax_roundtrip, error_metrics)
 from ...core.lowrank import RecoveryResult, recover_lowrank
 from ...errors import LoraLabError
 
 __all__ = ["check_scheme", "quant_error", "lowrank_recovery", "roundtrip", "code_points",
-           "BLOCKSIZES"]
+           "weight_histogram_data", "BLOCKSIZES"]
 
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # harmless "kernels" notice (PITFALLS)
 
@@ -122,6 +126,18 @@ def code_points(scheme: str) -> torch.Tensor:
     if scheme == "int8":
         return F.create_dynamic_map(signed=True).float().sort().values
     return F.get_4bit_type(scheme, device="cpu").float().sort().values
+
+
+def weight_histogram_data(weight: torch.Tensor, scheme: str = "nf4", blocksize: int = 64,
+                          bins: int = 200, name: str = "weight") -> WeightHistogram:
+    """``weight``'s histogram (``bins`` bins, via ``torch.histc``) and ``scheme``'s
+    :func:`code_points` times the median block absmax (blocks of ``blocksize``): the levels a
+    typical block can represent.  See :func:`lora_lab.core.histogram.histogram_with_levels`.
+
+    >>> weight_histogram(weight_histogram_data(W, "nf4"))   # lora_lab.viz.quant draws it
+    """
+    return histogram_with_levels(weight, code_points(scheme), blocksize, bins, scheme=scheme,
+                                 name=name)
 
 
 def _check_weight(weight) -> None:
