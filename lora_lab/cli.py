@@ -194,14 +194,15 @@ def scan_html(scan, path) -> str:
 
 
 def scan_command(args) -> int:
-    import lora_lab as ll
+    from lora_lab.errors import LoraLabError
+    from lora_lab.hf.quant.scan import scan_quantization
 
     source = scan_source(args.path)
     schemes = tuple(s.strip().lower() for s in args.schemes.split(",") if s.strip())
-    scan = ll.scan_quantization(source, schemes=schemes, blocksize=args.blocksize,
+    scan = scan_quantization(source, schemes=schemes, blocksize=args.blocksize,
                                 double_quant=args.double_quant, progress=sys.stderr.isatty())
     if scan.table.empty:
-        raise ll.LoraLabError(f"{args.path} holds no linear weights to scan.",
+        raise LoraLabError(f"{args.path} holds no linear weights to scan.",
                               "pass the checkpoint of a transformer (2-D *.weight tensors)")
     if args.html:
         out = Path(args.html)
@@ -243,37 +244,45 @@ def demo(out="lora_lab_demo", steps: int = 200, task: str = "upper", rank: int =
 
     import torch
 
-    import lora_lab as ll
-    from lora_lab.hf.model.builtin import resolve_builtin
+    from lora_lab.errors import LoraLabError
+    from lora_lab.hf.adapters.attach import attach
+    from lora_lab.hf.data.prepare import prepare_dataset
     from lora_lab.hf.data.tasks import builtin_task, builtin_tasks
     from lora_lab.hf.generate.batch import task_accuracy
+    from lora_lab.hf.model.builtin import resolve_builtin
+    from lora_lab.hf.model.loading import load_model
+    from lora_lab.hf.model.plan import estimate_memory
+    from lora_lab.hf.quant.scan import scan_quantization
+    from lora_lab.hf.spectra.analysis import adapter_spectra
+    from lora_lab.specs import AdapterSpec, DataSpec, TrainSpec
+    from lora_lab.train.loop import train
     from lora_lab.viz.report import report
 
     if task not in builtin_tasks():
-        raise ll.LoraLabError(f"--task {task} is not a builtin task.",
+        raise LoraLabError(f"--task {task} is not a builtin task.",
                               f"pass one of {', '.join(builtin_tasks())}")
     t0 = time.perf_counter()
     out = Path(out)
     torch.manual_seed(seed)
-    adapter = ll.AdapterSpec(r=rank, target_modules="all-linear")
-    spec = ll.TrainSpec(steps=steps, batch_size=16, lr=3e-3, warmup_steps=min(10, steps // 10),
+    adapter = AdapterSpec(r=rank, target_modules="all-linear")
+    spec = TrainSpec(steps=steps, batch_size=16, lr=3e-3, warmup_steps=min(10, steps // 10),
                         eval_every=max(1, steps // 4), seed=seed, output_dir=str(out / "run"))
     print(f"lora-lab demo: builtin:tiny, task {task!r}, LoRA r={rank} on all linear layers, "
           f"{steps} steps of {spec.batch_size} (offline, {'GPU' if torch.cuda.is_available() else 'CPU'})",
           flush=True)
-    model, tok = ll.load_model("builtin:tiny")
+    model, tok = load_model("builtin:tiny")
     test = builtin_task(task, n=n_test, seed=seed, split="test")
     before = task_accuracy(model, tok, test)
     print(f"accuracy before: {before:.0%} on {n_test} held-out prompts", flush=True)
-    model = ll.attach(model, adapter)
-    data = ll.prepare_dataset(builtin_task(task, n=steps * spec.batch_size + 100, seed=seed), tok,
-                              ll.DataSpec(eval_fraction=0.05, seed=seed))
-    result = ll.train(model, tok, data, spec=spec, callbacks=[_Progress(max(1, steps // 10))])
+    model = attach(model, adapter)
+    data = prepare_dataset(builtin_task(task, n=steps * spec.batch_size + 100, seed=seed), tok,
+                           DataSpec(eval_fraction=0.05, seed=seed))
+    result = train(model, tok, data, spec=spec, callbacks=[_Progress(max(1, steps // 10))])
     after = task_accuracy(model, tok, test)
     print(f"accuracy after:  {after:.0%} ({result.final['elapsed_s']:.1f} s of training)", flush=True)
-    scan = ll.scan_quantization(resolve_builtin("builtin:tiny"), progress=False)
+    scan = scan_quantization(resolve_builtin("builtin:tiny"), progress=False)
     path = report(out / "report.html", result=result, spec={"AdapterSpec": adapter},
-                  spectra=ll.adapter_spectra(model), quant=scan, memory=ll.estimate_memory(model),
+                  spectra=adapter_spectra(model), quant=scan, memory=estimate_memory(model),
                   summary={"model": "builtin:tiny", "task": task,
                            "accuracy before": f"{before:.1%}", "accuracy after": f"{after:.1%}",
                            "held-out prompts": n_test, "adapter": result.adapter_path},
