@@ -10,7 +10,7 @@ import importlib
 _LAZY = {"TrainingDashboard": "dashboard", "AdapterDesigner": "designer",
          "RankExplorer": "rank_explorer", "RankChoice": "rank_explorer",
          "AdapterSwitchboard": "switchboard", "QuantExplorer": "quant_explorer",
-         "ExportPanel": "designer"}
+         "ExportPanel": "export_panel"}
 __all__ = list(_LAZY)
 
 

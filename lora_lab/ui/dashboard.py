@@ -20,107 +20,32 @@ message at a time; a button click is a ``comm_msg`` on the same shell channel, s
 until the training cell has finished, which is too late.  lora_lab keeps the loop on the calling
 thread (so "Run All" runs in order, ``KeyboardInterrupt`` arrives where it is handled, and scripts
 and nbclient need nothing special) and, between steps, *polls the kernel's queue*:
-:func:`pump_kernel_events` takes the messages waiting for the busy main shell, handles widget
-messages (``comm_msg``) at once, and re-queues everything else (such as the next cell's
-``execute_request`` under "Run All") to run, in order, after the cell.  Polling is throttled to
-``poll_every_s`` and costs a non-blocking socket poll when nothing is waiting.  We chose polling over
-a worker thread because a worker does not help by itself (the cell must still block for "Run All",
-and a blocked cell hears nothing), and torch/CUDA state, autocast and ``KeyboardInterrupt`` all
-belong to the main thread.  :class:`~lora_lab.train.events.Control` is thread-safe too, so kernels
-that deliver comm messages on a subshell thread also work.  Outside a kernel the pump is a no-op.
+:func:`~lora_lab.ui.kernel.pump_kernel_events` takes the messages waiting for the busy main shell,
+handles widget messages (``comm_msg``) at once, and re-queues everything else (such as the next
+cell's ``execute_request`` under "Run All") to run, in order, after the cell.  Polling is throttled
+to ``poll_every_s`` and costs a non-blocking socket poll when nothing is waiting.  We chose polling
+over a worker thread because a worker does not help by itself (the cell must still block for "Run
+All", and a blocked cell hears nothing), and torch/CUDA state, autocast and ``KeyboardInterrupt``
+all belong to the main thread.  :class:`~lora_lab.train.events.Control` is thread-safe too, so
+kernels that deliver comm messages on a subshell thread also work.  Outside a kernel the pump is a
+no-op.
 """
 
 from __future__ import annotations
 
 import functools
 import math
-import threading
 import time
 
 import ipywidgets as widgets
 
 from ..errors import LoraLabError
 from ..viz.training import TRACES, Curves, trace_updates, training_figure
-from .designer import ExportPanel
+from .export_panel import ExportPanel
 from .figure import LiveFigure
+from .kernel import pump_kernel_events
 
-__all__ = ["TrainingDashboard", "pump_kernel_events"]
-
-
-# ----------------------------------------------------------------------------- kernel polling
-def _kernel():
-    try:
-        from IPython import get_ipython
-    except ImportError:
-        return None
-    shell = get_ipython()
-    return getattr(shell, "kernel", None)
-
-
-def _run_now(coro) -> bool:
-    """Drive a coroutine that never suspends (comm handlers are synchronous); False if it did."""
-    try:
-        coro.send(None)
-    except StopIteration:
-        return True
-    coro.close()
-    return False
-
-
-def pump_kernel_events() -> int:
-    """Handle widget messages waiting for a busy kernel; re-queue the rest.  Returns how many
-    widget messages were handled (0 outside ipykernel >= 7 or when nothing waits).
-
-    ipykernel 7 receives shell messages on a thread and forwards those for the main shell through
-    an in-process socket that the main thread reads only between cells.  We read that socket, run
-    ``comm_msg``/``comm_close`` through the kernel's own dispatcher (as ipykernel does for comm
-    messages that arrive during an ``await``), restore the cell's parent header so its output stays
-    in its cell, and hand every other message back to the kernel's loop, in arrival order, to run
-    after the cell exactly as it would have on receipt.
-    """
-    kernel = _kernel()
-    thread = getattr(kernel, "shell_channel_thread", None)
-    if thread is None or getattr(kernel, "session", None) is None:
-        return 0
-    if threading.current_thread() is not threading.main_thread():
-        return 0  # only the main shell's thread may read its socket (a subshell has its own loop)
-    pair = thread.manager.get_shell_channel_to_subshell_pair(None)
-    sock = pair.to_socket
-    handled = 0
-    while sock.poll(0):
-        frames = sock.recv_multipart(copy=False)
-        try:
-            _, msg = kernel.session.feed_identities(frames, copy=False)
-            header = kernel.session.deserialize(msg, content=False, copy=False)["header"]
-            msg_type = header["msg_type"]
-        except Exception:  # noqa: BLE001  (leave anything odd to the kernel itself)
-            msg_type = None
-        if msg_type in ("comm_msg", "comm_close"):
-            parent = kernel.get_parent("shell")
-            ident = kernel._get_shell_context_var(kernel._shell_parent_ident)
-            try:
-                if _run_now(kernel.dispatch_shell(frames, None, concurrent=True)):
-                    handled += 1
-                # A concurrent dispatch publishes no busy/idle status, but ipywidgets' front end
-                # holds a widget's next message until the previous one's "idle" arrives: without
-                # this, Resume after Pause (or a slider moved twice) would never be sent.
-                kernel._publish_status("idle", "shell")  # parent: this comm message
-            finally:
-                kernel.set_parent(ident, parent, channel="shell")
-        else:
-            _defer(kernel, pair, frames)
-    return handled
-
-
-def _defer(kernel, pair, frames) -> None:
-    """Schedule a shell message to run after the current cell exactly as the kernel would have on
-    receipt: through the socket's own receive callback, which runs it in the kernel's persistent
-    ContextVar context (ContextVars set in one cell stay set in the next)."""
-    receive = getattr(pair.to_stream, "_recv_callback", None)  # pyzmq ZMQStream's callback
-    if receive is not None:
-        kernel.io_loop.add_callback(receive, frames)
-    else:
-        kernel.io_loop.add_callback(kernel.shell_main, None, frames)
+__all__ = ["TrainingDashboard", "pump_kernel_events"]  # the pump lives in .kernel
 
 
 # ----------------------------------------------------------------------------- the dashboard

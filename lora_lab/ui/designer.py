@@ -17,9 +17,9 @@ configs (:func:`lora_lab.export.script.export_script`, data: the builtin task ``
 
 from __future__ import annotations
 
+import html
 import os
 from contextlib import contextmanager
-from typing import Callable
 
 import ipywidgets as widgets
 
@@ -28,9 +28,10 @@ from ..errors import LoraLabError, SpecError
 from ..hf.model.plan import MemoryEstimate, estimate_from_facts, model_facts
 from ..specs import INITS, OPTIMIZERS, PRESET_TARGETS, AdapterSpec, DataSpec, QuantSpec, TrainSpec
 from ..viz.memory import TERM_LABELS, memory_figure, memory_title, memory_traces
+from .export_panel import ExportPanel
 from .figure import LiveFigure
 
-__all__ = ["AdapterDesigner", "ExportPanel"]
+__all__ = ["AdapterDesigner", "ExportPanel"]  # ExportPanel lives in .export_panel
 
 METHODS = ("LoRA", "DoRA", "rsLoRA", "QLoRA", "prefix", "prompt", "IA3")
 QUANTS = ("none", "int8", "nf4", "fp4")
@@ -226,7 +227,7 @@ class AdapterDesigner(widgets.VBox):
         except LoraLabError as exc:
             self.error = str(exc)
             self.message.value = ("<div style='color:#b00020;white-space:pre-wrap'>⚠ "
-                                  + _escape(self.error) + "</div>")
+                                  + html.escape(self.error, quote=False) + "</div>")
             return
         self.error, self.message.value = "", ""
         self.spec, self.quant, self.estimate = spec, quant, est
@@ -313,37 +314,3 @@ class AdapterDesigner(widgets.VBox):
         return "\n".join(["import lora_lab as ll", "",
                           f"spec = ll.AdapterSpec({args})",
                           f"quant = {qline}", est_line, ""])
-
-
-class ExportPanel(widgets.VBox):
-    """A folder box and an Export button: writes :func:`~lora_lab.export.script.export_script`
-    for ``choice()`` (a dict of its arguments) and shows the files and the commands, or the
-    :class:`~lora_lab.LoraLabError` with its fix, inline.  ``exported`` is the last result."""
-
-    def __init__(self, choice: Callable[[], dict], folder: str = "export"):
-        self.choice = choice
-        self.exported = None
-        self.folder = widgets.Text(value=folder, description="export to", style=_W)
-        self.button = widgets.Button(description="Export", icon="download",
-                                     tooltip="Write train.py, accelerate configs and a README")
-        self.result = widgets.HTML()
-        self.button.on_click(lambda _b: self.export())
-        super().__init__([widgets.HBox([self.folder, self.button]), self.result])
-
-    def export(self):
-        """Write the export now; return the ExportedScript (None after an error)."""
-        from ..export.script import export_script
-
-        try:
-            self.exported = export_script(**self.choice(), path=self.folder.value)
-        except LoraLabError as exc:
-            self.exported = None
-            self.result.value = ("<div style='color:#b00020;white-space:pre-wrap'>⚠ "
-                                 + _escape(str(exc)) + "</div>")
-            return None
-        self.result.value = self.exported._repr_html_()
-        return self.exported
-
-
-def _escape(text: str) -> str:
-    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")

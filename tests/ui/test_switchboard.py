@@ -265,3 +265,52 @@ def test_invalid_actions_show_a_message_and_change_nothing(tiny_llama, folders, 
     assert "prompt" in sb.error and not sb.busy
     with pytest.raises(ll.LoraLabError, match="no adapter named"):
         sb.activate("nope")
+
+
+def test_the_board_is_made_of_tabs_that_know_only_a_host(tiny_llama, folders):
+    """The tabs never import the board: each works with any object that has the Host's members;
+    the board shows the tabs' widgets and results under their old names."""
+    import ast
+    import dataclasses
+    from pathlib import Path
+
+    from lora_lab.ui import switchboard
+    from lora_lab.ui.switchboard.generate_tab import GenerateTab
+
+    for path in Path(switchboard.__file__).parent.glob("*_tab.py"):
+        tree = ast.parse(path.read_text())
+        found = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+        assert not {m for m in found if m and m.endswith("board")}, path.name
+
+    @dataclasses.dataclass
+    class StandIn:                        # the Host Protocol, and nothing else
+        model: object
+        tokenizer: object
+        spec: object = None
+        busy: bool = False
+        redraw_every_s: float = 0.0
+        stop_flag: threading.Event = dataclasses.field(default_factory=threading.Event)
+        blends: dict = dataclasses.field(default_factory=dict)
+        said: list = dataclasses.field(default_factory=list)
+
+        def names(self): return []
+        def say(self, text, error=False): self.said.append((text, error))
+        def safely(self, action): action()
+        def guard(self): pass
+        def unmerge_first(self): return ""
+        def refresh(self, structure=True): pass
+        def launch(self, job): job()
+
+    host = StandIn(*tiny_llama)
+    tab = GenerateTab(host)
+    tab.prompt.value, tab.max_new_tokens.value = PROMPT, 6
+    tab.generate_button.click()
+    assert tab.result.text == generate(*tiny_llama, PROMPT, max_new_tokens=6).text == tab.output.value
+
+    sb = loaded(tiny_llama, folders)
+    tabs = sb.children[3]
+    assert list(tabs.children) == [sb.generate_tab, sb.compare_tab, sb.merge_tab, sb.blend_tab]
+    assert [tabs.get_title(i) for i in range(4)] == ["generate", "side by side", "merge / delete",
+                                                     "blend"]
+    assert sb.prompt is sb.generate_tab.prompt and sb.weights is sb.blend_tab.weights
+    assert sb.merge_report is None and sb.compare_with is sb.compare_tab.compare_with
