@@ -15,15 +15,6 @@ def int4(w):
     return cq.absmax_roundtrip(w, 4, 64)
 
 
-def structured(out=192, inp=256, rank=12, seed=0):
-    """Low-rank signal plus noise and a few outliers: like a trained weight, unlike pure noise."""
-    g = torch.Generator().manual_seed(seed)
-    w = torch.randn(out, rank, generator=g) @ torch.randn(rank, inp, generator=g) / 8
-    w += 0.05 * torch.randn(out, inp, generator=g)
-    w.view(-1)[torch.randint(0, out * inp, (20,), generator=g)] *= 12
-    return w
-
-
 # ---------------------------------------------------------------- bits per parameter ----------
 def test_bits_per_param_matches_qlora_paper():
     assert cq.bits_per_param("nf4", 64) == pytest.approx(4.5)
