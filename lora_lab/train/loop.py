@@ -305,7 +305,7 @@ def train(model, tokenizer, train_data, eval_data=None, spec: TrainSpec = TrainS
     torch.manual_seed(spec.seed)
     _set_checkpointing(model, spec.gradient_checkpointing)
     # an earlier eval/generation may have repacked 4-bit weights: undo it, and switch the
-    # repacking off for good, so this run's evaluations cannot repack them (hf/kbit.py)
+    # repacking off for good, so this run's evaluations cannot repack them (hf/model/kbit.py)
     unpack_4bit_weights(model)
     run = _Run(model, tokenizer, spec, train_rows, eval_rows, list(callbacks), run_dir)
     if resume_from is not None:

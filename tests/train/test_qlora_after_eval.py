@@ -1,5 +1,5 @@
 """QLoRA keeps learning after an evaluation (bitsandbytes repacks 4-bit weights in eval mode on
-AVX512-BF16 CPUs and the packed path drops input gradients; see lora_lab/hf/kbit.py)."""
+AVX512-BF16 CPUs and the packed path drops input gradients; see lora_lab/hf/model/kbit.py)."""
 
 import torch
 

@@ -72,7 +72,7 @@ def attach(model: nn.Module, spec: AdapterSpec | None = None, name: str = "defau
     if is_quantized(model):
         from ..model.kbit import unpack_4bit_weights
 
-        unpack_4bit_weights(model)  # a model evaluated before lora_lab saw it (hf/kbit.py)
+        unpack_4bit_weights(model)  # a model evaluated before lora_lab saw it (hf/model/kbit.py)
     if is_quantized(model) and not wrapped:
         model = _prepare_kbit(model, gradient_checkpointing)
     elif gradient_checkpointing and not wrapped:

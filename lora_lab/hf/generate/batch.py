@@ -44,7 +44,7 @@ def generate_greedy(model, tokenizer, prompt_ids: list[list[int]], max_new_token
     was_training = model.training
     model.eval()
     try:
-        if is_prompt_learning(model):  # generate() is wrong for these (hf/decode.py): no cache
+        if is_prompt_learning(model):  # generate() is wrong for these (hf/generate/decode.py): no cache
             by_len: dict[int, list[int]] = {}
             for k, ids in enumerate(prompt_ids):
                 by_len.setdefault(len(ids), []).append(k)

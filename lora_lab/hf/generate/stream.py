@@ -170,7 +170,7 @@ def _generation_config(model, tokenizer, max_new_tokens, greedy, temperature, to
 
 
 def _run(model, input_ids, config, hook, greedy, temperature, top_p) -> torch.Tensor:
-    """``model.generate`` with the step hook; prompt/prefix tuning without a cache (hf/decode.py)."""
+    """``model.generate`` with the step hook; prompt/prefix tuning without a cache (hf/generate/decode.py)."""
     from .decode import decode_without_cache, is_prompt_learning
 
     if is_prompt_learning(model):

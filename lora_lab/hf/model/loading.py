@@ -125,7 +125,7 @@ def load_model(source, quant=None, *, device: str | None = None, dtype=None,
             "for a hub id, check the spelling and that you are online") from exc
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    if quant is not None:  # bitsandbytes' CPU repacking is lossy and breaks training (hf/kbit.py)
+    if quant is not None:  # bitsandbytes' CPU repacking is lossy and breaks training (hf/model/kbit.py)
         from .kbit import keep_4bit_layout
 
         keep_4bit_layout(model)

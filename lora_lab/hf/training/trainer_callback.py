@@ -74,7 +74,7 @@ class LiveCallback(TrainerCallback):
                 method(snap, self.control)
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        if model is not None:  # undo an earlier repacking and switch it off for good (hf/kbit.py)
+        if model is not None:  # undo an earlier repacking and switch it off for good (hf/model/kbit.py)
             unpack_4bit_weights(model)
         self.control = Control()
         self._t0 = self._t_last = time.perf_counter()

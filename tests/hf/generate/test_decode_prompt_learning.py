@@ -1,6 +1,6 @@
 """Prompt and prefix tuning generate what their training forward predicts.
 
-peft 0.21 + transformers 5.24 ``generate`` gets these adapters wrong (hf/decode.py).  The oracle
+peft 0.21 + transformers 5.24 ``generate`` gets these adapters wrong (hf/generate/decode.py).  The oracle
 is teacher forcing: for greedy decoding, every generated token must be the argmax of ONE forward
 pass over prompt + completion at the position before it — the same forward that training uses.
 """
