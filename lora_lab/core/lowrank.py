@@ -14,10 +14,9 @@ from typing import Sequence
 import torch
 
 from ..errors import LoraLabError
-
 from .quant import RoundTrip
 
-__all__ = ['LowRankCorrection', 'RecoveryResult', 'recover_lowrank', 'truncated_svd']
+__all__ = ["LowRankCorrection", "RecoveryResult", "recover_lowrank", "truncated_svd"]
 
 
 # ------------------------------------------------------------------ low-rank recovery ---------

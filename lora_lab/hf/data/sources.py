@@ -24,7 +24,6 @@ FILE_TYPES = (".json", ".jsonl", ".csv", ".tsv")
 DATA_SUFFIXES = FILE_TYPES + (".parquet", ".txt", ".arrow", ".xlsx")  # a file name, not a hub id
 
 
-
 def _columns_from_rows(rows, what: str) -> dict[str, list]:
     """A list of dicts → columns (a key missing from a row becomes None in that row)."""
     keys: dict[str, None] = {}

@@ -6,10 +6,9 @@ prefix tuning are decoded without a cache (:mod:`lora_lab.hf.generate.decode`).
 
 from __future__ import annotations
 
-
 from ...errors import DataError
 
-__all__ = ['generate_greedy', 'task_accuracy']
+__all__ = ["generate_greedy", "task_accuracy"]
 
 
 def _left_pad(rows: list[list[int]], pad_id: int):
@@ -30,9 +29,9 @@ def generate_greedy(model, tokenizer, prompt_ids: list[list[int]], max_new_token
     prompt and prefix tuning are decoded without a cache, see :mod:`lora_lab.hf.generate.decode`).
 
     ``prompt_ids`` are token-id lists as training sees them (see
-    :func:`lora_lab.hf.data.prepare.encode_prompt`).  Rows sharing a batch are padded on the left, so every
-    row's last prompt token sits at the same position.  Stops a row at EOS and returns the decoded new
-    text without special tokens.  The model's train/eval mode is restored afterwards.
+    :func:`lora_lab.hf.data.prepare.encode_prompt`).  Rows sharing a batch are padded on the left,
+    so every row's last prompt token sits at the same position.  Stops a row at EOS and returns the
+    decoded new text without special tokens.  The model's train/eval mode is restored afterwards.
     """
     import torch
 

@@ -1,4 +1,4 @@
-"""Quantization error of real weights through bitsandbytes, and a streaming scan of a checkpoint.
+"""Quantization error of real weights through bitsandbytes: the round trip W → Q(W) and its error.
 
 * :func:`quant_error` — one weight, one scheme: NF4 / FP4 (bitsandbytes 4-bit, QLoRA §3), int8
   (bitsandbytes *blockwise* 8-bit with its dynamic code, as in 8-bit optimizers — not LLM.int8())
@@ -8,13 +8,11 @@
 * :func:`weight_histogram_data` — one weight's histogram and the scheme's levels for a typical
   block (:class:`~lora_lab.core.histogram.WeightHistogram`, drawn by
   :func:`lora_lab.viz.quant.weight_histogram`).
-* :func:`scan_quantization` — one row per linear weight × scheme, from a loaded model, a state
-  dict, a ``.safetensors`` file, a checkpoint folder or a sharded checkpoint (index json).  Files are
-  read one tensor at a time with ``safetensors.safe_open``, so peak memory is about the largest
-  tensor, not the model.
 
-Device: in-memory weights are analysed where they lie.  Streamed tensors are loaded to ``cuda``
-when ``torch.cuda.is_available()``, else to the CPU (bitsandbytes runs on both).
+The scan of a whole model or checkpoint, one row per linear weight × scheme, is
+:func:`lora_lab.hf.quant.scan.scan_quantization`.
+
+Device: weights are analysed where they lie (bitsandbytes runs on CUDA and on the CPU).
 """
 
 from __future__ import annotations
@@ -26,7 +24,7 @@ from typing import Sequence
 import torch
 
 from ...core.histogram import WeightHistogram, histogram_with_levels
-from ...core.quant import (SCHEMES, QuantError, RoundTrip, absmax_roundtrip, error_metrics)
+from ...core.quant import SCHEMES, QuantError, RoundTrip, absmax_roundtrip, error_metrics
 from ...core.lowrank import RecoveryResult, recover_lowrank
 from ...errors import LoraLabError
 

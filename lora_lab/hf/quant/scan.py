@@ -4,13 +4,16 @@ Sources: a loaded model, a state dict, a ``.safetensors`` file, a checkpoint fol
 checkpoint (index json).  Files are read one tensor at a time with ``safetensors.safe_open``, so
 peak memory is about the largest tensor, not the model.  The per-weight math is
 :func:`lora_lab.hf.quant.roundtrip.quant_error`.
+
+Device: in-memory weights are analysed where they lie.  Streamed tensors are loaded to ``cuda``
+when ``torch.cuda.is_available()``, else to the CPU (bitsandbytes runs on both).
 """
 
 from __future__ import annotations
 
 import json
-import re
 import os
+import re
 import struct
 import warnings
 from dataclasses import dataclass
@@ -19,8 +22,7 @@ from typing import Callable, Mapping, Sequence
 
 import torch
 
-from ...core.quant import (QuantError, bits_per_param,
-                           error_metrics, weight_stats)
+from ...core.quant import QuantError, bits_per_param, error_metrics, weight_stats
 from ...errors import LoraLabError
 from .._peft import strip_prefix
 from .roundtrip import roundtrip

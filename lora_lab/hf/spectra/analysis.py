@@ -1,14 +1,14 @@
-"""Spectra of a model's LoRA updates: per-module analysis, comparison of two adapters, compression.
+"""Spectra of a model's LoRA updates: per-module analysis and the comparison of two adapters.
 
-Everything here reads the model through :func:`lora_lab.hf.adapters.factors.lora_factors`, which gives each
-module's ΔW = s · B · A (B: out × r, A: r × in) as factors; the math is in
+Everything here reads the model through :func:`lora_lab.hf.adapters.factors.lora_factors`, which
+gives each module's ΔW = s · B · A (B: out × r, A: r × in) as factors; the math is in
 :mod:`lora_lab.core.spectrum` and never forms ΔW.
 
 * :func:`adapter_spectra` — one :class:`~lora_lab.core.spectrum.Spectrum` per adapted module, with a
   table (effective rank, stable rank, k for 90% / 99% energy, …).
 * :func:`compare_adapters` — subspace similarity φ per module (LoRA paper §7.2).
-* :func:`compress_adapter` — truncate every ΔW to a lower rank by SVD (Eckart–Young: the best
-  rank-k approximation in Frobenius norm) and install the result as a new peft LoRA adapter.
+
+Compressing an adapter to a lower rank is :func:`lora_lab.hf.spectra.compress.compress_adapter`.
 """
 
 from __future__ import annotations

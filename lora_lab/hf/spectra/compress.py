@@ -20,7 +20,7 @@ from ...errors import AdapterError
 from .._peft import active_name, is_peft, lora_layers
 from ..adapters.factors import LoraFactors, check_matrix, lora_factors
 
-__all__ = ['Compression', 'compress_adapter']
+__all__ = ["Compression", "compress_adapter"]
 
 
 # ----------------------------------------------------------------------------- compress_adapter
