@@ -77,7 +77,7 @@ def _seed():
 @pytest.fixture(scope="module")
 def report_inputs(tiny_llama_dir, tmp_path_factory, one_thread):
     """What lora_lab.report shows, from a 6-step LoRA run on the tiny Llama: the result, the
-    AdapterSpec, spectra, an NF4/int8 scan and a memory estimate (tests/test_report.py and the
+    AdapterSpec, spectra, an NF4/int8 scan and a memory estimate (tests/viz/test_report.py and the
     browser test of the report)."""
     import lora_lab as ll
 
