@@ -7,6 +7,7 @@ prefix tuning are decoded without a cache (:mod:`lora_lab.hf.generate.decode`).
 from __future__ import annotations
 
 from ...errors import DataError
+from .decode import complete, is_prompt_learning, pad_token_id
 
 __all__ = ["generate_greedy", "task_accuracy"]
 
@@ -23,6 +24,21 @@ def _left_pad(rows: list[list[int]], pad_id: int):
     return ids, mask
 
 
+def _batches(prompt_ids: list[list[int]], batch_size: int, equal_length: bool):
+    """Row indices, ``batch_size`` at a time: in order, or grouped by prompt length when the rows
+    must not be padded (prompt learning is decoded without a cache, on unpadded rows)."""
+    if not equal_length:
+        groups = [list(range(len(prompt_ids)))]
+    else:
+        by_len: dict[int, list[int]] = {}
+        for k, ids in enumerate(prompt_ids):
+            by_len.setdefault(len(ids), []).append(k)
+        groups = list(by_len.values())
+    for rows in groups:
+        for i in range(0, len(rows), batch_size):
+            yield rows[i:i + batch_size]
+
+
 def generate_greedy(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int,
                     batch_size: int = 64) -> list[str]:
     """Greedy completions of tokenized prompts, in left-padded batches (``model.generate``, KV cache;
@@ -35,35 +51,24 @@ def generate_greedy(model, tokenizer, prompt_ids: list[list[int]], max_new_token
     """
     import torch
 
-    from .decode import decode_without_cache, is_prompt_learning
-
     device = next(model.parameters()).device
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_token_id(tokenizer)
+    eos = tokenizer.eos_token_id
+    settings = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad,
+                    eos_token_id=eos)
     outputs: list[str] = [""] * len(prompt_ids)
     was_training = model.training
     model.eval()
     try:
-        if is_prompt_learning(model):  # generate() is wrong for these (hf/generate/decode.py): no cache
-            by_len: dict[int, list[int]] = {}
-            for k, ids in enumerate(prompt_ids):
-                by_len.setdefault(len(ids), []).append(k)
-            for rows in by_len.values():
-                for i in range(0, len(rows), batch_size):
-                    part = rows[i:i + batch_size]
-                    x = torch.tensor([prompt_ids[k] for k in part], device=device)
-                    out = decode_without_cache(model, x, max_new_tokens, [tokenizer.eos_token_id])
-                    texts = tokenizer.batch_decode(out[:, x.shape[1]:], skip_special_tokens=True)
-                    for k, text in zip(part, texts):
-                        outputs[k] = text
-            return outputs
-        for i in range(0, len(prompt_ids), batch_size):
-            ids, mask = _left_pad(prompt_ids[i:i + batch_size], pad)
+        for part in _batches(prompt_ids, batch_size, equal_length=is_prompt_learning(model)):
+            ids, mask = _left_pad([prompt_ids[k] for k in part], pad)
             with torch.no_grad():
-                out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
-                                     max_new_tokens=max_new_tokens, do_sample=False,
-                                     pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
-            outputs[i:i + len(out)] = tokenizer.batch_decode(out[:, ids.shape[1]:],
-                                                             skip_special_tokens=True)
+                out = complete(model, ids.to(device), mask.to(device),
+                               max_new_tokens=max_new_tokens, eos_ids=[eos],
+                               generate_kwargs=settings)
+            texts = tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
+            for k, text in zip(part, texts):
+                outputs[k] = text
     finally:
         if was_training:
             model.train()

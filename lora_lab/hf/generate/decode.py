@@ -9,7 +9,9 @@ adapters are decoded by re-running the whole sequence at every step:
     x ← prompt;  repeat:  logits = model(x)[:, -1];  x ← [x, pick(logits)]   until EOS or the limit
 
 That costs O(T²) positions instead of O(T), which is nothing for the short completions of tasks and
-demos.  LoRA, DoRA and IA3 keep using ``model.generate`` (cache and all).
+demos.  LoRA, DoRA and IA3 keep using ``model.generate`` (cache and all).  :func:`complete` is the
+one place that chooses between the two; streamed generation (:mod:`.stream`) and batched greedy
+generation (:mod:`.batch`) both decode through it.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-__all__ = ["is_prompt_learning", "decode_without_cache"]
+__all__ = ["is_prompt_learning", "decode_without_cache", "complete", "pad_token_id"]
 
 
 def is_prompt_learning(model: nn.Module) -> bool:
@@ -64,3 +66,28 @@ def decode_without_cache(model: nn.Module, input_ids: torch.Tensor, max_new_toke
         if bool(done.all()) or (step_hook is not None and bool(step_hook(x).all())):
             break
     return x
+
+
+def pad_token_id(tokenizer) -> int:
+    """The id that pads a batch: the tokenizer's pad token, else its EOS (many causal LMs have none)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def complete(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
+             max_new_tokens: int, eos_ids, generate_kwargs: dict, greedy: bool = True,
+             temperature: float = 1.0, top_p: float = 1.0,
+             step_hook: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """Complete ``input_ids`` (batch × T, left-padded where ``attention_mask`` is 0); return
+    batch × (T + n).
+
+    Prompt and prefix tuning: :func:`decode_without_cache` (the rows must be unpadded, equal length).
+    Everything else: ``model.generate(input_ids, attention_mask, **generate_kwargs)`` with the KV
+    cache; ``generate_kwargs`` carry the settings (a ``generation_config`` or plain keywords) and
+    ``step_hook`` becomes a ``StoppingCriteria``.
+    """
+    if is_prompt_learning(model):
+        return decode_without_cache(model, input_ids, max_new_tokens, eos_ids, greedy=greedy,
+                                    temperature=temperature, top_p=top_p, step_hook=step_hook)
+    return model.generate(input_ids=input_ids, attention_mask=attention_mask,
+                          stopping_criteria=[step_hook] if step_hook is not None else None,
+                          **generate_kwargs)

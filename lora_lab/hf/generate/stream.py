@@ -43,6 +43,7 @@ from torch import nn
 from ...errors import SpecError
 from ...specs import DataSpec
 from ..adapters.switch import ACTIVE, using_adapter
+from .decode import complete, pad_token_id
 
 __all__ = ["generate", "stream_generate", "GenerationResult", "encode_for_generation"]
 
@@ -161,24 +162,11 @@ def _eos_ids(model, tokenizer) -> list[int]:
 def _generation_config(model, tokenizer, max_new_tokens, greedy, temperature, top_p):
     from transformers import GenerationConfig
 
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    kw = dict(max_new_tokens=max_new_tokens, do_sample=not greedy, pad_token_id=pad,
+    kw = dict(max_new_tokens=max_new_tokens, do_sample=not greedy, pad_token_id=pad_token_id(tokenizer),
               eos_token_id=_eos_ids(model, tokenizer) or None, use_cache=True)
     if not greedy:
         kw.update(temperature=float(temperature), top_p=float(top_p), top_k=0)
     return GenerationConfig(**kw)
-
-
-def _run(model, input_ids, config, hook, greedy, temperature, top_p) -> torch.Tensor:
-    """``model.generate`` with the step hook; prompt/prefix tuning without a cache (hf/generate/decode.py)."""
-    from .decode import decode_without_cache, is_prompt_learning
-
-    if is_prompt_learning(model):
-        return decode_without_cache(model, input_ids, config.max_new_tokens, config.eos_token_id or [],
-                                    greedy=greedy, temperature=temperature, top_p=top_p,
-                                    step_hook=hook)
-    return model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                          generation_config=config, stopping_criteria=[hook])
 
 
 # ------------------------------------------------------------------------------ public
@@ -215,7 +203,10 @@ def generate(model: nn.Module, tokenizer, prompt, *, max_new_tokens: int = 64, g
 
             name = active_adapter(model) if use.name is ACTIVE else use.name
             t0 = time.perf_counter()
-            out = _run(model, input_ids, config, hook, greedy, temperature, top_p)
+            out = complete(model, input_ids, torch.ones_like(input_ids),
+                           max_new_tokens=max_new_tokens, eos_ids=config.eos_token_id or [],
+                           generate_kwargs={"generation_config": config}, greedy=greedy,
+                           temperature=temperature, top_p=top_p, step_hook=hook)
             seconds = time.perf_counter() - t0
     finally:
         model.train(was_training)
