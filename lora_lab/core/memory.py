@@ -86,7 +86,8 @@ import numpy as np
 
 __all__ = ["GIB", "DEVICES", "Architecture", "QuantLayout", "TrainableLayout", "four_bit_bytes",
            "int8_bytes", "device_bytes", "optimizer_bytes_per_param", "layer_activation_bytes",
-           "QuantStorage", "quant_storage", "activation_bytes", "logits_bytes", "memory_terms", "verdict", "OPTIMIZERS"]
+           "QuantStorage", "quant_storage", "activation_bytes", "logits_bytes", "memory_terms",
+           "verdict", "OPTIMIZERS"]
 
 GIB = 2**30
 # Usable memory as sold (GiB); the CUDA context is a separate term of the estimate.

@@ -13,8 +13,8 @@ The folder gets ``train.py`` (``transformers.Trainer``), optionally ``train_trl.
 model, the model itself (``model/``, 4 MB, so that the export runs where lora_lab is not
 installed).  The scripts import torch, transformers, peft, datasets (and trl), never lora_lab.
 Every choice is written out literally in the script's settings block: the peft config is the one
-:func:`~lora_lab.hf.adapters.peft_config.to_peft_config` builds, field by field; the data rules are those of
-:func:`lora_lab.prepare_dataset`; the memory estimate is :func:`lora_lab.estimate_memory`'s,
+:func:`~lora_lab.hf.adapters.peft_config.to_peft_config` builds, field by field; the data rules
+are those of :func:`lora_lab.prepare_dataset`; the memory estimate is :func:`lora_lab.estimate_memory`'s,
 computed here and embedded as text.
 """
 

@@ -5,8 +5,8 @@ Each script is ``HEAD + settings (generated) + COMMON + export_launch.RUN`` foll
 accelerate configs (``ACCELERATE``) and ``README`` are here too.  The code here is never run by lora_lab itself; it is text,
 run by the user with ``python`` or ``accelerate launch`` where lora_lab need not be installed, so it
 imports only torch, transformers, peft, bitsandbytes (through transformers), datasets and, for TRL,
-trl.  Its data functions are line-for-line the rules of :mod:`lora_lab.hf.data.prepare` (a test checks that
-they give the same token ids and labels as :func:`lora_lab.prepare_dataset`).
+trl.  Its data functions are line-for-line the rules of :mod:`lora_lab.hf.data.prepare` (a test
+checks that they give the same token ids and labels as :func:`lora_lab.prepare_dataset`).
 '''
 
 HEAD = '''\

@@ -15,8 +15,8 @@ from torch import nn
 
 from ..errors import AdapterError
 
-__all__ = ["PREFIX", "is_peft", "require_peft", "require_adapter", "strip_prefix", "active_name", "lora_layers",
-           "check_adapter_name"]
+__all__ = ["PREFIX", "is_peft", "require_peft", "require_adapter", "strip_prefix", "active_name",
+           "lora_layers", "check_adapter_name"]
 
 PREFIX = "base_model.model."
 """What peft puts before every module name of the wrapped model."""
@@ -38,7 +38,7 @@ def require_peft(model, error=AdapterError):
 
 
 def require_adapter(model, name: str) -> None:
-    """An :class:`AdapterError` that lists the loaded adapters when ``model`` has none named ``name``."""
+    """An :class:`AdapterError` listing the loaded adapters when ``model`` has none named ``name``."""
     if name not in model.peft_config:
         raise AdapterError(f"There is no adapter named {name!r}.",
                            f"pass one of {sorted(model.peft_config)}")

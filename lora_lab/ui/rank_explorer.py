@@ -96,10 +96,10 @@ class RankExplorer(widgets.VBox):
     """Explore rank cuts of a trained LoRA adapter (see the module docstring).
 
     ``source``: a model carrying a LoRA adapter (``adapter`` names it; the active one when None), or
-    a precomputed :class:`~lora_lab.hf.spectra.analysis.AdapterSpectra` (then there is nothing to compress).
-    ``other``: a second model (its ``other_adapter``), or an
-    :class:`~lora_lab.hf.spectra.analysis.AdapterComparison`, for the φ metrics; ``other_adapter`` alone
-    compares two adapters of ``source``.  ``rank``: the first cut (default: median k90).
+    a precomputed :class:`~lora_lab.hf.spectra.analysis.AdapterSpectra` (then there is nothing to
+    compress).  ``other``: a second model (its ``other_adapter``), or an
+    :class:`~lora_lab.hf.spectra.analysis.AdapterComparison`, for the φ metrics; ``other_adapter``
+    alone compares two adapters of ``source``.  ``rank``: the first cut (default: median k90).
 
     Traits (observable, updated on every slider move): ``rank``, ``energy_kept`` (whole adapter),
     ``relative_error`` (median per-module ΔW error), ``parameters`` (LoRA parameters at ``rank``),
@@ -311,8 +311,8 @@ class RankExplorer(widgets.VBox):
     def compress(self, new_name: str | None = None):
         """Apply :func:`lora_lab.compress_adapter` at the current rank (what the button does).
 
-        Returns the :class:`~lora_lab.hf.spectra.compress.Compression`, or None when refused (the reason is
-        shown inline and kept in ``error``)."""
+        Returns the :class:`~lora_lab.hf.spectra.compress.Compression`, or None when refused (the
+        reason is shown inline and kept in ``error``)."""
         if self.model is None:
             self._show("This explorer was built from spectra alone, so there is no adapter to "
                        "compress.\n  Fix: build it from the model: RankExplorer(model)")

@@ -79,9 +79,9 @@ def task_accuracy(model, tokenizer, dataset, *, max_new_tokens: int | None = Non
                   batch_size: int = 32, spec=None) -> float:
     """Exact-match accuracy of greedy generation on ``dataset`` (``prompt``/``response`` rows).
 
-    Each prompt is rendered and tokenized by :func:`lora_lab.hf.data.prepare.encode_prompt` — the same ids
-    that training sees (chat template, BOS) — then completed greedily; a row counts when the completion, stripped of surrounding
-    whitespace, equals the response.  ``max_new_tokens=None`` allows the longest response plus one
+    Each prompt is rendered and tokenized by :func:`lora_lab.hf.data.prepare.encode_prompt` — the
+    same ids that training sees (chat template, BOS) — then completed greedily; a row counts when
+    the completion, stripped of surrounding whitespace, equals the response.  ``max_new_tokens=None`` allows the longest response plus one
     token (for EOS).  Neither the model nor the tokenizer is changed.
     """
     from ...specs import DataSpec

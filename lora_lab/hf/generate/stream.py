@@ -18,9 +18,9 @@ reads the ``stop`` flag: a stop requested while token k is handled ends generati
 tokens, which are returned.  :func:`stream_generate` wraps this as a Python generator (the model runs
 on a worker thread; leaving the loop early stops it).
 
-**Prompts** are encoded by :func:`lora_lab.hf.data.prepare.encode_prompt`, exactly as training saw them
-(chat template, BOS), so an adapter is asked in the format it learned.  A list of token ids is
-used as given.
+**Prompts** are encoded by :func:`lora_lab.hf.data.prepare.encode_prompt`, exactly as training
+saw them (chat template, BOS), so an adapter is asked in the format it learned.  A list of token
+ids is used as given.
 
 **Which adapter.**  ``adapter=ACTIVE`` (default) runs the model as it is; ``adapter=None`` runs the
 base model (adapters disabled for this call only, exactly the base outputs); ``adapter="name"``

@@ -7,8 +7,8 @@
     display(sb)
     sb.model                                     # the peft model the switchboard manages
 
-Switching re-routes adapters that are already loaded (:func:`lora_lab.hf.adapters.switch.switch_adapter`):
-each LoRA layer adds a different ``s·B_k A_k x`` to ``W x``; nothing is read from disk or merged,
+Switching re-routes adapters that are already loaded
+(:func:`lora_lab.hf.adapters.switch.switch_adapter`): each LoRA layer adds a different ``s·B_k A_k x`` to ``W x``; nothing is read from disk or merged,
 and the widget shows how long it took.  "(base)" disables the adapter layers: exactly ``y = W x``.
 
 Tabs: **generate** (streamed into the widget; max new tokens, greedy, temperature, top-p, Stop),
