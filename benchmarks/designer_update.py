@@ -14,7 +14,7 @@ import time
 
 from transformers import LlamaConfig
 
-from lora_lab.hf.model import plan
+from lora_lab.hf.model import facts, plan
 from lora_lab.ui.designer import AdapterDesigner
 
 LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
@@ -29,7 +29,7 @@ def timed(fn) -> float:
 
 def main() -> None:
     cfg = LlamaConfig(**LLAMA3_8B)
-    plan._CACHE.clear()
+    facts._CACHE.clear()
     cold = timed(lambda: plan.estimate_memory(cfg, quant="nf4"))
     d = AdapterDesigner(cfg)
     changes = [

@@ -53,7 +53,8 @@ from transformers import LlamaConfig
 
 import lora_lab as ll
 from lora_lab.core import memory as mem
-from lora_lab.hf.model.plan import estimate_memory, model_facts
+from lora_lab.hf.model.facts import model_facts
+from lora_lab.hf.model.plan import estimate_memory
 
 GIB = mem.GIB
 LLAMA31_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,

@@ -25,7 +25,8 @@ import ipywidgets as widgets
 
 from ..core.memory import DEVICES, GIB
 from ..errors import LoraLabError, SpecError
-from ..hf.model.plan import MemoryEstimate, estimate_from_facts, model_facts
+from ..hf.model.facts import model_facts
+from ..hf.model.plan import MemoryEstimate, estimate_from_facts
 from ..specs import INITS, OPTIMIZERS, PRESET_TARGETS, AdapterSpec, DataSpec, QuantSpec, TrainSpec
 from ..viz.memory import TERM_LABELS, memory_figure, memory_title, memory_traces
 from .export_panel import ExportPanel

@@ -7,7 +7,8 @@ import torch
 import lora_lab as ll
 from lora_lab.core import memory as mem
 from lora_lab.errors import ModelLoadError, SpecError, TargetModuleError
-from lora_lab.hf.model.plan import estimate_memory, model_facts
+from lora_lab.hf.model.facts import model_facts
+from lora_lab.hf.model.plan import estimate_memory
 
 SPEC_LIST = [
     ll.AdapterSpec(r=4),                                                     # all linear
