@@ -6,6 +6,11 @@ peft's merge then reads them in the wrong layout, changing the logits by about 1
 (PITFALLS.md).  :func:`merged_copy` is the safe path for every base: it reloads the base in full
 precision, puts the adapter's weights on it, merges there, and reports how far the merged logits are
 from the unmerged model's.
+
+The merged-vs-unmerged check is written once, here: :func:`make_probe_ids` (random token ids,
+fixed by a seed) → :func:`probe_logits` (fp32, eval mode, no bitsandbytes repacking) →
+:func:`logit_gap` (max and mean |Δ|, ‖Δ‖ / ‖ref‖).  :func:`merged_copy`, :func:`merge_checked` (what
+the switchboard's merge button runs) and :func:`lora_lab.export_merged` all report through it.
 """
 
 from __future__ import annotations

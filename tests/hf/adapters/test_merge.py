@@ -1,10 +1,14 @@
 """Merging: the merged weight equals W + s·B·A, merged logits equal unmerged ones, 4-bit refused in place."""
 
+import numpy as np
 import pytest
 import torch
 
 import lora_lab as ll
-from lora_lab.errors import (MergeError)
+from lora_lab.errors import MergeError
+from lora_lab.hf.adapters.merge import (LogitGap, logit_gap, make_probe_ids, merge_checked,
+                                         probe_logits)
+from lora_lab.hf.adapters.switch import merged_adapters
 from lora_testing import IDS, logits, randomize_lora
 
 
@@ -58,3 +62,44 @@ def test_merged_copy_full_precision_is_exact(tiny_llama):
     merged, report = ll.merged_copy(pm)
     assert report.rel_logit_diff < 1e-5 and not report.from_quantized
     torch.testing.assert_close(logits(merged), logits(pm), rtol=1e-4, atol=1e-4)
+
+
+def test_logit_gap_is_the_documented_formulas():
+    g = torch.Generator().manual_seed(0)
+    ref, out = torch.randn(2, 5, 7, generator=g), torch.randn(2, 5, 7, generator=g)
+    gap = logit_gap(ref, out)
+    d = (out - ref).double().numpy()
+    assert gap.max_abs == pytest.approx(np.abs(d).max())
+    assert gap.mean_abs == pytest.approx(np.abs(d).mean())
+    assert gap.rel == pytest.approx(np.linalg.norm(d) / np.linalg.norm(ref.double().numpy()))
+    assert logit_gap(ref, ref.clone()) == LogitGap(0.0, 0.0, 0.0)
+
+
+def test_probe_ids_avoid_special_ids_and_fit_the_context(tiny_llama):
+    model, _ = tiny_llama
+    ids = make_probe_ids(model, n=3, length=10 ** 6)
+    assert ids.shape == (3, model.config.max_position_embeddings)
+    assert int(ids.min()) >= 3 and int(ids.max()) < model.config.vocab_size
+    assert torch.equal(make_probe_ids(model, 2, 8), make_probe_ids(model, 2, 8))
+
+
+def test_merge_checked_reports_a_tiny_gap_and_unmerge_restores_the_logits(tiny_llama):
+    model, _ = tiny_llama
+    pm = ll.attach(model, ll.AdapterSpec(r=4, alpha=8))
+    randomize_lora(pm, "default")
+    ids = make_probe_ids(pm, n=1, length=16)
+    before = probe_logits(pm, ids)
+    with ll.disabled_adapters(pm):
+        base = probe_logits(pm, ids)
+    assert logit_gap(base, before).rel > 1e-3          # the adapter changes the logits
+    layer = pm.base_model.model.model.layers[0].self_attn.q_proj
+    w = layer.base_layer.weight.detach().clone()
+    delta = layer.scaling["default"] * layer.lora_B["default"].weight @ layer.lora_A["default"].weight
+    report, pre = merge_checked(pm)
+    assert merged_adapters(pm) == ["default"]
+    torch.testing.assert_close(layer.base_layer.weight, w + delta)   # W' = W + s·B·A, in place
+    assert torch.equal(pre, before)
+    assert report.adapter == "default" and not report.from_quantized
+    assert report.rel_logit_diff < 1e-5                  # merged W + s·B·A computes the same logits
+    ll.unmerge_adapter(pm)
+    assert logit_gap(pre, probe_logits(pm, ids)).max_abs < 1e-4
