@@ -9,7 +9,7 @@ from ...errors import AdapterError
 from .._peft import is_peft, require_adapter, require_peft
 from .switch import active_adapter
 
-__all__ = ["list_adapters", "delete_adapter"]
+__all__ = ["list_adapters", "delete_adapter", "adapter_sizes"]
 
 
 def delete_adapter(model: nn.Module, name: str) -> None:
@@ -26,6 +26,22 @@ def delete_adapter(model: nn.Module, name: str) -> None:
         setattr(model, attr, d)
 
 
+def adapter_sizes(model: nn.Module) -> dict[str, dict[str, int]]:
+    """Per adapter: ``modules`` (layers holding it: one ``lora_A`` or ``ia3_l`` each), ``params``
+    and ``bytes`` (numel × element size) of exactly the tensors its saved file holds, read from
+    peft's own per-adapter state dict.  (Matching parameter names instead miscounts an adapter
+    named like a module: "mlp" would take every ``….mlp.…`` weight of a Llama.)"""
+    from peft import get_peft_model_state_dict
+
+    out = {}
+    for name in getattr(model, "peft_config", {}):
+        state = get_peft_model_state_dict(model, adapter_name=name, save_embedding_layers=False)
+        out[name] = dict(modules=sum(".lora_A." in k or "ia3_l" in k for k in state),
+                         params=sum(t.numel() for t in state.values()),
+                         bytes=sum(t.numel() * t.element_size() for t in state.values()))
+    return out
+
+
 def list_adapters(model: nn.Module) -> pd.DataFrame:
     """One row per adapter: method, rank, alpha, targets, modules, parameters, active, source."""
     cols = ["name", "method", "r", "alpha", "targets", "modules", "params", "active", "source"]
@@ -34,20 +50,17 @@ def list_adapters(model: nn.Module) -> pd.DataFrame:
     active = active_adapter(model)
     specs = getattr(model, "lora_lab_specs", {})
     sources = getattr(model, "lora_lab_sources", {})
+    sizes = adapter_sizes(model)
     rows = []
     for name, cfg in model.peft_config.items():
-        n_mod = n_par = 0
-        for mod_name, p in model.named_parameters():
-            if f".{name}." in f"{mod_name}." or mod_name.endswith(f".{name}"):
-                n_par += p.numel()
-                n_mod += ".lora_A." in mod_name or ".ia3_l." in mod_name
         spec = specs.get(name)
         targets = getattr(cfg, "target_modules", None)
         rows.append({
             "name": name, "method": _method_name(cfg, spec), "r": getattr(cfg, "r", None),
             "alpha": getattr(cfg, "lora_alpha", None),
             "targets": ",".join(sorted(targets)) if isinstance(targets, (set, list)) else targets,
-            "modules": n_mod, "params": n_par, "active": name == active,
+            "modules": sizes[name]["modules"], "params": sizes[name]["params"],
+            "active": name == active,
             "source": sources.get(name, ""),
         })
     return pd.DataFrame(rows, columns=cols)

@@ -19,7 +19,7 @@ import ipywidgets as widgets
 from ...errors import AdapterError, LoraLabError
 from ...hf.adapters.io import load_adapter
 from ...hf.adapters.merge import MergeReport
-from ...hf.adapters.registry import list_adapters
+from ...hf.adapters.registry import adapter_sizes, list_adapters
 from ...hf.adapters.switch import active_adapter, merged_adapters, switch_adapter
 from ..kernel import in_kernel
 from .blend_tab import BlendTab
@@ -32,15 +32,6 @@ from .style import STYLE, button
 __all__ = ["AdapterSwitchboard"]
 
 _TITLES = ("generate", "side by side", "merge / delete", "blend")
-
-
-def _adapter_bytes(model) -> dict[str, int]:
-    """Bytes of each adapter's parameters (what its safetensors file holds, less the header)."""
-    out = dict.fromkeys(getattr(model, "peft_config", {}), 0)
-    for n, p in model.named_parameters():
-        for part in set(n.split(".")) & out.keys():
-            out[part] += p.numel() * p.element_size()
-    return out
 
 
 class AdapterSwitchboard(widgets.VBox):
@@ -129,8 +120,8 @@ class AdapterSwitchboard(widgets.VBox):
         names = self.names()
         if structure:
             table = list_adapters(self.model)
-            sizes = _adapter_bytes(self.model)
-            table["size_MB"] = [round(sizes.get(n, 0) / 2**20, 3) for n in table["name"]]
+            sizes = adapter_sizes(self.model)
+            table["size_MB"] = [round(sizes[n]["bytes"] / 2**20, 3) for n in table["name"]]
             self.adapters = table[["name", "method", "r", "targets", "params", "size_MB", "source",
                                    "active"]].copy()
         active = active_adapter(self.model)
