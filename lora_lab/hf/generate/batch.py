@@ -6,15 +6,17 @@ prefix tuning are decoded without a cache (:mod:`lora_lab.hf.generate.decode`).
 
 from __future__ import annotations
 
+import torch
+
 from ...errors import DataError
+from ...specs import DataSpec
+from ..data.prepare import encode_prompt
 from .decode import complete, is_prompt_learning, pad_token_id
 
 __all__ = ["generate_greedy", "task_accuracy"]
 
 
 def _left_pad(rows: list[list[int]], pad_id: int):
-    import torch
-
     T = max(len(r) for r in rows)
     ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), T), dtype=torch.long)
@@ -49,8 +51,6 @@ def generate_greedy(model, tokenizer, prompt_ids: list[list[int]], max_new_token
     so every row's last prompt token sits at the same position.  Stops a row at EOS and returns the
     decoded new text without special tokens.  The model's train/eval mode is restored afterwards.
     """
-    import torch
-
     device = next(model.parameters()).device
     pad = pad_token_id(tokenizer)
     eos = tokenizer.eos_token_id
@@ -84,9 +84,6 @@ def task_accuracy(model, tokenizer, dataset, *, max_new_tokens: int | None = Non
     the completion, stripped of surrounding whitespace, equals the response.  ``max_new_tokens=None`` allows the longest response plus one
     token (for EOS).  Neither the model nor the tokenizer is changed.
     """
-    from ...specs import DataSpec
-    from ..data.prepare import encode_prompt
-
     spec = spec or DataSpec()
     for col in (spec.prompt_column, spec.response_column):
         if col not in dataset.column_names:

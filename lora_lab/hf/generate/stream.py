@@ -42,7 +42,7 @@ from torch import nn
 
 from ...errors import SpecError
 from ...specs import DataSpec
-from ..adapters.switch import ACTIVE, using_adapter
+from ..adapters.switch import ACTIVE, active_adapter, using_adapter
 from .decode import complete, pad_token_id
 
 __all__ = ["generate", "stream_generate", "GenerationResult", "encode_for_generation"]
@@ -199,8 +199,6 @@ def generate(model: nn.Module, tokenizer, prompt, *, max_new_tokens: int = 64, g
         with using_adapter(model, adapter) as use, rng:
             if seed is not None:
                 torch.manual_seed(seed)
-            from ..adapters.switch import active_adapter
-
             name = active_adapter(model) if use.name is ACTIVE else use.name
             t0 = time.perf_counter()
             out = complete(model, input_ids, torch.ones_like(input_ids),
