@@ -40,7 +40,7 @@ import pandas as pd
 import torch
 
 from ..errors import TrainingError
-from ..hf._peft import active_name
+from ..hf._peft import active_name, is_peft
 from ..hf.model.kbit import unpack_4bit_weights
 from ..specs import TrainSpec
 from .checkpoint import load_training_state, restore_trainable, save_checkpoint
@@ -107,6 +107,19 @@ def _device(model) -> torch.device:
             return p.device
     raise TrainingError("The model has no trainable parameters.",
                         "attach an adapter first: model = lora_lab.attach(model, AdapterSpec())")
+
+
+def _require_adapter(model) -> None:
+    """Refuse, before anything changes, a model without an adapter: every base weight would train
+    in place (134.5 M parameters and about 3 GB for SmolLM2-135M) and no adapter could be saved."""
+    if not is_peft(model):
+        n = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        raise TrainingError(
+            f"This model has no adapter, so train() would update all {n:,} base weights in place "
+            "(full fine-tuning), which lora_lab's loop does not do.",
+            "attach an adapter first: model = lora_lab.attach(model, lora_lab.AdapterSpec(r=8)), "
+            "or load one with lora_lab.load_adapter(model, folder, trainable=True)")
+    _device(model)
 
 
 def _default_dir(model) -> Path:
@@ -298,6 +311,7 @@ def train(model, tokenizer, train_data, eval_data=None, spec: TrainSpec = TrainS
     if not isinstance(spec, TrainSpec):
         raise TrainingError(f"spec must be a TrainSpec, not {type(spec).__name__}.",
                             "pass spec=lora_lab.TrainSpec(steps=100)")
+    _require_adapter(model)
     train_rows, eval_rows = resolve_data(train_data, eval_data, tokenizer)
     run_dir = Path(spec.output_dir) if spec.output_dir else _default_dir(model)
     if not isinstance(callbacks, (list, tuple)):
