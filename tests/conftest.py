@@ -43,6 +43,37 @@ def tiny_llama_dir(tmp_path_factory):
     return path
 
 
+def require_smollm2() -> None:
+    """Skip when ``builtin:smollm2`` cannot load here (its PyPI package is missing); under CI, fail
+    instead, because the README's test command installs it."""
+    from lora_lab.hf.model import smollm2
+
+    if smollm2.available():
+        return
+    message = f"builtin:smollm2 needs its package: {smollm2.INSTALL}"
+    if os.environ.get("CI"):
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir():
+    """The cached fp32 safetensors folder of SmolLM2-135M-Instruct (converted from GGUF once)."""
+    require_smollm2()
+    from lora_lab.hf.model.builtin import resolve_builtin
+
+    return resolve_builtin("builtin:smollm2")
+
+
+@pytest.fixture(scope="module")
+def smollm2(smollm2_dir):
+    """``(model, tokenizer)`` of builtin:smollm2, fp32 on CPU, shared by a module's tests (about 2 s
+    to load; tests that change the model must load their own)."""
+    import lora_lab as ll
+
+    return ll.load_model("builtin:smollm2", device="cpu")
+
+
 @pytest.fixture
 def tiny_llama(tiny_llama_dir):
     """``(model, tokenizer)`` for the tiny Llama, fp32 on CPU, freshly loaded for each test."""

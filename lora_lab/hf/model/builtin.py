@@ -1,4 +1,5 @@
-"""The builtin offline models: ``builtin:tiny`` (pretrained) and ``builtin:tiny-random``.
+"""The builtin offline models: ``builtin:tiny`` (pretrained), ``builtin:tiny-random`` and
+``builtin:smollm2`` (a real language model, SmolLM2-135M-Instruct: see :mod:`.smollm2`).
 
 ``builtin:tiny`` is a small **pretrained** Llama-architecture causal LM (``LlamaForCausalLM``), made by
 this project and shipped as package data (``lora_lab/assets/tiny``), so every lesson has a base model
@@ -50,6 +51,7 @@ import tempfile
 from pathlib import Path
 
 from ...errors import ModelLoadError
+from . import smollm2
 
 PREFIX = "builtin:"
 ASSETS = Path(__file__).resolve().parents[2] / "assets"
@@ -60,10 +62,13 @@ __all__ = ["PREFIX", "builtin_names", "is_builtin", "resolve_builtin", "builtin_
 
 
 def builtin_names() -> list[str]:
-    """The builtin model names that :func:`lora_lab.load_model` accepts."""
+    """The builtin model names that :func:`lora_lab.load_model` accepts (``builtin:smollm2`` only
+    where its package is installed: see :mod:`lora_lab.hf.model.smollm2`)."""
     names = ["builtin:tiny-random"]
     if (ASSETS / "tiny" / "config.json").exists():
         names.insert(0, "builtin:tiny")
+    if smollm2.available():
+        names.append(smollm2.NAME)
     return names
 
 
@@ -127,9 +132,14 @@ def _materialise_random(target: Path) -> None:
             raise
 
 
-def resolve_builtin(name: str) -> Path:
-    """The local folder holding builtin model ``name`` (``"builtin:tiny"`` or ``"tiny"``)."""
+def resolve_builtin(name: str, dtype=None) -> Path:
+    """The local folder holding builtin model ``name`` (``"builtin:tiny"`` or ``"tiny"``).
+
+    ``dtype`` matters only for ``builtin:smollm2``, which is cached once per dtype (fp32 by default).
+    """
     short = name[len(PREFIX):] if name.startswith(PREFIX) else name
+    if short == "smollm2":
+        return smollm2.smollm2_folder(cache_dir(), dtype)
     if short == "tiny" and (ASSETS / "tiny" / "config.json").exists():
         return ASSETS / "tiny"
     if short == "tiny-random":

@@ -42,10 +42,11 @@ def bnb_config(quant: QuantSpec, device: str):
     )
 
 
-def resolve_source(source) -> str:
-    """A builtin name becomes its local folder; a folder or hub id is returned as is."""
+def resolve_source(source, dtype=None) -> str:
+    """A builtin name becomes its local folder (``builtin:smollm2``'s in ``dtype``, converted once);
+    a folder or hub id is returned as is."""
     if is_builtin(source):
-        return str(resolve_builtin(source))
+        return str(resolve_builtin(source, dtype))
     if isinstance(source, os.PathLike):
         source = os.fspath(source)
     if not isinstance(source, str) or not source:
@@ -91,8 +92,9 @@ def load_model(source, quant=None, *, device: str | None = None, dtype=None,
 
     Parameters
     ----------
-    source: a builtin name (``"builtin:tiny"``, ``"builtin:tiny-random"``), a local folder written by
-        ``save_pretrained``, or a hub id such as ``"HuggingFaceTB/SmolLM2-135M"``.
+    source: a builtin name (``"builtin:tiny"``, ``"builtin:tiny-random"``, ``"builtin:smollm2"``: a
+        real 135 M-parameter chat model, offline), a local folder written by ``save_pretrained``, or a
+        hub id such as ``"HuggingFaceTB/SmolLM2-135M-Instruct"``.
     quant: ``None`` (full precision), a :class:`~lora_lab.QuantSpec`, or ``"nf4"``, ``"fp4"``,
         ``"int8"``.
     device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``; ``None`` picks CUDA when there is one.
@@ -110,7 +112,9 @@ def load_model(source, quant=None, *, device: str | None = None, dtype=None,
         raise ModelLoadError(f"device={device!r} was asked for, but no CUDA GPU is visible.",
                              "pass device='cpu' (or None to choose automatically)")
     dtype = as_dtype(dtype) or default_compute_dtype(device)
-    path = resolve_source(source)
+    # A quantized load keeps its non-quantized parts in `dtype`; builtin:smollm2 is read from the
+    # folder cached in that dtype, so nothing is converted at load time.
+    path = resolve_source(source, dtype if quant is None else None)
     kwargs = dict(dtype=dtype, trust_remote_code=trust_remote_code, device_map=device)
     if quant is not None:
         kwargs["quantization_config"] = bnb_config(quant, device)
