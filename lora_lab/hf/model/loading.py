@@ -9,7 +9,6 @@ x86 CPUs.
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 from pathlib import Path
 
@@ -21,9 +20,6 @@ from .builtin import builtin_names, is_builtin, resolve_builtin
 from .device import as_dtype, default_compute_dtype, default_device
 
 __all__ = ["load_model", "bnb_config", "resolve_source", "base_source", "quiet_progress"]
-
-# bitsandbytes logs a harmless failure to fetch optional CPU kernels from the hub (PITFALLS.md).
-logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 
 def bnb_config(quant: QuantSpec, device: str):
