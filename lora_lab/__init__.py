@@ -59,6 +59,8 @@ _LAZY = {
     "builtin_tasks": "hf.data.tasks",
     "builtin_task": "hf.data.tasks",
     "task_accuracy": "hf.generate.batch",
+    "task_completions": "hf.generate.batch",
+    "follows_format": "hf.data.chat_tasks",
     "train": "train.loop",
     "TrainResult": "train.loop",
     "Control": "train.events",

@@ -1,4 +1,5 @@
-"""Builtin tasks: small string problems whose success anyone can see, for ``builtin:tiny``.
+"""Builtin tasks: small string problems whose success anyone can see, for ``builtin:tiny``
+(and ``"capitals"``, a reply format for the real model ``builtin:smollm2``: :mod:`.chat_tasks`).
 
 Every example is a ``(prompt, response)`` pair of short strings (the builtin tokenizer is character
 level).  Two families share one generator table:
@@ -35,6 +36,7 @@ import zlib
 from typing import Callable
 
 from ...errors import DataError
+from .chat_tasks import CHAT_TASKS, capitals_examples
 
 __all__ = ["builtin_tasks", "builtin_task", "pretraining_skills", "sample_examples"]
 
@@ -159,22 +161,26 @@ def pretraining_skills() -> list[str]:
 
 
 def builtin_tasks() -> list[str]:
-    """The fine-tuning task names, easiest first.  None of them was in pretraining."""
+    """The fine-tuning task names for ``builtin:tiny``, easiest first (none of them was in its
+    pretraining).  The real chat model ``builtin:smollm2`` has its own task, ``"capitals"`` (see
+    :mod:`lora_lab.hf.data.chat_tasks`), which :func:`builtin_task` also accepts."""
     return list(TASKS)
 
 
 def sample_examples(name: str, n: int, seed: int = 0, split: str = "train") -> list[Example]:
     """``n`` ``(prompt, response)`` pairs of task ``name`` from ``split``, reproducible from ``seed``."""
     gens = {**TASKS, **PRETRAIN, "pretrain-eval": _mixed}
-    if name not in gens:
+    if name not in gens and name not in CHAT_TASKS:
         raise DataError(f"There is no builtin task called {name!r}.",
-                        f"use one of {builtin_tasks()}, 'pretrain-eval', or a pretraining skill "
-                        f"{pretraining_skills()}")
+                        f"use one of {builtin_tasks()}, 'pretrain-eval', a pretraining skill "
+                        f"{pretraining_skills()}, or {list(CHAT_TASKS)} for builtin:smollm2")
     if split not in ("train", "test"):
         raise DataError(f"split={split!r} is not a split of the builtin tasks.",
                         "pass split='train' or split='test'")
     if not isinstance(n, int) or n < 1:
         raise DataError(f"n={n!r} examples were asked for.", "pass a positive integer, e.g. n=1000")
+    if name == "capitals":
+        return capitals_examples(n, seed, split)
     rng = random.Random(f"{name}/{split}/{seed}")
     out: list[Example] = []
     while len(out) < n:

@@ -13,7 +13,7 @@ from ...specs import DataSpec
 from ..data.prepare import encode_prompt
 from .decode import complete, is_prompt_learning, pad_token_id
 
-__all__ = ["generate_greedy", "task_accuracy"]
+__all__ = ["generate_greedy", "task_completions", "task_accuracy"]
 
 
 def _left_pad(rows: list[list[int]], pad_id: int):
@@ -81,9 +81,23 @@ def task_accuracy(model, tokenizer, dataset, *, max_new_tokens: int | None = Non
 
     Each prompt is rendered and tokenized by :func:`lora_lab.hf.data.prepare.encode_prompt` — the
     same ids that training sees (chat template, BOS) — then completed greedily; a row counts when
-    the completion, stripped of surrounding whitespace, equals the response.  ``max_new_tokens=None`` allows the longest response plus one
-    token (for EOS).  Neither the model nor the tokenizer is changed.
+    the completion, stripped of surrounding whitespace, equals the response.  ``max_new_tokens=None``
+    allows the longest response plus one token (for EOS).  Neither the model nor the tokenizer is changed.
     """
+    got, answers = _complete_rows(model, tokenizer, dataset, max_new_tokens, batch_size, spec)
+    return sum(g.strip() == a for g, a in zip(got, answers)) / len(answers)
+
+
+def task_completions(model, tokenizer, dataset, *, max_new_tokens: int | None = None,
+                     batch_size: int = 32, spec=None) -> list[str]:
+    """The greedy completion of every ``prompt`` of ``dataset``, stripped, in order: what
+    :func:`task_accuracy` compares with the responses, for a before/after table or a check of your
+    own (e.g. :func:`lora_lab.hf.data.chat_tasks.follows_format`)."""
+    got, _ = _complete_rows(model, tokenizer, dataset, max_new_tokens, batch_size, spec)
+    return [g.strip() for g in got]
+
+
+def _complete_rows(model, tokenizer, dataset, max_new_tokens, batch_size, spec):
     spec = spec or DataSpec()
     for col in (spec.prompt_column, spec.response_column):
         if col not in dataset.column_names:
@@ -98,5 +112,4 @@ def task_accuracy(model, tokenizer, dataset, *, max_new_tokens: int | None = Non
         max_new_tokens = max(len(tokenizer(a, add_special_tokens=False)["input_ids"])
                              for a in answers) + 1
     ids = [encode_prompt(tokenizer, p, spec) for p in prompts]
-    got = generate_greedy(model, tokenizer, ids, max_new_tokens, batch_size)
-    return sum(g.strip() == a for g, a in zip(got, answers)) / len(answers)
+    return generate_greedy(model, tokenizer, ids, max_new_tokens, batch_size), answers
