@@ -154,7 +154,7 @@ def test_bad_input_raises_with_a_fix(tmp_path):
 def _check_adapter(adapter: Path, spec, quant=None):
     assert read_adapter_spec(adapter) == spec
     model, _ = ll.load_model("builtin:tiny", quant=quant, device="cpu")
-    model = ll.load_adapter(model, adapter)
+    model = ll.load_adapter(model, adapter, name="default")
     assert model.lora_lab_specs["default"] == spec
     ref = ll.attach(ll.load_model("builtin:tiny", device="cpu")[0], spec)
     shapes = lambda m: {k.replace(".default", ""): tuple(v.shape)  # noqa: E731

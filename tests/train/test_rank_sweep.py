@@ -50,7 +50,7 @@ def test_sweep_table_progress_and_resume(tiny_llama_dir, tmp_path):
     mtimes = [p.stat().st_mtime_ns for p in row_files]
     assert json.loads(row_files[1].read_text())["row"]["rank"] == 2
     assert ll.load_adapter(ll.load_model(tiny_llama_dir, device="cpu")[0],
-                           t["adapter_path"][1]).peft_config["default"].r == 2
+                           t["adapter_path"][1], name="r2").peft_config["r2"].r == 2
 
     begins = Begins()
     again = sweep(tiny_llama_dir, tmp_path, [begins])        # a rerun: everything is on disk

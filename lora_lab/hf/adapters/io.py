@@ -22,8 +22,9 @@ from torch import nn
 from ...errors import AdapterError, AdapterMismatchError
 from ...specs import AdapterSpec
 from .._peft import PREFIX, active_name, check_adapter_name, is_peft, strip_prefix
+from .switch import set_adapter
 
-__all__ = ["save_adapter", "load_adapter", "read_adapter_spec"]
+__all__ = ["adapter_name_for", "load_adapter", "read_adapter_spec", "save_adapter"]
 
 SPEC_FILE = "lora_lab_spec.json"
 # Adds to an existing PeftModel, by path taken (tests read it to see which one ran).
@@ -104,7 +105,7 @@ def _check_shapes(model: nn.Module, path: Path) -> None:
 
     bad = []
     with safe_open(str(path / "adapter_model.safetensors"), framework="pt") as f:
-        for key in f.keys():
+        for key in f.keys():  # noqa: SIM118 - safe_open is not iterable
             if ".lora_A." not in key and ".lora_B." not in key:
                 continue
             module = strip_prefix(key.split(".lora_")[0])
@@ -130,8 +131,7 @@ def _linear_features(model: nn.Module, module: str) -> tuple[int, int] | None:
     """``(in_features, out_features)`` of ``module`` when it is a row of
     :func:`~lora_lab.inspect_model` (an adaptable linear layer, not the LM head, not inside a peft
     wrapper), else None.  Found by name, so the cost does not grow with the adapters loaded."""
-    from ..model.inspect import (OUTPUT_NAMES, base_layer, layer_features, linear_kind,
-                                 module_type)
+    from ..model.inspect import OUTPUT_NAMES, base_layer, layer_features, linear_kind, module_type
 
     if (module_type(module) in OUTPUT_NAMES + ("base_layer",) or ".lora_" in module
             or ".ia3_" in module or not module):
@@ -151,20 +151,49 @@ def _linear_features(model: nn.Module, module: str) -> tuple[int, int] | None:
     return None if kind is None else layer_features(base, kind)
 
 
+def adapter_name_for(path, name: str | None = None) -> str:
+    """The name :func:`load_adapter` gives the adapter in folder ``path``: ``name`` when given,
+    else the folder's name (``runs/answer/`` → ``"answer"``), checked to be usable as one."""
+    if name is not None:
+        check_adapter_name(name)
+        return name
+    folder = Path(os.path.abspath(path)).name
+    try:
+        check_adapter_name(folder)
+    except AdapterError:
+        raise AdapterError(f"The folder name {folder!r} of {path} cannot name an adapter (adapter "
+                           "names are used as keys of torch ModuleDicts: no dots, not a method "
+                           "name such as 'train' or 'to').",
+                           f"pass a name: lora_lab.load_adapter(model, {str(path)!r}, "
+                           f"name={_suggest(folder)!r})") from None
+    return folder
+
+
+def _suggest(folder: str) -> str:
+    name = folder.replace(".", "_").strip("_") or "adapter"
+    try:
+        check_adapter_name(name)
+    except AdapterError:
+        name = f"{name}_adapter"
+    return name
+
+
 def load_adapter(model: nn.Module, path, name: str | None = None, *, trainable: bool = False,
                  activate: bool = True) -> nn.Module:
-    """Load the adapter saved in ``path`` onto ``model`` under ``name`` (default: the folder name,
-    or ``"default"`` for a model without adapters) and return the peft model."""
+    """Load the adapter saved in ``path`` onto ``model`` and return the peft model.
+
+    The adapter is named ``name`` when given, else after its folder (``runs/answer`` → ``"answer"``),
+    whether ``model`` is a plain model (the first adapter: the model gets wrapped by peft) or a peft
+    model already; :func:`adapter_name_for` gives the name before loading."""
     import peft
 
     path = Path(path)
     _check_folder(path)
+    name = adapter_name_for(path, name)
     spec = read_adapter_spec(path)
     if spec.is_lora:
         _check_shapes(model, path)
     wrapped = is_peft(model)
-    name = name or (path.name if wrapped else "default")
-    check_adapter_name(name)
     if wrapped and name in model.peft_config:
         raise AdapterError(f"The model already has an adapter named {name!r}.",
                            "pass name='another_name' or delete the old one first")
@@ -173,7 +202,7 @@ def load_adapter(model: nn.Module, path, name: str | None = None, *, trainable: 
             if not _fast_load(model, path, name, trainable):
                 model.load_adapter(str(path), adapter_name=name, is_trainable=trainable)
             if activate:
-                model.set_adapter(name)
+                set_adapter(model, name)        # the fast switch; also undoes a set_adapter(None)
         else:
             with warnings.catch_warnings():  # peft 0.21 reads transformers' deprecated property
                 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
@@ -277,7 +306,7 @@ def _read_lora_tensors(path: Path):
 
     out: dict[str, dict[str, torch.Tensor]] = {}
     with safe_open(str(path / "adapter_model.safetensors"), framework="pt") as f:
-        for key in f.keys():
+        for key in f.keys():  # noqa: SIM118 - safe_open is not iterable
             module, sep, rest = strip_prefix(key).rpartition(".lora_")
             if not key.startswith(PREFIX) or not sep or rest not in ("A.weight", "B.weight"):
                 return None

@@ -3,9 +3,9 @@
 Merging in place is offered for full-precision bases only.  On a 4-bit base it is refused: bitsandbytes
 rearranges packed 4-bit weights the first time a layer runs in eval mode on AVX512-BF16 CPUs, and
 peft's merge then reads them in the wrong layout, changing the logits by about 127% with no error
-(PITFALLS.md).  :func:`merged_copy` is the safe path for every base: it reloads the base in full
-precision, puts the adapter's weights on it, merges there, and reports how far the merged logits are
-from the unmerged model's.
+(measured with bitsandbytes 0.50).  :func:`merged_copy` is the safe path for every base: it reloads
+the base in full precision, puts the adapter's weights on it, merges there, and reports how far the
+merged logits are from the unmerged model's with that adapter switched on.
 
 The merged-vs-unmerged check is written once, here: :func:`make_probe_ids` (random token ids,
 fixed by a seed) → :func:`probe_logits` (fp32, eval mode, no bitsandbytes repacking) →
@@ -22,11 +22,21 @@ import torch
 from torch import nn
 
 from ...errors import MergeError
-from .._peft import active_name, is_peft
+from .._peft import is_peft
 from ..model.inspect import is_quantized
+from .switch import active_adapter, set_adapter, using_adapter
 
-__all__ = ["merge_adapter", "unmerge_adapter", "merged_copy", "merge_checked", "MergeReport",
-           "LogitGap", "logit_gap", "make_probe_ids", "probe_logits"]
+__all__ = [
+    "LogitGap",
+    "MergeReport",
+    "logit_gap",
+    "make_probe_ids",
+    "merge_adapter",
+    "merge_checked",
+    "merged_copy",
+    "probe_logits",
+    "unmerge_adapter",
+]
 
 
 def _lora_model(model):
@@ -40,8 +50,10 @@ def merge_adapter(model: nn.Module, adapter: str | None = None) -> None:
     """Merge ``adapter`` (the active one when None) into the base weights, in place, reversibly."""
     tuner = _lora_model(model)
     if is_quantized(model):
-        raise MergeError("Merging into a quantized base is refused: it can silently corrupt the packed "
-                         "4-bit weights (see PITFALLS.md) and changes outputs even where it works.",
+        raise MergeError("Merging into a quantized base is refused: on CPUs with AVX512-BF16, "
+                         "bitsandbytes repacks 4-bit weights on their first eval forward and peft's "
+                         "merge misreads the packed layout (logits about 127% off, no error); and "
+                         "merging into quantized weights changes outputs even where it works.",
                          "use lora_lab.merged_copy(model), which merges into a full-precision copy")
     names = [adapter] if adapter else None
     tuner.merge_adapter(adapter_names=names)
@@ -62,7 +74,7 @@ class MergeReport:
     from_quantized: bool
 
     @classmethod
-    def of(cls, adapter: str, gap: "LogitGap", from_quantized: bool) -> "MergeReport":
+    def of(cls, adapter: str, gap: LogitGap, from_quantized: bool) -> MergeReport:
         return cls(adapter=adapter, max_abs_logit_diff=gap.max_abs, rel_logit_diff=gap.rel,
                    from_quantized=from_quantized)
 
@@ -123,7 +135,7 @@ def _full_precision_base(model) -> nn.Module:
     try:
         path = resolve_source(source)
         return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, device_map="cpu")
-    except Exception as exc:  # noqa: BLE001 - we re-raise with the fix
+    except Exception as exc:
         raise MergeError(f"Could not reload the base model {source!r} in full precision to merge "
                          f"into: {exc}", "load the base with lora_lab.load_model so its source is "
                          "known, and keep that folder available") from exc
@@ -141,15 +153,11 @@ def merged_copy(model: nn.Module, adapter: str | None = None,
     import peft
 
     _lora_model(model)
-    adapter = active_name(model, adapter)
+    adapter = _adapter_to_merge(model, adapter, "merged_copy")
     quantized = is_quantized(model)
     ids = probe_ids if probe_ids is not None else make_probe_ids(model)
-    active_before = model.active_adapter
-    model.set_adapter(adapter)
-    try:
+    with using_adapter(model, adapter):    # the reference: the unmerged model with this adapter on
         ref = probe_logits(model, ids)
-    finally:
-        model.set_adapter(active_before)
     if quantized:
         base = _full_precision_base(model)
         config = copy.deepcopy(model.peft_config[adapter])
@@ -166,14 +174,36 @@ def merged_copy(model: nn.Module, adapter: str | None = None,
     return merged, MergeReport.of(adapter, gap, from_quantized=quantized)
 
 
+def _adapter_to_merge(model, adapter: str | None, what: str) -> str:
+    """``adapter``, checked, or the active adapter when None; a :class:`MergeError` with the fix when
+    there is no such adapter or (for None) the adapters are switched off."""
+    if adapter is None:
+        adapter = active_adapter(model)
+        if adapter is None:
+            raise MergeError(f"{what} got no adapter name and the adapters are switched off, so "
+                             "there is no active adapter to merge.",
+                             f"name it: lora_lab.{what}(model, 'name'), one of {sorted(model.peft_config)}")
+    elif adapter not in model.peft_config:
+        raise MergeError(f"There is no adapter named {adapter!r} to merge.",
+                         f"pass one of {sorted(model.peft_config)}")
+    return adapter
+
+
 def merge_checked(model: nn.Module, adapter: str | None = None,
                   probe_ids: torch.Tensor | None = None) -> tuple[MergeReport, torch.Tensor]:
     """:func:`merge_adapter` in place, checked: the logits on ``probe_ids`` (default: one random
     sequence of 16 tokens) before and after the merge, as a :class:`MergeReport`.
 
+    ``adapter`` becomes the active adapter first (adapters switched on): a merged layer computes
+    (W + s·B·A) x plus the active adapter's s·B·A x, and peft unmerges a merged layer whose adapters
+    are switched off at its next forward, so only then does the model compute W + s·B·A.
+
     Returns the report and the logits before the merge, so that an unmerge can be checked against
     them with :func:`logit_gap`."""
-    adapter = active_name(model, adapter)
+    _lora_model(model)
+    adapter = _adapter_to_merge(model, adapter, "merge_checked")
+    if active_adapter(model) != adapter:
+        set_adapter(model, adapter)
     ids = probe_ids if probe_ids is not None else make_probe_ids(model, n=1, length=16)
     before = probe_logits(model, ids)
     merge_adapter(model, adapter)

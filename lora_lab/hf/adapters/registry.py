@@ -9,7 +9,7 @@ from ...errors import AdapterError
 from .._peft import is_peft, require_adapter, require_peft
 from .switch import active_adapter
 
-__all__ = ["list_adapters", "delete_adapter", "adapter_sizes"]
+__all__ = ["adapter_sizes", "delete_adapter", "list_adapters"]
 
 
 def delete_adapter(model: nn.Module, name: str) -> None:
@@ -36,9 +36,9 @@ def adapter_sizes(model: nn.Module) -> dict[str, dict[str, int]]:
     out = {}
     for name in getattr(model, "peft_config", {}):
         state = get_peft_model_state_dict(model, adapter_name=name, save_embedding_layers=False)
-        out[name] = dict(modules=sum(".lora_A." in k or "ia3_l" in k for k in state),
-                         params=sum(t.numel() for t in state.values()),
-                         bytes=sum(t.numel() * t.element_size() for t in state.values()))
+        out[name] = {"modules": sum(".lora_A." in k or "ia3_l" in k for k in state),
+                     "params": sum(t.numel() for t in state.values()),
+                     "bytes": sum(t.numel() * t.element_size() for t in state.values())}
     return out
 
 

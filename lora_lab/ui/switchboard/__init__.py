@@ -7,15 +7,16 @@
     display(sb)
     sb.model                                     # the peft model the switchboard manages
 
-Switching re-routes adapters that are already loaded
-(:func:`lora_lab.hf.adapters.switch.switch_adapter`): each LoRA layer adds a different ``s·B_k A_k x`` to ``W x``; nothing is read from disk or merged,
-and the widget shows how long it took.  "(base)" disables the adapter layers: exactly ``y = W x``.
+Switching re-routes adapters that are already loaded (:func:`lora_lab.set_adapter`): each LoRA
+layer adds a different ``s·B_k A_k x`` to ``W x``; nothing is read from disk or merged, and the
+widget shows how long it took.  "(base)" disables the adapter layers: exactly ``y = W x``.
 
 Tabs: **generate** (streamed into the widget; max new tokens, greedy, temperature, top-p, Stop),
 **side by side** (one prompt through the base and the chosen adapters, in columns, with tokens/s),
 **merge / delete** (in place on a full-precision base, reversibly; on a quantized base a merged
-full-precision *copy* via :func:`lora_lab.merged_copy`, because merging into packed 4-bit weights
-silently corrupts them on AVX512-BF16 CPUs — PITFALLS.md) and **blend** (weights across adapters
+full-precision *copy* via :func:`lora_lab.merged_copy`, because on CPUs with AVX512-BF16
+bitsandbytes repacks 4-bit weights on their first eval forward and peft's merge misreads the packed
+layout, silently) and **blend** (weights across adapters
 and a combination type through :func:`lora_lab.blend_adapters`, whose self-check and known-bug
 refusals are shown inline).
 
@@ -40,4 +41,4 @@ from .blend_tab import BLEND_COMBINATIONS
 from .board import AdapterSwitchboard
 from .host import BASE
 
-__all__ = ["AdapterSwitchboard", "BASE", "BLEND_COMBINATIONS"]
+__all__ = ["BASE", "BLEND_COMBINATIONS", "AdapterSwitchboard"]

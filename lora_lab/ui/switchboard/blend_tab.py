@@ -18,7 +18,7 @@ from ...hf.adapters.switch import switch_adapter
 from .host import Host
 from .style import STYLE, button, slider
 
-__all__ = ["BlendTab", "BLEND_COMBINATIONS"]
+__all__ = ["BLEND_COMBINATIONS", "BlendTab"]
 
 BLEND_COMBINATIONS = ("linear", "svd", "cat", "ties", "dare_linear", "dare_ties")
 

@@ -12,12 +12,11 @@ from __future__ import annotations
 import html
 import threading
 import time
-from pathlib import Path
 
 import ipywidgets as widgets
 
 from ...errors import AdapterError, LoraLabError
-from ...hf.adapters.io import load_adapter
+from ...hf.adapters.io import adapter_name_for, load_adapter
 from ...hf.adapters.merge import MergeReport
 from ...hf.adapters.registry import adapter_sizes, list_adapters
 from ...hf.adapters.switch import active_adapter, merged_adapters, switch_adapter
@@ -173,8 +172,8 @@ class AdapterSwitchboard(widgets.VBox):
         folder = str(folder).strip()
         if not folder:
             raise AdapterError("No folder given.", "type the adapter's folder, then press load")
-        name = name or Path(folder).name
-        if name == BASE or "." in name:
+        name = adapter_name_for(folder, name)
+        if name == BASE:
             raise AdapterError(f"{name!r} cannot name an adapter.", "pass a name without dots")
         self.unmerge_first()
         self.model = load_adapter(self.model, folder, name=name)
@@ -230,8 +229,9 @@ class AdapterSwitchboard(widgets.VBox):
             self._worker.join(timeout)
 
     def compare(self, prompt: str | None = None, names=None) -> None:
-        """Run ``prompt`` through each of ``names`` (default: the ``compare`` selection; ``"(base)"``
-        is the base model) into side-by-side columns; results in ``comparison``."""
+        """Run ``prompt`` through each of ``names`` (default: the ``compare`` selection; None or
+        ``"(base)"`` is the base model, shown as ``"(base)"``) into side-by-side columns; results in
+        ``comparison``."""
         self.compare_tab.compare(prompt, names)
 
     def merge(self) -> MergeReport:

@@ -43,15 +43,19 @@ class CompareTab(widgets.VBox):
         self.compare_with.value = tuple(chosen or [BASE, *names])
 
     def compare(self, prompt: str | None = None, names=None) -> None:
-        """Run ``prompt`` through each of ``names`` (default: the ``compare`` selection; ``"(base)"``
-        is the base model) into side-by-side columns; results in ``comparison``."""
+        """Run ``prompt`` through each of ``names`` (default: the ``compare`` selection; None or
+        ``"(base)"`` is the base model, as ``adapter=None`` elsewhere, shown and keyed as
+        ``"(base)"``) into side-by-side columns; results in ``comparison``."""
         host = self.host
         prompt = self.source.prompt.value if prompt is None else prompt
-        names = list(self.compare_with.value if names is None else names)
+        if isinstance(names, str):
+            names = [names]
+        names = list(dict.fromkeys(BASE if n is None else n for n in (     # None: the base model
+            self.compare_with.value if names is None else names)))
         unknown = [n for n in names if n != BASE and n not in host.names()]
         if not names or unknown:
             raise AdapterError(f"Cannot compare {names}: unknown adapters {unknown}.",
-                               f"choose from {[BASE, *host.names()]}")
+                               f"choose from {[BASE, *host.names()]} (None also means {BASE!r})")
         settings = self.source.settings()
         encode_for_generation(host.tokenizer, prompt, host.spec)
         host.guard()

@@ -16,7 +16,7 @@ from ...hf.generate.stream import GenerationResult, encode_for_generation, gener
 from .host import Host
 from .style import STYLE, button, slider
 
-__all__ = ["GenerateTab", "streamer", "speed_text"]
+__all__ = ["GenerateTab", "speed_text", "streamer"]
 
 
 def streamer(box: widgets.Textarea, host: Host):
@@ -65,9 +65,9 @@ class GenerateTab(widgets.VBox):
 
     def settings(self) -> dict:
         """The keyword arguments of :func:`~lora_lab.hf.generate.stream.generate` the controls give."""
-        return dict(max_new_tokens=int(self.max_new_tokens.value), greedy=bool(self.greedy.value),
-                    temperature=float(self.temperature.value), top_p=float(self.top_p.value),
-                    spec=self.host.spec)
+        return {"max_new_tokens": int(self.max_new_tokens.value), "greedy": bool(self.greedy.value),
+                "temperature": float(self.temperature.value), "top_p": float(self.top_p.value),
+                "spec": self.host.spec}
 
     def stop(self) -> None:
         """Ask the running generation to end after its current token (thread-safe)."""

@@ -6,7 +6,8 @@ with a small stand-in host) on its own."""
 from __future__ import annotations
 
 import threading
-from typing import Callable, Protocol
+from collections.abc import Callable
+from typing import Protocol
 
 __all__ = ["BASE", "Host"]
 

@@ -4,8 +4,9 @@ On a full-precision base, merge folds the active adapter into the weights in pla
 (W ← W + s·B·A, then unmerge: W ← W − s·B·A), checked by
 :func:`lora_lab.hf.adapters.merge.merge_checked`: the logits on one probe sequence before and after.
 Unmerge reports how close the logits came back (:func:`~lora_lab.hf.adapters.merge.logit_gap`).
-On a quantized base merging in place is never done (it silently corrupts packed 4-bit weights on
-AVX512-BF16 CPUs, PITFALLS.md): the tab makes a merged full-precision *copy* instead
+On a quantized base merging in place is never done (on CPUs with AVX512-BF16, bitsandbytes repacks
+4-bit weights on their first eval forward and peft's merge misreads the packed layout, silently: the
+logits end about 127% off): the tab makes a merged full-precision *copy* instead
 (:func:`lora_lab.merged_copy`), kept in ``merged_model``.  Delete removes an adapter for good.
 """
 
@@ -16,8 +17,15 @@ import html
 import ipywidgets as widgets
 
 from ...errors import AdapterError
-from ...hf.adapters.merge import (MergeReport, logit_gap, make_probe_ids, merge_checked,
-                                  merged_copy, probe_logits, unmerge_adapter)
+from ...hf.adapters.merge import (
+    MergeReport,
+    logit_gap,
+    make_probe_ids,
+    merge_checked,
+    merged_copy,
+    probe_logits,
+    unmerge_adapter,
+)
 from ...hf.adapters.registry import delete_adapter
 from ...hf.adapters.switch import active_adapter, merged_adapters, switch_adapter
 from ...hf.model.inspect import is_quantized

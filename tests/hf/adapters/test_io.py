@@ -3,10 +3,10 @@ and pickles."""
 
 import pytest
 import torch
+from lora_testing import logits, randomize_lora
 
 import lora_lab as ll
-from lora_lab.errors import (AdapterError, AdapterMismatchError)
-from lora_testing import logits, randomize_lora
+from lora_lab.errors import AdapterError, AdapterMismatchError
 
 
 def test_save_load_round_trip_gives_identical_outputs(tiny_llama_dir, tmp_path):
@@ -20,7 +20,7 @@ def test_save_load_round_trip_gives_identical_outputs(tiny_llama_dir, tmp_path):
     base2, _ = ll.load_model(tiny_llama_dir)
     pm2 = ll.load_adapter(base2, path)
     torch.testing.assert_close(logits(pm2), ref)
-    assert pm2.lora_lab_specs["default"] == spec
+    assert list(pm2.peft_config) == ["ad"] and pm2.lora_lab_specs["ad"] == spec  # the folder name
     # saving again over the same folder replaces it atomically and leaves no temp folders
     ll.save_adapter(pm, path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ad"]

@@ -122,8 +122,12 @@ def test_switch_adapter_routes_exactly_like_peft_set_adapter(tiny_llama):
 
     def trainable():
         return {n for n, p in model.named_parameters() if p.requires_grad}
-    for n in ("x1", "x2", "x3", None):
-        ll.set_adapter(model, n)                        # peft's full path
+    for n in ("x1", "x2", "x3", None):                  # the oracle: peft's own calls
+        if n is None:
+            model.base_model.disable_adapter_layers()
+        else:
+            model.base_model.enable_adapter_layers()
+            model.set_adapter(n)
         ref[n], grads[n] = logits(model), trainable()
     assert torch.equal(ref[None], base_logits) and grads["x1"] and not grads[None]
     assert not torch.equal(ref["x1"], ref["x2"]) and not torch.equal(ref["x3"], base_logits)
