@@ -14,7 +14,7 @@ Printed: the model's fp32 and fp16 sizes, the shard size, each method's peak RSS
 start, and the ratios growth / shard and growth / model (fp16 output size).  Target from issue 11:
 the streamed peak stays near one shard (a few shards at most, independent of the model size),
 while the naive peak grows with the model.  ``--quant nf4`` loads the base in NF4 first (QLoRA);
-the naive baseline is then ``lora_lab.merged_copy`` (a full-precision reload, PITFALLS.md).
+the naive baseline is then ``lora_lab.merged_copy`` (a full-precision reload, since a packed 4-bit weight cannot be merged in place).
 """
 
 from __future__ import annotations

@@ -6,7 +6,8 @@ orchestrates; the pieces that touch peft, safetensors and transformers live in `
 
 1. :func:`~lora_lab.hf.adapters.merged_weights.merged_items` lists every tensor of the merged model
    as ``(name, shape, source dtype, make)``.  ``make()`` reads the weight *as the model computes with
-   it* (a 4-bit NF4/FP4 or int8 base is dequantized, never merged in its packed form: PITFALLS.md)
+   it* (a 4-bit NF4/FP4 or int8 base is dequantized, never merged in its packed form, which on
+   AVX512-BF16 CPUs bitsandbytes has repacked into a layout peft's merge misreads)
    and adds the adapter's update in fp32: ΔW = s·B·A with s = α/r (α/√r for rsLoRA), or DoRA's
    row rescaling W' = m ⊙ (W + ΔW) / ‖W + ΔW‖_row (Liu et al. 2024, §4.1);
 2. :func:`_plan` cuts that list into shards of at most ``max_shard_size`` bytes in the target dtype;

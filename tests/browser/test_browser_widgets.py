@@ -190,7 +190,8 @@ def test_switchboard_switches_and_generates(widgets_page):
 
 def test_a_reloaded_page_shows_the_current_figures(widgets_page, browser, jupyter):
     """A view that connects late (a browser reload after saving) must show the figures as they
-    are now, after the interactions above, not as they were first displayed (PITFALLS.md)."""
+    are now, after the interactions above, not as they were first displayed (plotly's FigureWidget keeps its
+    first state for late views unless lora_lab resyncs it)."""
     page = widgets_page
     page.locator(".lm-MenuBar-itemLabel", has_text="File").first.click()
     page.locator(".lm-Menu-itemLabel", has_text=re.compile(r"^Save( Notebook)?$")).first.click()

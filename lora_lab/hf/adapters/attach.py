@@ -21,7 +21,8 @@ __all__ = ["attach"]
 
 def _prepare_kbit(model: nn.Module, gradient_checkpointing: bool) -> nn.Module:
     """peft's k-bit preparation (fp32 norms, input grads), with checkpointing as a visible choice:
-    peft would turn it on silently, costing about a third of the speed (PITFALLS.md)."""
+    peft's ``prepare_model_for_kbit_training`` turns it on silently by default, costing about a third
+    of the speed."""
     from peft import prepare_model_for_kbit_training
 
     if getattr(model, "_lora_lab_kbit_prepared", False):

@@ -8,7 +8,7 @@ quantization error E = W − Q(W).  LoftQ (Li et al. 2023, Alg. 1) starts instea
 
 The base layer then holds Q_T (re-quantized: Q_T lies on the 4-bit grid, so it round-trips), and
 ``lora_A``/``lora_B`` hold A (r × in) and B (out × r).  peft's own ``init_lora_weights="loftq"``
-hard-codes CUDA and ignores s (PITFALLS.md); this one runs the alternation of
+hard-codes CUDA (it calls ``.cuda()``) and ignores s; this one runs the alternation of
 :func:`lora_lab.core.lowrank.recover_lowrank` on the full-precision weights read back from the
 model's checkpoint, honours any α/r, and keeps the best iterate, so a layer never ends up worse
 than plain QLoRA.

@@ -10,7 +10,7 @@ happens inside the model:
   switches to after an eval forward, decoded from its own codebook and bf16 block scales); an int8
   weight (LLM.int8()) is ``CB · SCB / 127`` per row (:func:`lora_lab.hf.model.kbit.dense_weight`).
   peft's merge is never called on a 4-bit layer: on AVX512-BF16 CPUs it reads repacked weights in
-  the wrong layout (PITFALLS.md);
+  the wrong layout and silently corrupts the weights;
 * the adapter's update is added in fp32: ΔW = s·B·A with s = α/r, or α/√r for rsLoRA (peft's
   ``scaling`` dict holds the right one).  DoRA (Liu et al. 2024, §4.1) rescales every output row:
   W' = m ⊙ (W + ΔW) / ‖W + ΔW‖_row  (:func:`merged_weight`).

@@ -6,7 +6,7 @@ from ...specs import AdapterSpec
 
 __all__ = ["to_peft_config", "spec_from_peft_config"]
 
-# "loftq": peft's LoftQ is CUDA-only and ignores α/r (PITFALLS.md); attach() creates the adapter
+# "loftq": peft's LoftQ init calls .cuda() and ignores α/r; attach() creates the adapter
 # with peft's default init and then runs lora_lab.hf.adapters.loftq on it.
 _PEFT_INIT = {"default": True, "gaussian": "gaussian", "pissa": "pissa", "olora": "olora",
               "loftq": True}
