@@ -1,6 +1,7 @@
 """Benchmark: streaming quantization scan (memory, throughput) and one-SVD low-rank recovery.
 
 Run:  nice python benchmarks/quant_scan.py  [--size 4096 --n 8 --schemes nf4,fp4,int8]
+      [--model /path/to/fp32/model]
 
 1. Memory.  A synthetic checkpoint of ``n`` tensors of size×size fp16 is written to a temp dir.
    Two fresh subprocesses each scan it and report their peak RSS increase (VmHWM, reset through
@@ -11,6 +12,14 @@ Run:  nice python benchmarks/quant_scan.py  [--size 4096 --n 8 --schemes nf4,fp4
    over the same tensors already in memory, same schemes.  Target: scan ≥ 80 % of the bare loop.
 3. Low-rank recovery of one size×size weight at ranks (8, 16, 32, 64): the single truncated SVD
    that ``lowrank_recovery`` uses, against one SVD per rank.
+4. With ``--model``, a real model (a folder ``load_model`` reads, e.g. SmolLM2-135M in fp32):
+   * int8 is LLM.int8().  Its weights: ``roundtrip("int8")`` against the int8 weights of a real
+     ``load_model(quant="int8")`` (max |difference|).  Its logits on a few chat prompts: the KL
+     (p_fp32 ‖ p_int8) per token that ``quantized_output_error(..., "int8")`` predicts, against the
+     real int8 model's, next to what the weights alone give and what blockwise int8 gives.
+   * the scan's weight error against the logit KL for NF4 and FP4, and whether the scan flags the
+     weights as already on a 4-bit grid (a GGUF Q4 model converted back to fp32: there NF4 has the
+     lower weight error but the higher KL).
 Every ratio is against a baseline measured in the same run.
 
 glibc's dynamic mmap threshold lets the heap keep freed 1-8 MB temporaries (bitsandbytes' CPU
@@ -93,9 +102,9 @@ def child(mode: str, path: str, schemes: list[str]) -> None:
             scan = scan_quantization(state, schemes=schemes, progress=False)
     secs = time.perf_counter() - t0
     hwm = (status_kb("VmHWM") - start) / 1024 if was_reset else float("nan")
-    print(json.dumps(dict(mode=mode, increase_mb=max((sampler.peak - start) / 1024, hwm),
-                          sampled_mb=(sampler.peak - start) / 1024, hwm_mb=hwm,
-                          seconds=secs, rows=len(scan.table))))
+    print(json.dumps({"mode": mode, "increase_mb": max((sampler.peak - start) / 1024, hwm),
+                      "sampled_mb": (sampler.peak - start) / 1024, "hwm_mb": hwm,
+                      "seconds": secs, "rows": len(scan.table)}))
 
 
 def run_child(mode: str, path: Path, schemes: list[str]) -> dict:
@@ -122,7 +131,10 @@ def bare_loop(tensors: list[torch.Tensor], schemes: list[str]) -> float:
     t0 = time.perf_counter()
     for w in tensors:
         for s in schemes:
-            if s == "int8":
+            if s in ("int8", "llm.int8"):                      # LLM.int8(): one absmax per row
+                cb, scb, _ = F.int8_vectorwise_quant(w.half())
+                F.int8_vectorwise_dequant(cb, scb)
+            elif s == "int8-blockwise":
                 q, st = F.quantize_blockwise(w, blocksize=64)
                 F.dequantize_blockwise(q, st)
             else:
@@ -191,6 +203,82 @@ def bench_lowrank(size: int, ranks=(8, 16, 32, 64)) -> None:
     print(f"[lowrank] lowrank_recovery({size}×{size}, nf4, {ranks}): {total:.2f} s -> {res!r}")
 
 
+PROMPTS = ("What is the capital of France?", "Write a short poem about the sea.",
+           "Explain how a transformer language model works in two sentences.",
+           "List three prime numbers and explain why they are prime.",
+           "Translate 'good morning' into Spanish and German.", "What is 12 times 7?",
+           "Give me a recipe for pancakes.", "Who wrote Romeo and Juliet?")
+
+
+def token_kl(z: torch.Tensor, zq: torch.Tensor) -> torch.Tensor:
+    """KL(p_z ‖ p_zq) per token (nats) of logits shaped (..., vocab)."""
+    logp, logq = torch.log_softmax(z.float(), -1), torch.log_softmax(zq.float(), -1)
+    return (logp.exp() * (logp - logq)).sum(-1).reshape(-1)
+
+
+def bench_real_model(source: str) -> None:
+    import bitsandbytes.functional as F
+
+    import lora_lab as ll
+    from lora_lab.hf.quant.output import quantized_output_error
+    from lora_lab.hf.quant.roundtrip import roundtrip
+
+    fp, tok = ll.load_model(source, device="cpu")
+    q8, _ = ll.load_model(source, quant="int8", device="cpu")
+    fp.eval(), q8.eval()
+    params = dict(fp.named_parameters())
+    int8 = {n: m for n, m in q8.named_modules() if type(m).__name__ == "Linear8bitLt"}
+    diff = max((F.int8_vectorwise_dequant(m.weight.data, m.weight.SCB if m.weight.SCB is not None
+                                          else m.state.SCB)
+                - roundtrip("int8")(params[n + ".weight"].detach())).abs().max().item()
+               for n, m in int8.items())
+    print(f"[int8] roundtrip('int8') vs the weights of load_model(quant='int8'): {len(int8)} "
+          f"layers, max |difference| {diff:.3g}")
+    batches = [tok(tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                           add_generation_prompt=True), return_tensors="pt")
+               for p in PROMPTS]            # one prompt per batch: no padding
+    with torch.no_grad():
+        ref = [fp(**b).logits for b in batches]
+        real = torch.cat([token_kl(z, q8(**b).logits) for z, b in zip(ref, batches)])
+        saved = {n: params[n + ".weight"].data for n in int8}
+        for n in int8:                      # LLM.int8() weights alone, fp32 inputs
+            params[n + ".weight"].data = roundtrip("int8")(saved[n])
+        weights_only = torch.cat([token_kl(z, fp(**b).logits) for z, b in zip(ref, batches)])
+        for n, w in saved.items():
+            params[n + ".weight"].data = w
+    data = [dict(b) for b in batches]
+    t0 = time.perf_counter()
+    pred = quantized_output_error(fp, data, "int8", per_layer=False, max_batches=len(data))
+    secs = time.perf_counter() - t0
+    block = quantized_output_error(fp, data, "int8-blockwise", per_layer=False,
+                                   max_batches=len(data))
+    print(f"[int8] {len(PROMPTS)} prompts, {real.numel()} tokens; KL(p_fp32 ‖ p_int8) per token:")
+    print(f"[int8]   real load_model(quant='int8')         : {real.mean():.4f} nats "
+          f"(median {real.median():.4f})")
+    print(f"[int8]   quantized_output_error('int8')       : {pred.kl:.4f} nats "
+          f"= {pred.kl / real.mean():.3f}× real ({secs:.1f} s)")
+    print(f"[int8]   LLM.int8() weights alone (fp32 inputs): {weights_only.mean():.4f} nats "
+          f"= {weights_only.mean() / real.mean():.3f}× real")
+    print(f"[int8]   quantized_output_error('int8-blockwise'): {block.kl:.4f} nats "
+          f"= {block.kl / real.mean():.3f}× real")
+    bench_grid(fp, data)
+
+
+def bench_grid(fp, data) -> None:
+    from lora_lab.hf.quant.output import quantized_output_error
+    from lora_lab.hf.quant.scan import scan_quantization
+
+    scan = scan_quantization(fp, schemes=("nf4", "fp4"), progress=False)
+    t = scan.table.pivot(index="name", columns="scheme", values="rel_error")
+    print(f"[grid] median distinct values per 32 weights: {scan.table.levels_per_32.median():.0f}"
+          f" -> flagged as already 4-bit: {scan.prequantized}")
+    print(f"[grid] NF4 weight error below FP4's on {(t.nf4 < t.fp4).sum()}/{len(t)} layers "
+          f"(mean {t.nf4.mean():.4f} vs {t.fp4.mean():.4f})")
+    for s in ("nf4", "fp4"):
+        out = quantized_output_error(fp, data, s, per_layer=False, max_batches=len(data))
+        print(f"[grid] {s}: logit KL {out.kl:.3f} nats, top-1 kept {out.top1_agreement:.1%}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", type=int, default=4096)
@@ -198,6 +286,7 @@ def main() -> None:
     ap.add_argument("--schemes", default="nf4,fp4,int8")
     ap.add_argument("--child", nargs=2, metavar=("MODE", "PATH"), help=argparse.SUPPRESS)
     ap.add_argument("--skip", default="", help="comma list of memory,speed,lowrank to skip")
+    ap.add_argument("--model", default="", help="a full-precision model folder for phase 4")
     ap.add_argument("--threads", type=int, default=0,
                     help="torch threads for every phase (0: torch's default)")
     args = ap.parse_args()
@@ -218,6 +307,8 @@ def main() -> None:
             bench_throughput(path, schemes)
     if "lowrank" not in skip:
         bench_lowrank(args.size)
+    if args.model:
+        bench_real_model(args.model)
 
 
 if __name__ == "__main__":

@@ -186,9 +186,11 @@ def scan_frame(scan):
 def scan_summary(scan, path) -> str:
     dq = ", double quant" if scan.double_quant else ""
     lines = [f"checkpoint      {path}",
-             f"tensors         {scan.n_done} linear weights, blocksize {scan.blocksize}{dq}", "",
-             "per scheme (memory of the linear weights; MB = 2^20 bytes):",
-             scan_frame(scan).to_string(index=False, float_format=lambda v: f"{v:.4g}")]
+             f"tensors         {scan.n_done} linear weights, blocksize {scan.blocksize}{dq}", ""]
+    if getattr(scan, "note", ""):
+        lines += [f"note            {scan.note}", ""]
+    lines += ["per scheme (memory of the linear weights; MB = 2^20 bytes):",
+              scan_frame(scan).to_string(index=False, float_format=lambda v: f"{v:.4g}")]
     return "\n".join(lines)
 
 
@@ -319,7 +321,8 @@ def main(argv: list[str] | None = None) -> int:
     scan = sub.add_parser("scan", help="quantization error of every linear weight of a checkpoint")
     scan.add_argument("path", help="checkpoint folder, .safetensors file or builtin name")
     scan.add_argument("--schemes", default="nf4,fp4,int8",
-                      help="comma-separated: nf4, fp4, int8, int4 (default nf4,fp4,int8)")
+                      help="comma-separated: nf4, fp4, int8 (LLM.int8(), as load_model stores it), "
+                           "int8-blockwise, int4 (default nf4,fp4,int8)")
     scan.add_argument("--blocksize", type=int, default=64, help="quantization block size (64)")
     scan.add_argument("--double-quant", action="store_true", help="quantize the block constants too")
     scan.add_argument("--html", metavar="OUT.html", help="write a self-contained HTML report")

@@ -4,14 +4,27 @@ A blockwise quantizer cuts a weight W (out × in, flattened) into blocks of ``bl
 stores one absmax constant c_b = max|w| per block and a k-bit code per value:
 W ≈ Q(W) = c_b · code[idx].  Everything here takes the quantizer as a *round trip* callable
 ``W -> Q(W)`` (quantize then dequantize, same shape), so the math is the same for bitsandbytes'
-NF4/FP4/int8 (see :mod:`lora_lab.hf.quant.roundtrip`) and for the pure-torch absmax int4 baseline below.
+formats (see :mod:`lora_lab.hf.quant.roundtrip`) and for the pure-torch absmax int4 baseline below.
+
+The schemes (:data:`SCHEMES`, described in :data:`SCHEME_NOTES`):
+
+* ``nf4``, ``fp4`` — bitsandbytes 4-bit (QLoRA §3), what ``load_model(quant="nf4"|"fp4")`` stores.
+* ``int8`` — LLM.int8() (Dettmers et al. 2022), what ``load_model(quant="int8")`` stores: one absmax
+  per *row* (the block is a whole row, so ``blocksize`` is the row length and double quantization
+  does not apply).  ``"llm.int8"`` is accepted as another name for it.
+* ``int8-blockwise`` — bitsandbytes' blockwise 8-bit with its dynamic code, as in 8-bit optimizers.
+  No ``load_model`` option stores weights this way.
+* ``int4`` — plain symmetric absmax int4, the baseline NF4 beats (not a bitsandbytes format).
 
 * :func:`error_metrics` — relative Frobenius error, mean/max |E|, SNR, outlier share, E = W − Q(W).
 * :func:`bits_per_param` — code bits plus the constants (QLoRA paper §3: 4 + 32/64 = 4.5 bits at
   blocksize 64; double quantization stores the constants in 8 bits: 4 + 8/64 + 32/(64·256) ≈ 4.127).
 * :func:`absmax_roundtrip` — the plain symmetric absmax int-k baseline (levels −(2^(k−1)−1) … +).
-* :func:`recover_lowrank` — best rank-r correction of E from ONE truncated SVD for all ranks
-  (Eckart–Young), and the LoftQ alternation (Li et al. 2023, Alg. 1) that respects the LoRA scaling.
+* :func:`lora_lab.core.lowrank.recover_lowrank` — best rank-r correction of E from ONE truncated SVD
+  for all ranks (Eckart–Young), and the LoftQ alternation (Li et al. 2023, Alg. 1) that respects
+  the LoRA scaling.
+* :func:`levels_per_block` — distinct values per 32 weights: ≤ 16 means W is already 4-bit rounded.
+* :func:`module_order` — module types in the order models list them (q, k, v, o, gate, up, down).
 
 No function here prints, probes devices or moves tensors: work happens where the weight lies.
 """
@@ -19,23 +32,68 @@ No function here prints, probes devices or moves tensors: work happens where the
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
 from ..errors import LoraLabError
 
-__all__ = ["QuantError", "RoundTrip", "error_metrics", "weight_stats", "bits_per_param",
-           "block_absmax", "absmax_roundtrip", "SCHEMES", "OUTLIER_SIGMAS"]
+__all__ = [
+    "MODULE_ORDER",
+    "OUTLIER_SIGMAS",
+    "SCHEMES",
+    "SCHEME_NOTES",
+    "QuantError",
+    "RoundTrip",
+    "absmax_roundtrip",
+    "bits_per_param",
+    "block_absmax",
+    "canonical_scheme",
+    "error_metrics",
+    "levels_per_block",
+    "module_order",
+    "weight_stats",
+]
 
 RoundTrip = Callable[[torch.Tensor], torch.Tensor]
 """``W -> Q(W)``: quantize then dequantize; same shape as W (any float dtype)."""
 
-SCHEMES = ("nf4", "fp4", "int8", "int4")
-CODE_BITS = {"nf4": 4, "fp4": 4, "int4": 4, "int8": 8}
+SCHEMES = ("nf4", "fp4", "int8", "int8-blockwise", "int4")
+SCHEME_NOTES = {
+    "nf4": "4-bit NormalFloat (QLoRA §3): what load_model(quant='nf4') stores",
+    "fp4": "4-bit float: what load_model(quant='fp4') stores",
+    "int8": "LLM.int8(): one absmax per row, what load_model(quant='int8') stores (blocksize and "
+            "double quant do not apply); at run time it also rounds the layer inputs to int8, "
+            "which quantized_output_error includes and a weight scan cannot",
+    "int8-blockwise": "bitsandbytes' blockwise 8-bit with its dynamic code (as in 8-bit "
+                      "optimizers); no load_model option stores weights this way",
+    "int4": "plain symmetric absmax int4, the baseline (not a bitsandbytes format)",
+}
+_ALIASES = {"llm.int8": "int8"}
+CODE_BITS = {"nf4": 4, "fp4": 4, "int4": 4, "int8": 8, "int8-blockwise": 8}
 OUTLIER_SIGMAS = 6.0
+MODULE_ORDER = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+"""A decoder layer's linear modules in the order Llama-style models list them."""
 _CHUNK = 1 << 20  # elements per reduction chunk: fp32 temporaries of 4 MB
+
+
+def canonical_scheme(scheme: str) -> str:
+    """The scheme's name in :data:`SCHEMES` (``"llm.int8"`` is ``"int8"``); a LoraLabError for an
+    unknown one."""
+    name = _ALIASES.get(scheme, scheme) if isinstance(scheme, str) else scheme
+    if name not in CODE_BITS:
+        raise LoraLabError(f"scheme={scheme!r} is not a quantization scheme lora_lab knows.",
+                           f"pass one of {SCHEMES} (int8 is LLM.int8(), as load_model(quant='int8'); "
+                           "int8-blockwise is bitsandbytes' blockwise 8-bit)")
+    return name
+
+
+def module_order(modules) -> list[str]:
+    """The distinct module types of ``modules``: those in :data:`MODULE_ORDER` first, in that order,
+    then the others in first-seen order.  Every layers × modules heatmap uses it."""
+    seen = list(dict.fromkeys(modules))
+    return ([m for m in MODULE_ORDER if m in seen] + [m for m in seen if m not in MODULE_ORDER])
 
 
 # ------------------------------------------------------------------ accounting ----------------
@@ -49,16 +107,17 @@ def bits_per_param(scheme: str, blocksize: int = 64, double_quant: bool = False,
     4-bit, ``blocksize`` for its 8-bit blockwise) plus one fp32 offset per tensor:
     ``code_bits + 8/blocksize + 32/(blocksize·blocksize2) + 32/numel``.
     With ``numel`` the count is exact (partial last blocks); without it, the asymptotic value.
+    ``int8`` (LLM.int8()) stores one fp32 absmax per row: pass the row length as ``blocksize``;
+    it has no double quantization.
     """
-    if scheme not in CODE_BITS:
-        raise LoraLabError(f"scheme={scheme!r} is not a known quantization scheme.",
-                           f"pass one of {SCHEMES}")
+    scheme = canonical_scheme(scheme)
+    double_quant = double_quant and scheme != "int8"
     n = numel if numel else None
     nblocks = math.ceil(n / blocksize) if n else None
     bits = CODE_BITS[scheme]
     if not double_quant:
         return bits + (32 * nblocks / n if n else 32 / blocksize)
-    bs2 = blocksize if scheme == "int8" else 256
+    bs2 = blocksize if scheme == "int8-blockwise" else 256
     if not n:
         return bits + 8 / blocksize + 32 / (blocksize * bs2)
     return bits + (8 * nblocks + 32 * math.ceil(nblocks / bs2) + 32) / n
@@ -170,6 +229,32 @@ def error_metrics(weight: torch.Tensor, recon: torch.Tensor, *, scheme: str, blo
                       shape=tuple(weight.shape), rel_error=rel, mean_abs_error=e1 / n,
                       max_abs_error=emax, snr_db=snr, outlier_share=stats.outlier_share,
                       bits_per_param=bits)
+
+
+PREQUANT_BLOCK = 32
+"""GGUF's k-bit formats store blocks of 32 weights (Q4_0, Q4_1; Q4_K in sub-blocks of 32)."""
+
+
+def levels_per_block(weight: torch.Tensor, block: int = PREQUANT_BLOCK,
+                     max_blocks: int = 1024) -> float:
+    """Median number of distinct values among ``block`` consecutive (flattened) weights, over up
+    to ``max_blocks`` blocks spread evenly across W (one sort of max_blocks × block values).
+
+    Trained fp16/bf16/fp32 weights give close to ``block`` (32); weights that went through a 4-bit
+    format (a GGUF Q4_0/Q4_1/Q4_K checkpoint converted back to fp32, say) give at most 16.  On such
+    weights a re-quantization's error says how well a scheme fits the *old grid*, not the model:
+    NF4 can show lower weight error than FP4 and still move the logits more.
+    """
+    flat = weight.detach().reshape(-1)
+    nblocks = flat.numel() // block
+    if nblocks == 0:
+        return float(torch.unique(flat).numel())
+    pick = torch.linspace(0, nblocks - 1, min(nblocks, max_blocks), device=flat.device).long()
+    blocks = flat[: nblocks * block].view(nblocks, block)
+    blocks = blocks.index_select(0, pick)          # not blocks[pick]: ~100× slower on CPU
+    blocks = blocks.float().sort(dim=1).values
+    distinct = 1 + (blocks[:, 1:] != blocks[:, :-1]).sum(dim=1)
+    return float(distinct.float().median().item())
 
 
 # ------------------------------------------------------------------ absmax baseline -----------

@@ -10,6 +10,10 @@
 * **scheme / blocksize / double quant** — one :func:`lora_lab.scan_quantization` per choice,
   cached per ``(scheme, blocksize, double_quant)``, so switching back is instant.  The heatmap shows
   the relative error ‖W − Q(W)‖_F / ‖W‖_F with decoder layers down and module types across.
+  ``int8`` is LLM.int8(), what ``load_model(quant="int8")`` stores (one absmax per row: blocksize
+  and double quant do not apply and are greyed out); ``int8-blockwise`` is bitsandbytes' blockwise
+  8-bit.  The summary says what each scheme is, and when the weights are already on a 4-bit grid
+  (a GGUF Q4 checkpoint), where weight error misleads: compare schemes on logits there.
 * **memory** — the linear weights at fp16 (2 bytes each) against the chosen scheme's storage,
   Σ numel × bits_per_param / 8 over the scanned tensors (bits_per_param counts the block constants:
   4.5 bits for NF4 at blocksize 64, ≈ 4.127 with double quantization, QLoRA §3), as a
@@ -32,10 +36,10 @@ import os
 import ipywidgets as widgets
 
 from ..core.memory import QuantStorage, quant_storage
-from ..core.quant import SCHEMES
+from ..core.quant import SCHEME_NOTES, SCHEMES, canonical_scheme
 from ..errors import LoraLabError
 from ..hf.quant.roundtrip import BLOCKSIZES, check_scheme, weight_histogram_data
-from ..hf.quant.scan import QuantScan, scan_quantization, weight_loaders
+from ..hf.quant.scan import PREQUANT_NOTE, QuantScan, scan_quantization, weight_loaders
 from ..viz.quant import error_heatmap, weight_histogram
 from .figure import LiveFigure
 
@@ -57,7 +61,11 @@ def _check_choice(scheme, blocksize) -> LoraLabError | None:
     try:
         check_scheme(scheme, blocksize)
     except LoraLabError as err:
-        shown = "nf4" if scheme not in SCHEMES else "blocksize 64"
+        try:
+            canonical_scheme(scheme)
+            shown = "blocksize 64"
+        except LoraLabError:
+            shown = "nf4"
         return LoraLabError(f"QuantExplorer: {err.problem} Showing {shown}.", err.fix)
     return None
 
@@ -81,6 +89,7 @@ class QuantExplorer(widgets.VBox):
         refused = _check_choice(scheme, blocksize)
         if refused:
             scheme, blocksize = "nf4", 64
+        scheme = canonical_scheme(scheme)                      # "llm.int8" is "int8"
         self.scheme = widgets.Dropdown(options=SCHEMES, value=scheme, description="scheme", style=_W)
         self.blocksize = widgets.Dropdown(options=BLOCKSIZES, value=blocksize, description="blocksize",
                                           style=_W)
@@ -105,6 +114,8 @@ class QuantExplorer(widgets.VBox):
                           self.detail])  # wrap: the two figures side by side need ~1,100 px
         for w in (self.scheme, self.blocksize, self.double_quant):
             w.observe(lambda _c: self.update(), names="value")
+        self._grey_out()
+        self.scheme.observe(lambda _c: self._grey_out(), names="value")
         self.module.observe(lambda _c: self._show_module(), names="value")
 
     # ------------------------------------------------------------------ scanning
@@ -113,10 +124,16 @@ class QuantExplorer(widgets.VBox):
         """The current ``(scheme, blocksize, double_quant)``: the cache key."""
         return self.scheme.value, self.blocksize.value, self.double_quant.value
 
+    def _grey_out(self) -> None:
+        """LLM.int8() keeps one absmax per row: blocksize and double quant do not apply to it."""
+        self.blocksize.disabled = self.double_quant.disabled = self.scheme.value == "int8"
+
     def scan(self, scheme: str, blocksize: int, double_quant: bool) -> QuantScan:
         """The scan for one choice, from the cache when it was done before.  An interrupted scan
-        (its finished rows only) is not cached, and refused when it holds no row."""
-        key = (scheme, blocksize, double_quant)
+        (its finished rows only) is not cached, and refused when it holds no row.  LLM.int8()
+        (``int8``) ignores blocksize and double quant, so all its choices share one scan."""
+        scheme = canonical_scheme(scheme)
+        key = (scheme, None, False) if scheme == "int8" else (scheme, blocksize, double_quant)
         if key in self._cache:
             return self._cache[key]
         scan = scan_quantization(self._source, schemes=(scheme,), blocksize=blocksize,
@@ -161,12 +178,16 @@ class QuantExplorer(widgets.VBox):
     def _summary_html(self) -> str:
         m, t = self.memory, self.result.table
         scheme, bs, dq = self.choice
-        return (f"<b>{scheme}</b>, blocksize {bs}{', double quant' if dq else ''}: "
+        how = "one absmax per row" if scheme == "int8" else \
+            f"blocksize {bs}{', double quant' if dq else ''}"
+        notes = [SCHEME_NOTES[scheme]] + ([PREQUANT_NOTE] if self.result.prequantized else [])
+        notes = "".join(f"<br><i>{html.escape(n)}</i>" for n in notes)
+        return (f"<b>{scheme}</b>, {how}: "
                 f"{len(t)} linear weights, {m.numel:,} parameters, {m.bits_per_param:.3f} "
                 f"bits/param · relative error mean {t['rel_error'].mean():.4g}, "
                 f"max {t['rel_error'].max():.4g}<br><b>memory</b> {_size(m.fp16_bytes)} at fp16 → "
                 f"{_size(m.quant_bytes)} in {scheme}: <b>saves {_size(m.saved_bytes)} "
-                f"({m.saved_share:.1%})</b>")
+                f"({m.saved_share:.1%})</b>" + notes)
 
     def _draw_heatmap(self, scan: QuantScan) -> None:
         fig = error_heatmap(scan)

@@ -11,21 +11,31 @@ plotly ``go.Figure`` out.
   :class:`~lora_lab.core.histogram.WeightHistogram`
   (:func:`lora_lab.hf.quant.roundtrip.weight_histogram_data` computes it).
 * :func:`recovery_figure` — remaining error against LoRA rank (SVD and LoftQ).
+
+The heatmap and the bars put layers in numeric order and module types in the order models list
+them (q, k, v, o, gate, up, down: :func:`lora_lab.core.quant.module_order`, as the spectrum heatmap
+does), and carry the scan's caveats (weights already on a 4-bit grid; int8 is LLM.int8(), whose
+run-time rounding of inputs a weight scan does not see) under their title.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import plotly.graph_objects as go
 
 from ..core.histogram import WeightHistogram
-from ..core.quant import QuantError
 from ..core.lowrank import RecoveryResult
+from ..core.quant import QuantError, module_order
 
-__all__ = ["error_heatmap", "scheme_bars", "blocksize_figure", "weight_histogram",
-           "recovery_figure"]
+__all__ = [
+    "blocksize_figure",
+    "error_heatmap",
+    "recovery_figure",
+    "scheme_bars",
+    "weight_histogram",
+]
 
 _LABELS = {"rel_error": "relative error ‖W−Q‖/‖W‖", "snr_db": "SNR (dB)",
            "mean_abs_error": "mean |W−Q|", "max_abs_error": "max |W−Q|",
@@ -33,7 +43,13 @@ _LABELS = {"rel_error": "relative error ‖W−Q‖/‖W‖", "snr_db": "SNR (dB
 
 
 def _modules(table) -> list[str]:
-    return list(dict.fromkeys(table["module"]))
+    return module_order(table["module"])
+
+
+def _title(text: str, scan) -> str:
+    """``text``, with the scan's caveats (short labels, if any) in small type below it."""
+    labels = list(getattr(scan, "caveats", {}) or {})
+    return text + "".join(f"<br><sup>{c}</sup>" for c in labels)
 
 
 def error_heatmap(scan, metric: str = "rel_error", schemes: Sequence[str] | None = None) -> go.Figure:
@@ -46,20 +62,22 @@ def error_heatmap(scan, metric: str = "rel_error", schemes: Sequence[str] | None
     for i, s in enumerate(schemes):
         sub = t[t.scheme == s]
         z = sub.pivot_table(index="layer", columns="module", values=metric, aggfunc="mean")
+        z = z.reindex(index=sorted(z.index, key=int), columns=modules)       # layers as numbers
         names = sub.pivot_table(index="layer", columns="module", values="name", aggfunc="first")
-        z, names = z.reindex(columns=modules), names.reindex(index=z.index, columns=modules)
+        names = names.reindex(index=z.index, columns=modules)
         fig.add_trace(go.Heatmap(z=z.to_numpy(dtype=float), x=modules, y=[int(v) for v in z.index],
                                  customdata=names.to_numpy(dtype=object), name=s, visible=i == 0,
-                                 colorscale="Viridis", colorbar=dict(title=metric),
+                                 colorscale="Viridis", colorbar={"title": metric},
                                  hovertemplate="%{customdata}<br>" + metric + "=%{z:.4g}<extra>"
                                  + s + "</extra>"))
-    buttons = [dict(label=s, method="update",
-                    args=[{"visible": [j == i for j in range(len(schemes))]},
-                          {"title.text": f"{_LABELS.get(metric, metric)} — {s}"}])
+    buttons = [{"label": s, "method": "update",
+                "args": [{"visible": [j == i for j in range(len(schemes))]},
+                         {"title.text": _title(f"{_LABELS.get(metric, metric)} — {s}", scan)}]}
                for i, s in enumerate(schemes)]
-    fig.update_layout(title=f"{_LABELS.get(metric, metric)} — {schemes[0] if schemes else ''}",
+    head = f"{_LABELS.get(metric, metric)} — {schemes[0] if schemes else ''}"
+    fig.update_layout(title=_title(head, scan),
                       xaxis_title="module", yaxis_title="layer", yaxis_autorange="reversed",
-                      updatemenus=[dict(buttons=buttons, x=1.0, y=1.15, xanchor="right")]
+                      updatemenus=[{"buttons": buttons, "x": 1.0, "y": 1.15, "xanchor": "right"}]
                       if len(schemes) > 1 else [])
     return fig
 
@@ -74,7 +92,8 @@ def scheme_bars(scan, metric: str = "rel_error") -> go.Figure:
         fig.add_trace(go.Bar(x=modules, y=means.to_numpy(dtype=float), name=s))
     fig.update_layout(barmode="group", xaxis_title="module",
                       yaxis_title=f"mean {_LABELS.get(metric, metric)}",
-                      title=f"{' vs '.join(scan.schemes)} per module type (blocksize {scan.blocksize})")
+                      title=_title(f"{' vs '.join(scan.schemes)} per module type "
+                                   f"(blocksize {scan.blocksize})", scan))
     return fig
 
 
@@ -97,7 +116,7 @@ def blocksize_figure(errors: Sequence[QuantError], metric: str = "rel_error") ->
                                  hovertemplate="blocksize %{x}<br>%{y:.4g}<br>"
                                                "%{customdata:.3f} bits/param<extra>" + label
                                                + "</extra>"))
-    fig.update_layout(xaxis=dict(type="log", title="blocksize", dtick=np.log10(2)),
+    fig.update_layout(xaxis={"type": "log", "title": "blocksize", "dtick": np.log10(2)},
                       yaxis_title=_LABELS.get(metric, metric), title="error against blocksize")
     return fig
 
@@ -119,7 +138,7 @@ def weight_histogram(hist: WeightHistogram) -> go.Figure:
                marker_color="#7f8c9b", hovertemplate="%{x:.4g}: %{y} weights<extra></extra>"),
         go.Scatter(x=xs, y=ys, mode="lines",
                    name=f"{hist.scheme} code × median absmax ({hist.scale:.3g})",
-                   line=dict(color="#d62728", width=1)),
+                   line={"color": "#d62728", "width": 1}),
     ])
     fig.update_layout(bargap=0, xaxis_title="weight value", yaxis_title="count",
                       title=f"{hist.name}: {hist.numel:,} weights and the {len(levels)} "
@@ -140,7 +159,7 @@ def recovery_figure(results: RecoveryResult | Sequence[RecoveryResult],
                                  mode="lines+markers", name=f"{label} SVD"))
         if res.loftq_rel_errors is not None:
             fig.add_trace(go.Scatter(x=x, y=[res.quant_rel_error, *res.loftq_rel_errors],
-                                     mode="lines+markers", line=dict(dash="dash"),
+                                     mode="lines+markers", line={"dash": "dash"},
                                      name=f"{label} LoftQ ×{res.loftq_iters}"))
     fig.update_layout(xaxis_title="LoRA rank r", yaxis_title="remaining relative error",
                       title="what a rank-r correction wins back")

@@ -15,14 +15,14 @@ from __future__ import annotations
 
 import dataclasses
 import html
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
 
 import pandas as pd
 
 from ..errors import LoraLabError
 
-__all__ = ["report", "report_html", "page", "html_page"]
+__all__ = ["html_page", "page", "report", "report_html"]
 
 _STYLE = ("body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em}"
           "table{border-collapse:collapse;font-size:0.85em;margin:0.5em 0}"
@@ -131,9 +131,12 @@ def _quant(quant) -> list:
     if quant.table.empty:
         return [repr(quant)]
     layers = quant.table.to_html(index=False, float_format="%.4g")
-    return [repr(quant).splitlines()[0], error_heatmap(quant), scheme_bars(quant), quant.summary,
-            ("html", f"<details><summary>every layer ({len(quant.table)} rows)</summary>"
-                     f"{layers}</details>")]
+    note = getattr(quant, "note", "")
+    return [repr(quant).splitlines()[0],
+            *([("html", f"<p><b>Note:</b> {html.escape(note)}</p>")] if note else []),
+            error_heatmap(quant), scheme_bars(quant), quant.summary,
+            ("html", (f"<details><summary>every layer ({len(quant.table)} rows)</summary>"
+                      f"{layers}</details>"))]
 
 
 def _memory(memory) -> list:
@@ -176,7 +179,8 @@ def report(path, *, result=None, spec=None, spectra=None, quant=None, memory=Non
     ``final`` a table, its TrainSpec joins the specs).  ``spec``: a spec, a list of specs or a dict
     name → spec, shown field by field.  ``spectra``: :func:`lora_lab.adapter_spectra` (heatmap of
     effective rank, the largest update's spectrum, the per-module table).  ``quant``: a
-    :class:`~lora_lab.QuantScan` (error heatmap, scheme bars, the summary and every layer).
+    :class:`~lora_lab.QuantScan` (its note, error heatmap, scheme bars, the summary and every
+    layer in model order).
     ``memory``: a :class:`~lora_lab.MemoryEstimate` (stacked bars and the term table).  ``summary``:
     extra label → value lines shown first (accuracy before/after, say).  plotly.js is embedded
     once, so the file opens with no network.

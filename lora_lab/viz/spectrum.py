@@ -15,7 +15,21 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
-__all__ = ["spectrum_figure", "spectrum_heatmap", "phi_figure", "spectrum_evolution_figure"]
+from ..core.quant import module_order
+
+__all__ = [
+    "CELL_TEXT_MAX_CELLS",
+    "CELL_TEXT_MAX_ROWS",
+    "phi_figure",
+    "spectrum_evolution_figure",
+    "spectrum_figure",
+    "spectrum_heatmap",
+]
+
+CELL_TEXT_MAX_ROWS = 16
+CELL_TEXT_MAX_CELLS = 128
+"""A heatmap writes its values in the cells only up to this many rows and cells: at the default
+450 px height, 30 layers leave ~10 px per row, less than the text; hover always gives the value."""
 
 METRIC_LABELS = {
     "effective_rank": "effective rank",
@@ -47,16 +61,16 @@ def spectrum_figure(spectrum, k: int | None = None, title: str | None = None) ->
     fig = go.Figure()
     fig.add_bar(x=index[positive], y=sigma[positive], name="σ_i", marker_color="#4c78a8")
     fig.add_scatter(x=index, y=_np(spectrum.cumulative_energy), name="cumulative energy",
-                    mode="lines+markers", yaxis="y2", line=dict(color="#f58518"))
+                    mode="lines+markers", yaxis="y2", line={"color": "#f58518"})
     head = title or (spectrum.name or "ΔW spectrum")
     if k is not None:
         fig.add_vline(x=k + 0.5, line_dash="dash", line_color="grey")
         head += f" — rank {k} keeps {spectrum.energy_at(k):.1%} of the energy"
     fig.update_layout(
-        title=head, xaxis=dict(title="i (singular value index)"),
-        yaxis=dict(title="σ_i", type="log"),
-        yaxis2=dict(title="energy", overlaying="y", side="right", range=[0, 1.05]),
-        legend=dict(orientation="h", y=-0.2), bargap=0.1)
+        title=head, xaxis={"title": "i (singular value index)"},
+        yaxis={"title": "σ_i", "type": "log"},
+        yaxis2={"title": "energy", "overlaying": "y", "side": "right", "range": [0, 1.05]},
+        legend={"orientation": "h", "y": -0.2}, bargap=0.1)
     return fig
 
 
@@ -85,6 +99,10 @@ def spectrum_heatmap(source, metric: str = "effective_rank", k: int | None = Non
 
     ``source``: an ``AdapterSpectra``, an ``AdapterComparison`` or any DataFrame with ``layer``,
     ``module_type`` and the metric column.  ``metric="energy_at_k"`` / ``"error_at_k"`` need ``k``.
+    Layers run in numeric order, module types in the order models list them (q, k, v, o, gate, up,
+    down: :func:`lora_lab.core.quant.module_order`, as the quantization heatmap does).  Values are
+    written in the cells up to :data:`CELL_TEXT_MAX_ROWS` rows and :data:`CELL_TEXT_MAX_CELLS`
+    cells; hover shows them always.
     """
     frame = _with_k_metric(source, _frame(source), metric, k)
     if metric not in frame.columns:
@@ -95,15 +113,17 @@ def spectrum_heatmap(source, metric: str = "effective_rank", k: int | None = Non
     frame = frame.assign(layer=frame["layer"].fillna(-1).astype(int))
     grid = frame.pivot_table(index="layer", columns="module_type", values=metric, aggfunc="mean",
                              sort=False).sort_index()
-    grid = grid[[c for c in dict.fromkeys(frame["module_type"]) if c in grid.columns]]
+    grid = grid[[c for c in module_order(frame["module_type"]) if c in grid.columns]]
     label = METRIC_LABELS.get(metric, metric) + (f" (k={k})" if k is not None else "")
     z = grid.to_numpy(dtype=float)
+    cell_text = z.shape[0] <= CELL_TEXT_MAX_ROWS and z.size <= CELL_TEXT_MAX_CELLS
     fig = go.Figure(go.Heatmap(
         z=z, x=list(grid.columns), y=[str(i) for i in grid.index], colorscale="Viridis",
-        colorbar=dict(title=label), text=np.round(z, 3), texttemplate="%{text}",
+        colorbar={"title": label}, text=np.round(z, 3) if cell_text else None,
+        texttemplate="%{text}" if cell_text else None,
         hovertemplate="layer %{y}, %{x}: %{z:.4g}<extra></extra>"))
     fig.update_layout(title=title or label, xaxis_title="module type",
-                      yaxis=dict(title="layer", autorange="reversed"))
+                      yaxis={"title": "layer", "autorange": "reversed"})
     return fig
 
 
@@ -121,11 +141,11 @@ def phi_figure(grid, title: str | None = None, labels: tuple[str, str] = ("adapt
     z = _np(grid)
     fig = go.Figure(go.Heatmap(
         z=z, x=np.arange(1, z.shape[1] + 1), y=np.arange(1, z.shape[0] + 1), zmin=0, zmax=1,
-        colorscale="Viridis", colorbar=dict(title="φ"),
+        colorscale="Viridis", colorbar={"title": "φ"},
         hovertemplate="i=%{y}, j=%{x}: φ=%{z:.3f}<extra></extra>"))
     fig.update_layout(title=title or "subspace similarity φ(i, j)",
-                      xaxis_title=f"j ({labels[1]})", yaxis=dict(title=f"i ({labels[0]})",
-                                                                 autorange="reversed"))
+                      xaxis_title=f"j ({labels[1]})",
+                      yaxis={"title": f"i ({labels[0]})", "autorange": "reversed"})
     return fig
 
 
@@ -143,10 +163,10 @@ def spectrum_evolution_figure(snapshots, top: int = 8, title: str | None = None)
         fig.add_scatter(x=steps, y=np.where(y > 0, y, np.nan), mode="lines", name=f"σ_{i + 1}")
     fig.add_scatter(x=steps, y=np.array([sp.effective_rank for _, sp in snapshots]),
                     mode="lines+markers", name="effective rank", yaxis="y2",
-                    line=dict(color="black", dash="dot"))
+                    line={"color": "black", "dash": "dot"})
     fig.update_layout(title=title or "spectrum over training", xaxis_title="step",
-                      yaxis=dict(title="σ_i", type="log"),
-                      yaxis2=dict(title="effective rank", overlaying="y", side="right",
-                                  rangemode="tozero"),
-                      legend=dict(orientation="h", y=-0.2))
+                      yaxis={"title": "σ_i", "type": "log"},
+                      yaxis2={"title": "effective rank", "overlaying": "y", "side": "right",
+                              "rangemode": "tozero"},
+                      legend={"orientation": "h", "y": -0.2})
     return fig

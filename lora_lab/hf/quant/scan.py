@@ -3,7 +3,22 @@
 Sources: a loaded model, a state dict, a ``.safetensors`` file, a checkpoint folder or a sharded
 checkpoint (index json).  Files are read one tensor at a time with ``safetensors.safe_open``, so
 peak memory is about the largest tensor, not the model.  The per-weight math is
-:func:`lora_lab.hf.quant.roundtrip.quant_error`.
+:func:`lora_lab.hf.quant.roundtrip.quant_error`.  Rows come in model order whatever the source
+(safetensors lists its keys alphabetically: layer 10 before layer 2, down_proj before q_proj): by
+layer number, then q, k, v, o, gate, up, down (:data:`lora_lab.core.quant.MODULE_ORDER`).
+
+What a scan measures is the error of the *weights*.  ``int8`` is LLM.int8(), the weights of
+``load_model(quant="int8")`` (one absmax per row); at run time that model also rounds each layer's
+inputs to int8 (columns holding a value above 6.0 kept unrounded), an error no weight scan can see:
+on SmolLM2-135M the weights alone move the logits by a KL of ~0.006 nats per token, the real int8
+model by ~0.05.  :func:`lora_lab.hf.quant.output.quantized_output_error` runs the real LLM.int8()
+matmul and gets the latter.
+
+Weights that already went through a 4-bit format (a GGUF Q4_0/Q4_1/Q4_K checkpoint converted back
+to fp32) hold at most 16 distinct values per 32; the ``levels_per_32`` column counts them and
+``QuantScan.note`` says so.  Their re-quantization error measures the fit to the old grid, not to
+the model: on a Q4_1-rounded SmolLM2, NF4 shows a lower weight error than FP4 on all 210 layers
+but moves the logits more (KL ~1.4 vs ~0.8 nats).  Compare schemes on logits there.
 
 Device: in-memory weights are analysed where they lie.  Streamed tensors are loaded to ``cuda``
 when ``torch.cuda.is_available()``, else to the CPU (bitsandbytes runs on both).
@@ -11,24 +26,43 @@ when ``torch.cuda.is_available()``, else to the CPU (bitsandbytes runs on both).
 
 from __future__ import annotations
 
+import html
 import json
 import os
 import re
 import struct
 import warnings
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
 
 import torch
 
-from ...core.quant import QuantError, bits_per_param, error_metrics, weight_stats
+from ...core.quant import (
+    MODULE_ORDER,
+    QuantError,
+    bits_per_param,
+    canonical_scheme,
+    error_metrics,
+    levels_per_block,
+    weight_stats,
+)
 from ...errors import LoraLabError
 from .._peft import strip_prefix
-from .roundtrip import roundtrip
+from .roundtrip import roundtrip, stored_settings
 
-__all__ = ["scan_quantization", "QuantScan", "weight_loaders", "linear_weight_names", "clean_name",
-           "layer_and_module", "module_items"]
+__all__ = [
+    "INT8_NOTE",
+    "PREQUANT_NOTE",
+    "QuantScan",
+    "clean_name",
+    "layer_and_module",
+    "linear_weight_names",
+    "model_order",
+    "module_items",
+    "scan_quantization",
+    "weight_loaders",
+]
 
 _SKIP = re.compile(r"(embed|norm|lm_head|^wte$|^wpe$|^ln_|^ln\d|lora_)")
 
@@ -57,6 +91,17 @@ def layer_and_module(name: str) -> tuple[int | None, str]:
     parts = name.split(".")
     layer = next((int(p) for p in parts if p.isdigit()), None)
     return layer, parts[-2] if len(parts) > 1 else name
+
+
+def model_order(names: Sequence[str]) -> list[str]:
+    """``names`` sorted as models list them: by layer number (names with none first), then by
+    module type in :data:`~lora_lab.core.quant.MODULE_ORDER`; other names keep their order."""
+    def key(name: str) -> tuple[int, int]:
+        layer, module = layer_and_module(name)
+        rank = MODULE_ORDER.index(module) if module in MODULE_ORDER else len(MODULE_ORDER)
+        return (-1 if layer is None else layer, rank)
+
+    return sorted(names, key=key)
 
 
 # ------------------------------------------------------------------ sources -------------------
@@ -143,7 +188,7 @@ def _file_items(path: Path, device: str) -> list[Item]:
     for file in _shards(path):
         try:
             with safe_open(file, framework="pt", device="cpu") as f:
-                shapes = {k: len(f.get_slice(k).get_shape()) for k in f.keys()}
+                shapes = {k: len(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
         except (SafetensorError, OSError) as exc:
             raise _diagnose(file, exc) from exc
         items += [(k, (lambda file=file, k=k: load(file, k))) for k in linear_weight_names(shapes)]
@@ -157,6 +202,12 @@ def weight_loaders(source) -> dict:
 
 
 def _items(source) -> tuple[list[Item], str]:
+    items, label = _source_items(source)
+    order = {n: i for i, n in enumerate(model_order([n for n, _ in items]))}
+    return sorted(items, key=lambda item: order[item[0]]), label
+
+
+def _source_items(source) -> tuple[list[Item], str]:
     if isinstance(source, torch.nn.Module):
         return module_items(source), type(source).__name__
     if isinstance(source, Mapping):
@@ -171,6 +222,17 @@ def _items(source) -> tuple[list[Item], str]:
 
 
 # ------------------------------------------------------------------ the scan ------------------
+PREQUANT_LEVELS = 16
+PREQUANT_NOTE = (
+    "These weights are already rounded to a 4-bit grid (≤ 16 distinct values per 32, as in a GGUF "
+    "Q4 checkpoint): re-quantization errors measure the fit to that grid, not to the model, and can "
+    "rank schemes opposite to their effect on the logits. Compare schemes with "
+    "quantized_output_error.")
+INT8_NOTE = (
+    "int8 is LLM.int8(), as load_model(quant='int8'): its weight error is shown; at run time it "
+    "also rounds layer inputs to int8 (quantized_output_error measures both).")
+
+
 @dataclass(frozen=True, eq=False)
 class QuantScan:
     """Result of :func:`scan_quantization`.
@@ -180,10 +242,13 @@ class QuantScan:
     bits_per_param, size saved against fp16, mean/max relative error, the worst tensor).
     ``interrupted`` is True when a KeyboardInterrupt stopped the scan: the rows finished before it
     are kept, ``n_done`` of ``n_total`` tensors were fully scanned, and a ``RuntimeWarning`` says so.
+    ``note``: what to keep in mind when reading the errors ("" when nothing): weights already
+    rounded to a 4-bit grid, and LLM.int8()'s run-time error on inputs (see the module docstring);
+    ``caveats`` the same as ``{short label: explanation}``.
     """
 
-    table: "object"
-    summary: "object"
+    table: object
+    summary: object
     source: str
     schemes: tuple[str, ...]
     blocksize: int
@@ -192,23 +257,48 @@ class QuantScan:
     n_done: int
     interrupted: bool = False
 
+    @property
+    def prequantized(self) -> bool:
+        """True when the median weight holds ≤ 16 distinct values per 32 (already 4-bit rounded)."""
+        levels = self.table.drop_duplicates("name")["levels_per_32"] if len(self.table) else []
+        return len(levels) > 0 and float(levels.median()) <= PREQUANT_LEVELS
+
+    @property
+    def caveats(self) -> dict[str, str]:
+        """What to keep in mind when reading the errors: ``{short label: explanation}`` (figures
+        show the labels, ``note`` the explanations)."""
+        out = {}
+        if self.prequantized:
+            out["⚠ weights already on a 4-bit grid: compare schemes on logits"] = PREQUANT_NOTE
+        if "int8" in self.schemes:
+            out["int8 = LLM.int8(): weight error only"] = INT8_NOTE
+        return out
+
+    @property
+    def note(self) -> str:
+        return " ".join(self.caveats.values())
+
     def __repr__(self) -> str:
         state = " INTERRUPTED" if self.interrupted else ""
-        lines = [f"QuantScan({self.source}: {self.n_done}/{self.n_total} tensors, "
+        lines = [(f"QuantScan({self.source}: {self.n_done}/{self.n_total} tensors, "
                  f"schemes={list(self.schemes)}, blocksize={self.blocksize}, "
-                 f"double_quant={self.double_quant}{state})"]
+                 f"double_quant={self.double_quant}{state})")]
         if len(self.summary):
             lines.append(self.summary.to_string(index=False, float_format=lambda x: f"{x:.4g}"))
+        if self.note:
+            lines.append("note: " + self.note)
         return "\n".join(lines)
 
     def _repr_html_(self) -> str:
         head = repr(self).splitlines()[0]
-        return f"<p><code>{head}</code></p>" + self.summary.to_html(index=False, float_format="%.4g")
+        note = f"<p><b>note:</b> {html.escape(self.note)}</p>" if self.note else ""
+        return (f"<p><code>{head}</code></p>" + note
+                + self.summary.to_html(index=False, float_format="%.4g"))
 
 
 _COLUMNS = ["name", "layer", "module", "out_features", "in_features", "numel", "scheme", "blocksize",
             "double_quant", "rel_error", "mean_abs_error", "max_abs_error", "snr_db",
-            "outlier_share", "bits_per_param"]
+            "outlier_share", "bits_per_param", "levels_per_32"]
 
 
 def _summary(table):
@@ -222,19 +312,19 @@ def _summary(table):
         params = int(g.numel.sum())
         size = float((g.numel * g.bits_per_param).sum()) / 8 / 2**20
         worst = g.loc[g.rel_error.idxmax()]
-        rows.append(dict(scheme=scheme, tensors=len(g), params=params, size_mb=size,
-                         fp16_mb=params * 2 / 2**20, saved_mb=params * 2 / 2**20 - size,
-                         mean_rel_error=float(g.rel_error.mean()),
-                         max_rel_error=float(worst.rel_error), worst=worst["name"]))
+        rows.append({"scheme": scheme, "tensors": len(g), "params": params, "size_mb": size,
+                     "fp16_mb": params * 2 / 2**20, "saved_mb": params * 2 / 2**20 - size,
+                     "mean_rel_error": float(g.rel_error.mean()),
+                     "max_rel_error": float(worst.rel_error), "worst": worst["name"]})
     return pd.DataFrame(rows)
 
 
-def _row(name: str, w: torch.Tensor, err: QuantError) -> dict:
+def _row(name: str, w: torch.Tensor, err: QuantError, levels: float) -> dict:
     layer, module = layer_and_module(name)
     d = err.to_dict()
     d.pop("shape")
     return dict(name=name, layer=layer, module=module, out_features=w.shape[0],
-                in_features=w.shape[1], numel=w.numel(), **d)
+                in_features=w.shape[1], numel=w.numel(), **d, levels_per_32=levels)
 
 
 def scan_quantization(source, schemes: Sequence[str] = ("nf4", "fp4", "int8"), blocksize: int = 64,
@@ -246,6 +336,13 @@ def scan_quantization(source, schemes: Sequence[str] = ("nf4", "fp4", "int8"), b
     weights are gone), a state dict, a ``.safetensors`` file, a checkpoint folder, or a sharded
     checkpoint folder (``model.safetensors.index.json``).  Files are streamed one tensor at a time.
     Linear weights are 2-D ``*.weight`` tensors other than embeddings, ``lm_head`` and norms.
+    Rows come in model order (layer number, then q, k, v, o, gate, up, down).
+
+    ``schemes``: from :data:`~lora_lab.core.quant.SCHEMES`.  ``int8`` is LLM.int8(), the weights
+    ``load_model(quant="int8")`` stores (one absmax per row: its rows show ``blocksize`` = the row
+    length and no double quantization); ``int8-blockwise`` is bitsandbytes' blockwise 8-bit.
+    The errors are those of the weights; read the module docstring (and ``result.note``) for what
+    they do not show: LLM.int8()'s run-time rounding of inputs, and weights already 4-bit rounded.
 
     ``progress`` shows a tqdm bar (a widget in notebooks).  ``callback(row)`` is called after each
     row is added (the row is kept even if the callback raises).  Ctrl-C / "interrupt kernel"
@@ -258,7 +355,7 @@ def scan_quantization(source, schemes: Sequence[str] = ("nf4", "fp4", "int8"), b
     import pandas as pd
     from tqdm.auto import tqdm
 
-    schemes = tuple(dict.fromkeys(schemes))
+    schemes = tuple(dict.fromkeys(canonical_scheme(s) for s in schemes))
     trips = {s: roundtrip(s, blocksize, double_quant) for s in schemes}
     items, label = _items(source)
     rows, done, interrupted = [], 0, False
@@ -266,12 +363,13 @@ def scan_quantization(source, schemes: Sequence[str] = ("nf4", "fp4", "int8"), b
     try:
         for name, load in items:
             w = load()
-            stats = weight_stats(w)
+            stats, levels = weight_stats(w), levels_per_block(w)
             for s in schemes:
-                bits = bits_per_param(s, blocksize, double_quant, w.numel())
-                err = error_metrics(w, trips[s](w), scheme=s, blocksize=blocksize,
-                                    double_quant=double_quant, stats=stats, bits=bits)
-                rows.append(_row(name, w, err))
+                bs, dq = stored_settings(s, blocksize, double_quant, tuple(w.shape))
+                bits = bits_per_param(s, bs, dq, w.numel())
+                err = error_metrics(w, trips[s](w), scheme=s, blocksize=bs, double_quant=dq,
+                                    stats=stats, bits=bits)
+                rows.append(_row(name, w, err, levels))
                 if callback is not None:
                     callback(rows[-1])
             done += 1

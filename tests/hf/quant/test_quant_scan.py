@@ -31,12 +31,14 @@ def test_nf4_and_fp4_mean_abs_error_match_bitsandbytes_figures(gauss):
 def test_nf4_beats_fp4_and_int8_beats_both_at_every_blocksize(gauss):
     prev = {}
     w = gauss[:256]  # 262k values are plenty to order the schemes
+    llm_int8 = hq.quant_error(w, "int8").rel_error  # one absmax per row: no blocksize
     for bs in (64, 128, 256, 1024):
-        e = {s: hq.quant_error(w, s, bs).rel_error for s in ("nf4", "fp4", "int8", "int4")}
-        assert e["int8"] < e["nf4"] < e["fp4"], (bs, e)
+        e = {s: hq.quant_error(w, s, bs).rel_error for s in ("nf4", "fp4", "int8-blockwise", "int4")}
+        assert e["int8-blockwise"] < e["nf4"] < e["fp4"], (bs, e)
         assert e["nf4"] < e["int4"], (bs, e)  # NF4's normal quantiles beat uniform int4 levels
-        for s in e:  # larger blocks share one absmax among more values: worse
-            assert e[s] > prev.get(s, 0)
+        assert hq.quant_error(w, "int8", bs).rel_error == llm_int8 < e["nf4"]
+        for s, err in e.items():  # larger blocks share one absmax among more values: worse
+            assert err > prev.get(s, 0)
         prev = e
 
 
@@ -45,8 +47,11 @@ def test_double_quant_lowers_bits_as_qlora_computes(gauss):
     assert plain.bits_per_param == pytest.approx(4.5)
     assert dq.bits_per_param == pytest.approx(4.127, abs=1e-3)
     assert dq.rel_error == pytest.approx(plain.rel_error, rel=0.01)
-    i8 = hq.quant_error(gauss, "int8", 64, double_quant=True)
-    assert i8.bits_per_param < hq.quant_error(gauss, "int8", 64).bits_per_param
+    i8 = hq.quant_error(gauss, "int8-blockwise", 64, double_quant=True)
+    assert i8.bits_per_param < hq.quant_error(gauss, "int8-blockwise", 64).bits_per_param
+    # LLM.int8() stores one fp32 absmax per row of 1024 and has no double quantization
+    llm = hq.quant_error(gauss, "int8", 64, double_quant=True)
+    assert (llm.bits_per_param, llm.blocksize, llm.double_quant) == (8 + 32 / 1024, 1024, False)
 
 
 @pytest.mark.parametrize("scheme", ["nf4", "fp4"])
