@@ -3,6 +3,7 @@
 Run:  nice python benchmarks/memory_accuracy.py            # CPU checks + published references
       python benchmarks/memory_accuracy.py --gpu            # + real training steps on a CUDA GPU
       python benchmarks/memory_accuracy.py --rss            # peak RSS of planning 8B and 70B
+      python benchmarks/memory_accuracy.py --cpu-rss MODEL  # peak RSS of training on the CPU
 
 **CPU (exact oracles).**  On config-built Llamas and the builtin model: trainable parameters, adapter
 bytes, gradient bytes (after a real backward) and AdamW state bytes (after a real ``step``) against
@@ -10,6 +11,11 @@ the estimate's terms; 4-bit storage against bitsandbytes; and the *activation* t
 bytes autograd really keeps: every tensor saved for backward during a bf16 forward and loss
 (``torch.autograd.graph.saved_tensors_hooks``, deduplicated by storage), compared with
 ``activations + T·V·4`` (the kept log-softmax) of the estimate without checkpointing.
+
+**CPU RSS (``--cpu-rss FOLDER``).**  LoRA r=8 on all linear layers and full fine-tuning of the model
+in FOLDER (e.g. SmolLM2-135M-Instruct in fp32), 3 steps of batch 8 × 64 tokens (fused AdamW, unpadded
+and padded rows), each in a fresh process: the peak resident size (``VmHWM``) against
+``estimate_memory(..., device="cpu").need()``.
 
 **GPU (``--gpu``, needs CUDA).**  Llama-shaped models built from configs (≈0.1B to 1.2B; one with a
 128k vocabulary), in bf16 and fp16, LoRA and QLoRA (NF4 + double quant), with and without
@@ -57,16 +63,16 @@ from lora_lab.hf.model.facts import model_facts
 from lora_lab.hf.model.plan import estimate_memory
 
 GIB = mem.GIB
-LLAMA31_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                  num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
-                  tie_word_embeddings=False)
-LLAMA32_3B = dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=28,
-                  num_attention_heads=24, num_key_value_heads=8, head_dim=128, vocab_size=128256,
-                  tie_word_embeddings=True)
-LLAMA_70B = dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
-                 num_attention_heads=64, num_key_value_heads=8, vocab_size=128256)
-TINY = dict(hidden_size=128, intermediate_size=352, num_hidden_layers=3, num_attention_heads=4,
-            num_key_value_heads=2, vocab_size=1000)
+LLAMA31_8B = {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+                  "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256,
+                  "tie_word_embeddings": False}
+LLAMA32_3B = {"hidden_size": 3072, "intermediate_size": 8192, "num_hidden_layers": 28,
+                  "num_attention_heads": 24, "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 128256,
+                  "tie_word_embeddings": True}
+LLAMA_70B = {"hidden_size": 8192, "intermediate_size": 28672, "num_hidden_layers": 80,
+                 "num_attention_heads": 64, "num_key_value_heads": 8, "vocab_size": 128256}
+TINY = {"hidden_size": 128, "intermediate_size": 352, "num_hidden_layers": 3, "num_attention_heads": 4,
+            "num_key_value_heads": 2, "vocab_size": 1000}
 
 
 # ----------------------------------------------------------------------------- CPU oracles
@@ -74,16 +80,17 @@ def cpu_parameter_and_optimizer_terms() -> None:
     print("== CPU: parameters, adapter, gradient and AdamW-state bytes (exact oracles) ==")
     specs = [ll.AdapterSpec(r=8), ll.AdapterSpec(r=4, target_modules="attention-qv"),
              ll.AdapterSpec(r=4, use_dora=True, target_modules="attention"),
-             ll.AdapterSpec(method="ia3"), ll.AdapterSpec(method="prompt", num_virtual_tokens=8)]
+             ll.AdapterSpec(method="ia3"), ll.AdapterSpec(method="prompt", num_virtual_tokens=8),
+             None]                                        # None: full fine-tuning (fp32 on CPU)
     for source in ("builtin:tiny-random", LlamaConfig(**TINY)):
         for spec in specs:
-            est = estimate_memory(source, spec, optimizer="adamw")
+            est = estimate_memory(source, spec, optimizer="adamw", device="cpu")
             if isinstance(source, str):
                 model, _ = ll.load_model(source, device="cpu")
             else:
                 from transformers import AutoModelForCausalLM
                 model = AutoModelForCausalLM.from_config(source)
-            model = ll.attach(model, spec)
+            model = ll.attach(model, spec) if spec is not None else model
             params = [p for p in model.parameters() if p.requires_grad]
             ids = torch.randint(0, model.config.vocab_size, (2, 16))
             model(input_ids=ids, labels=ids).loss.backward()
@@ -93,8 +100,9 @@ def cpu_parameter_and_optimizer_terms() -> None:
             states = sum(v.numel() * v.element_size() for s in opt.state.values()
                          for k, v in s.items() if k in ("exp_avg", "exp_avg_sq"))
             t, name = est.breakdown, getattr(source, "model_type", source)
+            weights = t["adapter_weights"] if spec is not None else t["base_weights"]
             ok = (est.trainable[est.chosen] == sum(p.numel() for p in params)
-                  and t["adapter_weights"] == sum(p.numel() * p.element_size() for p in params)
+                  and weights == sum(p.numel() * p.element_size() for p in params)
                   and t["gradients_total"] == grads and t["optimizer_states"] == states)
             print(f"  {name:<20} {est.chosen:<7} trainable {est.trainable[est.chosen]:>9,}  "
                   f"grads {grads:>10,} B  AdamW {states:>10,} B  {'exact' if ok else 'MISMATCH'}")
@@ -175,16 +183,17 @@ def published_references() -> list[dict]:
     tt_qlora = tt_lora.replace(target_modules=("q_proj", "k_proj", "v_proj", "o_proj",
                                                "gate_proj", "up_proj", "down_proj"))
     cfg8 = LlamaConfig(**LLAMA31_8B)
-    e = estimate_memory(cfg8, tt_lora, batch_size=2, seq_len=2048, device=24, padded=False)
+    e = estimate_memory(cfg8, tt_lora, batch_size=2, seq_len=2048, gradient_checkpointing=True,
+                        device=24, padded=False)
     for label, gib in (("1x 4090", 16.2), ("1x A6000", 30.3)):
-        rows.append(dict(source="torchtune README", setup=f"Llama 3.1 8B LoRA ({label})",
-                         published_gib=gib, estimate_gib=e.peak_reserved("LoRA") / GIB,
-                         adjusted_gib=_tt_adjusted(e, "LoRA") / GIB))
+        rows.append({"source": "torchtune README", "setup": f"Llama 3.1 8B LoRA ({label})",
+                         "published_gib": gib, "estimate_gib": e.peak_reserved("LoRA") / GIB,
+                         "adjusted_gib": _tt_adjusted(e, "LoRA") / GIB})
     e = estimate_memory(cfg8, tt_qlora, quant="nf4", batch_size=2, seq_len=2048, device=24,
-                        padded=False)                    # packed: no padding mask
-    rows.append(dict(source="torchtune README", setup="Llama 3.1 8B QLoRA (1x 4090)",
-                     published_gib=7.4, estimate_gib=e.peak_reserved("QLoRA") / GIB,
-                     adjusted_gib=_tt_adjusted(e, "QLoRA") / GIB))
+                        gradient_checkpointing=True, padded=False)   # packed: no padding mask
+    rows.append({"source": "torchtune README", "setup": "Llama 3.1 8B QLoRA (1x 4090)",
+                     "published_gib": 7.4, "estimate_gib": e.peak_reserved("QLoRA") / GIB,
+                     "adjusted_gib": _tt_adjusted(e, "QLoRA") / GIB})
     cfg3 = LlamaConfig(**LLAMA32_3B)
     qv = ll.AdapterSpec(r=32, alpha=64, target_modules=("q_proj", "v_proj"))
     peft_rows = ((qv, "LoRA", 17_710_763_212, 22_273_851_392, 9_175_040),
@@ -195,9 +204,9 @@ def published_references() -> list[dict]:
                             device=48)
         assert e.trainable[scen] == n, (scen, e.trainable[scen], n)   # exact, as published
         for what, value in (("reserved 99th pct", p99), ("reserved max", pmax)):
-            rows.append(dict(source="peft MetaMathQA", setup=f"Llama-3.2-3B {scen} ({what})",
-                             published_gib=value / GIB, estimate_gib=e.peak_reserved(scen) / GIB,
-                             adjusted_gib=float("nan")))
+            rows.append({"source": "peft MetaMathQA", "setup": f"Llama-3.2-3B {scen} ({what})",
+                             "published_gib": value / GIB, "estimate_gib": e.peak_reserved(scen) / GIB,
+                             "adjusted_gib": float("nan")})
     print(f"  {'source':<17} {'setup':<42} {'published':>9} {'estimate':>9} {'ratio':>6} "
           f"{'adjusted':>9}")
     for r in rows:
@@ -210,15 +219,15 @@ def published_references() -> list[dict]:
 
 # ----------------------------------------------------------------------------- GPU
 GPU_MODELS = {
-    "llama-0.1B": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
-                       num_attention_heads=12, num_key_value_heads=4, vocab_size=32000),
-    "llama-0.5B": dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=24,
-                       num_attention_heads=16, num_key_value_heads=8, vocab_size=32000),
-    "llama-1.1B": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
-                       num_attention_heads=32, num_key_value_heads=4, vocab_size=32000),
-    "llama-1.2B-128k": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-                            num_attention_heads=32, num_key_value_heads=8, head_dim=64,
-                            vocab_size=128256, tie_word_embeddings=True),
+    "llama-0.1B": {"hidden_size": 768, "intermediate_size": 2048, "num_hidden_layers": 12,
+                       "num_attention_heads": 12, "num_key_value_heads": 4, "vocab_size": 32000},
+    "llama-0.5B": {"hidden_size": 1024, "intermediate_size": 2816, "num_hidden_layers": 24,
+                       "num_attention_heads": 16, "num_key_value_heads": 8, "vocab_size": 32000},
+    "llama-1.1B": {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22,
+                       "num_attention_heads": 32, "num_key_value_heads": 4, "vocab_size": 32000},
+    "llama-1.2B-128k": {"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16,
+                            "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 64,
+                            "vocab_size": 128256, "tie_word_embeddings": True},
 }
 
 
@@ -277,11 +286,11 @@ def gpu_runs(quick: bool, device: str = "cuda") -> list[dict]:
                                                    device)
                         est = estimate_memory(cfg, spec, quant=quant, batch_size=batch, seq_len=seq,
                                               gradient_checkpointing=ckpt, device=80, padded=False)
-                        row = dict(model=name, dtype=dtype, method=est.chosen, ckpt=ckpt,
-                                   batch=batch, seq=seq, measured_alloc=alloc,
-                                   measured_reserved=reserved, est_alloc=est.peak_allocated(),
-                                   est_reserved=est.peak_reserved(),
-                                   terms={k: v for k, v in est.breakdown.items()})
+                        row = {"model": name, "dtype": dtype, "method": est.chosen, "ckpt": ckpt,
+                                   "batch": batch, "seq": seq, "measured_alloc": alloc,
+                                   "measured_reserved": reserved, "est_alloc": est.peak_allocated(),
+                                   "est_reserved": est.peak_reserved(),
+                                   "terms": {k: v for k, v in est.breakdown.items()}}
                         row["err_alloc"] = row["est_alloc"] / alloc - 1
                         row["err_reserved"] = row["est_reserved"] / reserved - 1
                         rows.append(row)
@@ -305,17 +314,64 @@ def rss_check() -> None:
     hwm = "int([l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1]) / 1024"
     code = ("import lora_lab as ll; from transformers import LlamaConfig; "
             "from lora_lab.hf.model.plan import estimate_memory; import benchmarks.memory_accuracy as m; "
-            "e = estimate_memory(LlamaConfig(**m.{0}), quant='nf4'); "
+            "e = estimate_memory(LlamaConfig(**m.{0}), ll.AdapterSpec(), quant='nf4'); "
             f"print({hwm}, e.total_params)")
     base = ("import lora_lab, transformers, pandas, lora_lab.hf.model.plan, benchmarks.memory_accuracy; "
             f"print({hwm}, 0)")
     for label, src in (("imports only", base), ("8B", code.format("LLAMA31_8B")),
                        ("70B", code.format("LLAMA_70B"))):
-        out = subprocess.run([sys.executable, "-c", src], capture_output=True, text=True,
+        out = subprocess.run([sys.executable, "-c", src], capture_output=True, text=True, check=False,
                              cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         rss, n = out.stdout.split()[-2:] if out.returncode == 0 else ("nan", "0")
         print(f"  {label:<13} peak RSS {float(rss):7.1f} MB  params {int(n):,}"
               + ("" if out.returncode == 0 else f"  FAILED: {out.stderr[-300:]}"))
+
+
+_RSS_STEP = """
+import sys, warnings
+warnings.filterwarnings("ignore")
+import torch, lora_lab as ll
+from lora_lab.hf.model.plan import estimate_memory
+folder, mode, padded = sys.argv[1], sys.argv[2], sys.argv[3] == "padded"
+model, _ = ll.load_model(folder, device="cpu")
+spec = ll.AdapterSpec(r=8) if mode == "lora" else None          # None: full fine-tuning
+if spec is not None:
+    model = ll.attach(model, spec)
+model.train()
+opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, fused=True)
+torch.manual_seed(0)
+ids = torch.randint(0, model.config.vocab_size, (8, 64))
+mask = torch.ones_like(ids)
+if padded:
+    mask[::2, 32:] = 0                                             # half the rows half padding
+for _ in range(3):
+    loss = model(input_ids=ids, attention_mask=mask, labels=ids).loss
+    loss.backward()
+    del loss
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+hwm = [ln for ln in open("/proc/self/status") if ln.startswith("VmHWM")][0].split()[1]
+est = estimate_memory(folder, spec, batch_size=8, seq_len=64, device="cpu", padded=padded)
+print(int(hwm) * 1024, est.need())
+"""
+
+
+def cpu_rss(folder: str) -> list[dict]:
+    """Peak RSS of 3 CPU training steps (fresh processes) against the CPU estimate."""
+    print(f"== CPU: peak RSS of training {folder} (batch 8 x 64, 3 steps) vs estimate ==")
+    rows = []
+    for mode in ("lora", "full"):
+        for padded in ("unpadded", "padded"):
+            out = subprocess.run([sys.executable, "-c", _RSS_STEP, folder, mode, padded],
+                                 capture_output=True, text=True, check=False)
+            if out.returncode:
+                print(f"  {mode} {padded}: FAILED {out.stderr[-300:]}")
+                continue
+            hwm, need = map(float, out.stdout.split()[-2:])
+            rows.append({"mode": mode, "padded": padded, "rss": hwm, "need": need})
+            print(f"  {mode:<5} {padded:<9} peak RSS {hwm / GIB:6.3f} GiB ({hwm / 1e9:.2f} GB), "
+                  f"estimate {need / GIB:6.3f} GiB, ratio {need / hwm:.3f}", flush=True)
+    return rows
 
 
 def main() -> None:
@@ -325,11 +381,15 @@ def main() -> None:
     ap.add_argument("--gpu-dry-run", action="store_true",
                     help="run the --gpu code path on CPU with a tiny model (no measurement)")
     ap.add_argument("--rss", action="store_true", help="peak RSS of planning 8B/70B configs")
+    ap.add_argument("--cpu-rss", metavar="FOLDER",
+                    help="peak RSS of LoRA and full-FT training on the CPU vs the estimate")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
     cpu_parameter_and_optimizer_terms()
     cpu_activation_term()
     published_references()
+    if args.cpu_rss:
+        cpu_rss(args.cpu_rss)
     if args.rss:
         rss_check()
     if args.gpu_dry_run:

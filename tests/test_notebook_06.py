@@ -49,7 +49,8 @@ def test_memory_planning_notebook_matches_estimate_memory(tmp_path):
         assert values["params"][name] / 1e9 == pytest.approx(PUBLISHED_B[name], rel=0.005), name
         for dev in PARAMS["DEVICES"]:       # the oracle: estimate_memory called here, directly
             est = ll.estimate_memory(_config(*shape), spec, quant="nf4", batch_size=PARAMS["BATCH"],
-                                     seq_len=PARAMS["SEQ_LEN"], device=dev)
+                                     seq_len=PARAMS["SEQ_LEN"], device=dev,
+                                     gradient_checkpointing=PARAMS["CHECKPOINTING"])
             assert values["verdicts"][name][dev] == est.verdicts(), (name, dev)
             for s in ("full FT", "LoRA", "QLoRA"):
                 assert values["needs"][name][s] == round(est.need(s) / GIB, 3), (name, s)
@@ -61,7 +62,7 @@ def test_memory_planning_notebook_matches_estimate_memory(tmp_path):
 
     # QLoRA paper: 65B under 48 GB (r=64 all linear, paged AdamW, batch 1 x 512, checkpointing)
     est65 = ll.estimate_memory(_config(*SHAPES["LLaMA-65B"]), ll.AdapterSpec(r=64), "nf4", batch_size=1,
-                               seq_len=512, optimizer="paged_adamw", device=48)
+                               seq_len=512, optimizer="paged_adamw", device=48, gradient_checkpointing=True)
     assert values["qlora65_need"] == round(est65.need() / GIB, 3) < 48, values["qlora65_need"]
     assert est65.verdict("LoRA") == "does not fit"
     assert values["qlora65_verdicts"]["paged_adamw_8bit"] == "fits", values["qlora65_verdicts"]

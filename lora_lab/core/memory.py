@@ -1,4 +1,4 @@
-"""GPU memory of fine-tuning, term by term: pure arithmetic on plain numbers (no transformers).
+"""Memory of fine-tuning on a GPU (or in CPU RAM), term by term: pure arithmetic on plain numbers.
 
 The peak of one training step of a decoder-only transformer (Llama-shaped: RMSNorm, rotary
 attention with grouped KV heads, SwiGLU MLP) is modelled as
@@ -7,6 +7,11 @@ attention with grouped KV heads, SwiGLU MLP) is modelled as
                      + max(activations + logits,  gradients + one layer of activations)
     peak_reserved  = peak_allocated + allocator overhead
     device need    = peak_reserved + CUDA context      (merge after training: merge peak + context)
+
+The two arguments of ``max`` are the two moments a step can peak at: the end of the forward pass
+(all activations and the loss's logits, no gradient yet) and the end of the backward pass (every
+gradient, the activations freed).  With ``grad_accum > 1`` the gradients of the earlier
+micro-batches stay allocated through the next forward, so the peak holds both.
 
 Each term, in bytes (``c`` = bytes of the compute dtype: 2 for fp16/bf16, 4 for fp32;
 ``h`` hidden, ``i`` intermediate, ``kv`` = kv_heads·head_dim, ``V`` vocab, ``L`` layers,
@@ -22,12 +27,20 @@ Each term, in bytes (``c`` = bytes of the compute dtype: 2 for fp16/bf16, 4 for 
   (8/64 + 32/(64·256) = 0.127 bit/param, QLoRA §3).  Computed per tensor with ceilings, as
   bitsandbytes stores them.  int8: one fp32 scale per output row.
 * **adapter** — trainable parameters in their dtype (peft keeps adapter weights in fp32 by default:
-  ``autocast_adapter_dtype=True``).  Full FT: all parameters, in the compute dtype.
-* **gradients** — one gradient per trainable parameter, in the parameter's dtype.
-* **optimizer** — AdamW (torch): two moments in the parameter's dtype (2 × 4 bytes for fp32
-  adapters).  8-bit AdamW (bitsandbytes): 2 × (1 byte + a fp32 absmax per 256 values).  The
-  paged variants have the same size but can be evicted to CPU RAM under pressure.  SGD without
-  momentum: 0.
+  ``autocast_adapter_dtype=True``).  Full FT: all parameters, in the compute dtype (counted once,
+  in **base**).
+* **gradients** — one gradient per trainable parameter, in the parameter's dtype (full FT: the
+  weights' dtype).  The term is what is allocated *at the peak*: none at the end of the forward
+  pass of a loop that frees them after each step (``zero_grad(set_to_none=True)``, as
+  :func:`lora_lab.train` and ``transformers.Trainer`` do), all of them at the end of the backward
+  pass or with ``grad_accum > 1``.  ``gradients_total`` is always all of them.  Full FT of tied
+  embeddings adds ``2·V·h`` gradient temporaries at the end of the backward pass (the embedding's
+  dense gradient and its sum with the LM head's: measured with torch's CPU allocator).
+* **optimizer** — AdamW (torch): two moments per trainable parameter in the parameter's dtype
+  (``exp_avg`` and ``exp_avg_sq`` are ``zeros_like(param)``): 2 × 4 bytes for fp32 adapters and
+  for full FT of fp32 weights, 2 × 2 for full FT of bf16/fp16 weights.  8-bit AdamW
+  (bitsandbytes): 2 × (1 byte + a fp32 absmax per 256 values).  The paged variants have the same
+  size but can be evicted to CPU RAM under pressure.  SGD without momentum: 0.
 * **activations** — what autograd keeps for the backward pass, per token and layer.  Derived for
   Llama the way Korthikanti et al. 2022 (§4.1, "Activations memory per transformer layer") derive
   ``sbh(34 + 5as/h)`` for GPT, but for SDPA/flash attention (no s² score matrix is kept) and for a
@@ -58,9 +71,15 @@ Each term, in bytes (``c`` = bytes of the compute dtype: 2 for fp16/bf16, 4 for 
   outputs before ``backward()`` as :func:`lora_lab.train` and ``transformers.Trainer`` do
   (holding them adds ``T·V·c``).  At V = 128k this dominates short-context LoRA.
 * **allocator overhead** — the caching allocator rounds and fragments: ``reserved − allocated``,
-  modelled as a fraction (default 10%) of the dynamic (activation + logit) memory.
+  modelled as a fraction (default 10%) of the dynamic memory at the peak (the activations, logits
+  and gradients, which each step allocates and frees).  On the CPU glibc's malloc keeps freed
+  tensors in its heap, so the resident size grows over the first steps: :data:`CPU_FRAGMENTATION`
+  (45%, fitted to the peak RSS of SmolLM2-135M fp32 LoRA and full FT, batch 8 × 64, 3 steps; see
+  ``benchmarks/memory_accuracy.py --cpu-rss``).
 * **CUDA context** — CUDA runtime, cuBLAS and kernels: ~0.3–0.5 GB that ``nvidia-smi`` shows but
-  ``torch.cuda.max_memory_*`` never counts (default 0.45 GiB).
+  ``torch.cuda.max_memory_*`` never counts (:data:`CUDA_CONTEXT`, 0.45 GiB).  On the CPU the term
+  is the process before any tensor: Python, torch, transformers, peft, bitsandbytes, lora_lab
+  (:data:`CPU_RUNTIME`: 0.47 GiB resident was measured after these imports, x86-64 Linux).
 * **merge peak** — after training: merging a LoRA into a 16-bit base needs one extra
   ``out × in`` delta at a time; on a quantized base the safe path dequantizes the whole base
   (``c`` bytes/param of the quantized layers).
@@ -72,41 +91,58 @@ weights stored at b_t bits per parameter (codes plus block constants, see
 
 Assumptions: weights stored in the compute dtype (no fp32 master copy), autocast to the compute
 dtype, SDPA without an ``s²`` score matrix (flash / memory-efficient kernels), fused AdamW (no
-per-step temporaries).  These terms are
-checked against measurements in ``benchmarks/memory_accuracy.py``.
+per-step temporaries).  Measurements: ``benchmarks/memory_accuracy.py``.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 
-__all__ = ["GIB", "DEVICES", "Architecture", "QuantLayout", "TrainableLayout", "four_bit_bytes",
-           "int8_bytes", "device_bytes", "optimizer_bytes_per_param", "layer_activation_bytes",
-           "QuantStorage", "quant_storage", "activation_bytes", "logits_bytes", "memory_terms",
-           "verdict", "OPTIMIZERS"]
+__all__ = ["AMBIGUOUS_DEVICES", "CPU", "CPU_FRAGMENTATION", "CPU_RUNTIME", "CUDA_CONTEXT",
+           "DEVICES", "GIB", "OPTIMIZERS", "Architecture", "QuantLayout", "QuantStorage",
+           "TrainableLayout", "activation_bytes", "device_bytes", "four_bit_bytes", "int8_bytes",
+           "layer_activation_bytes", "logits_bytes", "memory_terms", "optimizer_bytes_per_param",
+           "quant_storage", "verdict"]
 
 GIB = 2**30
-# Usable memory as sold (GiB); the CUDA context is a separate term of the estimate.
+# Memory of each card in GiB (2**30 bytes), the unit of every size in this module and of a number
+# passed as ``device``; the CUDA context is a separate term of the estimate.
 DEVICES: dict[str, float] = {"T4": 16, "L4": 24, "A10G": 24, "A100-40GB": 40, "A100-80GB": 80,
                              "H100": 80}
+# Names sold with more than one memory size: an error lists the choices instead of guessing.
+AMBIGUOUS_DEVICES: dict[str, tuple[str, ...]] = {"A100": ("A100-40GB", "A100-80GB")}
+CPU = "CPU system RAM"                  # the label of device="cpu"
+CUDA_CONTEXT = 0.45 * GIB               # CUDA runtime + cuBLAS + kernels (not in torch's counters)
+CPU_RUNTIME = 0.47 * GIB                # resident size of Python + torch + transformers + peft
+CPU_FRAGMENTATION = 0.45                # glibc heap kept after freeing, share of dynamic memory
 OPTIMIZERS = ("adamw", "adamw_fused", "adamw_8bit", "paged_adamw_8bit", "paged_adamw", "sgd")
 
 
-def device_bytes(device: str | float | int) -> tuple[str, int]:
-    """``(label, bytes)`` for a device name from :data:`DEVICES` or a number of GB (GiB)."""
+def device_bytes(device: str | float, system_ram: int | None = None) -> tuple[str, int]:
+    """``(label, bytes)`` of a device: a name from :data:`DEVICES`, a number of GiB (label
+    ``"24 GiB"``), or ``"cpu"``: the machine's RAM, ``system_ram`` bytes (label :data:`CPU`).
+    Raises ``ValueError`` for an unknown or ambiguous name (``"A100"``: 40 or 80 GB)."""
     if isinstance(device, (int, float)) and not isinstance(device, bool):
         if not (math.isfinite(device) and device > 0):
-            raise ValueError(f"device memory must be a positive number of GB, got {device!r}")
-        return f"{device:g} GB", int(device * GIB)
-    key = {k.lower(): k for k in DEVICES}.get(str(device).strip().lower())
-    if key is None and str(device).strip().upper() == "A100":
-        key = "A100-80GB"
+            raise ValueError(f"device memory must be a positive number of GiB, got {device!r}")
+        return f"{device:g} GiB", int(device * GIB)
+    name = str(device).strip()
+    if name.lower() == "cpu":
+        if not system_ram:
+            raise ValueError("device='cpu' needs the machine's RAM (system_ram bytes)")
+        return CPU, int(system_ram)
+    choices = {k.lower(): v for k, v in AMBIGUOUS_DEVICES.items()}.get(name.lower())
+    if choices:
+        raise ValueError(f"{device!r} is ambiguous: it is sold as {' and as '.join(choices)}, "
+                         f"which differ in memory; choose one of {list(choices)}")
+    key = {k.lower(): k for k in DEVICES}.get(name.lower())
     if key is None:
-        raise ValueError(f"unknown device {device!r}: choose one of {list(DEVICES)} or a number of GB")
+        raise ValueError(f"unknown device {device!r}: choose one of {[*DEVICES, 'cpu']} or a "
+                         f"number of GiB")
     return key, int(DEVICES[key] * GIB)
 
 
@@ -121,6 +157,7 @@ class Architecture:
     kv_heads: int
     head_dim: int
     vocab: int
+    tied_embeddings: bool = False       # the LM head shares the embedding's weight
 
     @property
     def kv_dim(self) -> int:
@@ -247,14 +284,15 @@ def memory_terms(*, arch: Architecture, total_params: int, unquantized_params: i
                  trainable: TrainableLayout, quant: QuantLayout | None = None,
                  batch: int = 1, seq: int = 512, checkpointing: bool = True,
                  optimizer: str = "adamw", compute_bytes: int = 2,
-                 cuda_context: float = 0.45 * GIB, fragmentation: float = 0.10,
-                 padded: bool | None = None) -> dict[str, float]:
+                 cuda_context: float = CUDA_CONTEXT, fragmentation: float = 0.10,
+                 padded: bool | None = None, grad_accum: int = 1) -> dict[str, float]:
     """Every term of the estimate, in bytes (see the module docstring for the formulas).
 
     ``total_params``: all parameters of the base.  ``unquantized_params``: those that stay in
     floating point when ``quant`` is given (embeddings, LM head, norms); with ``quant=None`` all
     ``total_params`` are stored in ``compute_bytes``.  ``padded``: batches carry an attention
     mask with padding (default: ``batch > 1``); ``False`` for packed or single sequences.
+    ``grad_accum``: micro-batches per optimizer step; above 1 the gradients are held at the peak.
     """
     c = compute_bytes
     if quant is None:
@@ -274,11 +312,13 @@ def memory_terms(*, arch: Architecture, total_params: int, unquantized_params: i
     logits = logits_bytes(arch, batch, seq + trainable.extra_tokens, c)
     if quant is not None:     # bitsandbytes dequantizes one weight at a time for its matmul
         acts += max((o * i for o, i in quant.shapes), default=0) * c
-    if acts + logits >= grads + one_layer:
-        peak_acts, peak_logits, peak_grads = acts, logits, 0.0
-    else:
-        peak_acts, peak_logits, peak_grads = one_layer, 0.0, grads
-    overhead = fragmentation * (peak_acts + peak_logits)
+    held = grads if grad_accum > 1 else 0.0    # earlier micro-batches' gradients, through a forward
+    tied = 2 * arch.vocab * arch.hidden * pbytes if trainable.full and arch.tied_embeddings else 0
+    if acts + logits + held >= grads + one_layer + tied:    # end of forward
+        peak_acts, peak_logits, peak_grads = acts, logits, held
+    else:                                                   # end of backward
+        peak_acts, peak_logits, peak_grads = one_layer, 0.0, grads + tied
+    overhead = fragmentation * (peak_acts + peak_logits + peak_grads)   # allocated, freed each step
     if trainable.full:
         merge = base                                # nothing to merge: the weights are trained
     elif quant is not None:                         # safe path: dequantize the base, then merge
@@ -334,19 +374,19 @@ class QuantStorage:
         return getattr(self, field)
 
     def __repr__(self) -> str:
-        mb = 2**20
-        return (f"QuantStorage({self.numel:,} weights: {self.fp16_bytes / mb:.2f} MB at fp16 → "
-                f"{self.quant_bytes / mb:.2f} MB at {self.bits_per_param:.3f} bits/param, saves "
-                f"{self.saved_bytes / mb:.2f} MB ({self.saved_share:.1%}))")
+        mib = 2**20
+        return (f"QuantStorage({self.numel:,} weights: {self.fp16_bytes / mib:.2f} MiB at fp16 → "
+                f"{self.quant_bytes / mib:.2f} MiB at {self.bits_per_param:.3f} bits/param, saves "
+                f"{self.saved_bytes / mib:.2f} MiB ({self.saved_share:.1%}))")
 
     def _repr_html_(self) -> str:
-        return f"<b>{repr(self)}</b>"
+        return f"<b>{self!r}</b>"
 
 
 def quant_storage(numels: Sequence[int], bits_per_param: Sequence[float]) -> QuantStorage:
     """:class:`QuantStorage` of tensors with ``numels[t]`` weights stored at ``bits_per_param[t]``
     bits each (e.g. the ``numel`` and ``bits_per_param`` columns of a
-    :class:`~lora_lab.hf.quant.scan.QuantScan` table).  MB = 2²⁰ bytes."""
+    :class:`~lora_lab.hf.quant.scan.QuantScan` table).  Sizes in bytes (the repr shows MiB)."""
     n = np.asarray(numels, dtype=np.int64)
     fp16 = 2.0 * float(n.sum())
     quant = float((n * np.asarray(bits_per_param, dtype=float)).sum()) / 8

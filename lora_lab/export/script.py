@@ -240,7 +240,8 @@ def _estimate(source, spec, quant, train: TrainSpec, data: DataSpec, device) -> 
         est = estimate_memory(source, adapter=spec, quant=quant, batch_size=train.batch_size,
                               seq_len=data.max_length,
                               gradient_checkpointing=train.gradient_checkpointing,
-                              optimizer=train.optimizer, device=device)
+                              optimizer=train.optimizer, precision=train.precision,
+                              grad_accum=train.grad_accum, device=device)
     except ModelLoadError as exc:
         return f"(no memory estimate: lora_lab could not read the model's config: {exc.problem})"
     need = est.need() / 2**30

@@ -27,8 +27,25 @@ from ..core.memory import DEVICES, GIB
 from ..errors import LoraLabError, SpecError
 from ..hf.model.facts import model_facts
 from ..hf.model.plan import MemoryEstimate, estimate_from_facts
-from ..specs import INITS, OPTIMIZERS, PRESET_TARGETS, AdapterSpec, DataSpec, QuantSpec, TrainSpec
-from ..viz.memory import TERM_LABELS, memory_figure, memory_title, memory_traces
+from ..specs import (
+    INITS,
+    OPTIMIZERS,
+    PRESET_TARGETS,
+    AdapterSpec,
+    DataSpec,
+    QuantSpec,
+    TrainSpec,
+)
+from ..viz.memory import (
+    TERM_LABELS,
+    all_gradients,
+    hover_template,
+    memory_figure,
+    memory_limit_name,
+    memory_title,
+    memory_traces,
+    term_label,
+)
 from .export_panel import ExportPanel
 from .figure import LiveFigure
 
@@ -36,6 +53,7 @@ __all__ = ["AdapterDesigner", "ExportPanel"]  # ExportPanel lives in .export_pan
 
 METHODS = ("LoRA", "DoRA", "rsLoRA", "QLoRA", "prefix", "prompt", "IA3")
 QUANTS = ("none", "int8", "nf4", "fp4")
+DEVICE_CHOICES = (*DEVICES, "cpu", "custom")      # cpu: this machine's RAM; custom: GiB below
 _W = {"description_width": "110px"}
 
 
@@ -101,14 +119,16 @@ class AdapterDesigner(widgets.VBox):
         self.all_layers = widgets.Checkbox(value=True, description="all layers")
         self.layers = widgets.SelectMultiple(options=layers, value=tuple(layers), rows=4,
                                              description="layers", style=_W)
-        self.batch = widgets.IntText(value=1, description="batch", style=_W)
-        self.seq_len = widgets.IntText(value=512, description="seq len", style=_W)
-        self.checkpointing = widgets.Checkbox(value=True, description="gradient checkpointing")
-        self.optimizer = widgets.Dropdown(options=OPTIMIZERS, value="adamw", description="optimizer",
-                                          style=_W)
-        self.device = widgets.Dropdown(options=[*DEVICES, "custom"], description="device", style=_W,
-                                       value=device if device in DEVICES else "T4")
-        self.device_gb = widgets.FloatText(value=24.0, description="custom GB", style=_W)
+        train, data = TrainSpec(), DataSpec()       # a default training run, as the planner's
+        self.batch = widgets.IntText(value=train.batch_size, description="batch", style=_W)
+        self.seq_len = widgets.IntText(value=data.max_length, description="seq len", style=_W)
+        self.checkpointing = widgets.Checkbox(value=train.gradient_checkpointing,
+                                              description="gradient checkpointing")
+        self.optimizer = widgets.Dropdown(options=OPTIMIZERS, value=train.optimizer,
+                                          description="optimizer", style=_W)
+        self.device = widgets.Dropdown(options=DEVICE_CHOICES, description="device", style=_W,
+                                       value=device if device in DEVICE_CHOICES else "T4")
+        self.device_gb = widgets.FloatText(value=24.0, description="custom GiB", style=_W)
         self.summary = widgets.HTML()
         self.message = widgets.HTML()
 
@@ -176,7 +196,7 @@ class AdapterDesigner(widgets.VBox):
         """The specs the controls describe; raises :class:`~lora_lab.LoraLabError` if invalid."""
         m = self.method.value
         method = {"prefix": "prefix", "prompt": "prompt", "IA3": "ia3"}.get(m, "lora")
-        kw = dict(method=method)
+        kw = {"method": method}
         if method == "lora":
             kw.update(r=self.r.value, alpha=self.alpha.value, dropout=self.dropout.value,
                       init=self.init.value, use_dora=m == "DoRA", use_rslora=m == "rsLoRA")
@@ -250,11 +270,11 @@ class AdapterDesigner(widgets.VBox):
                               for s, v in est.verdicts().items())
         merge = ""
         if est.merge_verdict() == "does not fit":
-            merge = (f"<br>Merging on this GPU afterwards needs {est.merge_need() / GIB:.1f} GiB: "
+            merge = (f"<br>Merging on this device afterwards needs {est.merge_need() / GIB:.1f} GiB: "
                      "merge on the CPU, or keep the adapter separate.")
         return (f"<b>trainable</b> {trainable:,} of {total:,} ({100 * trainable / total:.4f}%) · "
-                f"<b>adapter file</b> {est.adapter_file_bytes / 2**20:.2f} MB<br>"
-                f"<b>{est.chosen}</b> on {est.device}: {est.verdict()}<br>{verdicts}{merge}")
+                f"<b>adapter file</b> {est.adapter_file_bytes / 2**20:.2f} MiB<br>"
+                f"<b>{est.chosen}</b> on {est.device_text}: {est.verdict()}<br>{verdicts}{merge}")
 
     def _redraw(self, est: MemoryEstimate) -> None:
         names, values = memory_traces(est)
@@ -265,10 +285,15 @@ class AdapterDesigner(widgets.VBox):
                 trace.y = values[term]
                 if renamed:
                     trace.x = names
+                if term == "gradients":
+                    trace.customdata = all_gradients(est)
+                label = term_label(est, term)
+                if trace.name != label:                  # CUDA context <-> the CPU's libraries
+                    trace.name, trace.hovertemplate = label, hover_template(term, label)
             line = fig.data[len(TERM_LABELS)]
             if renamed:
                 line.x = names
-            line.y, line.name = [limit] * len(names), f"{est.device} ({limit:.0f} GiB)"
+            line.y, line.name = [limit] * len(names), memory_limit_name(est)
             fig.layout.title.text = memory_title(est)
 
     # ------------------------------------------------------------------ export
@@ -287,9 +312,9 @@ class AdapterDesigner(widgets.VBox):
                                "make it with AdapterDesigner('<hub id, folder or builtin name>')")
         train = TrainSpec(batch_size=self.batch.value, optimizer=self.optimizer.value,
                           gradient_checkpointing=self.checkpointing.value)
-        return dict(adapter_spec=self.spec, quant_spec=self.quant, train_spec=train,
-                    data_spec=DataSpec(max_length=self.seq_len.value), model_id=model_id,
-                    device=self._device_arg())
+        return {"adapter_spec": self.spec, "quant_spec": self.quant, "train_spec": train,
+                    "data_spec": DataSpec(max_length=self.seq_len.value), "model_id": model_id,
+                    "device": self._device_arg()}
 
     # ------------------------------------------------------------------ code
     def code(self) -> str:

@@ -114,9 +114,9 @@ def test_memory_terms_qlora_and_full():
 
 def test_devices_and_verdict():
     assert mem.device_bytes("T4") == ("T4", 16 * mem.GIB)
-    assert mem.device_bytes("a100")[0] == "A100-80GB"
-    assert mem.device_bytes(24) == ("24 GB", 24 * mem.GIB)
-    for bad in ("TPU", 0, -3):
+    assert mem.device_bytes("a100-80gb")[0] == "A100-80GB"
+    assert mem.device_bytes(24) == ("24 GiB", 24 * mem.GIB)
+    for bad in ("TPU", "A100", 0, -3):                   # "A100" alone is 40 or 80 GB
         with pytest.raises(ValueError):
             mem.device_bytes(bad)
     assert mem.verdict(8, 10) == "fits" and mem.verdict(9.5, 10) == "tight"

@@ -22,7 +22,7 @@ from ...core import memory as mem
 from ...errors import ModelLoadError
 from .inspect import inspect_model
 
-__all__ = ["ModelFacts", "model_facts", "load_config"]
+__all__ = ["ModelFacts", "load_config", "model_facts"]
 
 
 def load_config(model):
@@ -92,10 +92,11 @@ def _arch(cfg) -> mem.Architecture:
     head_dim = int(getattr(cfg, "head_dim", None) or h // heads)
     inter = getattr(cfg, "intermediate_size", None) or getattr(cfg, "n_inner", None) or 4 * h
     return mem.Architecture(hidden=h, intermediate=int(inter), layers=int(cfg.num_hidden_layers),
-                            heads=heads, kv_heads=kv, head_dim=head_dim, vocab=int(cfg.vocab_size))
+                            heads=heads, kv_heads=kv, head_dim=head_dim, vocab=int(cfg.vocab_size),
+                            tied_embeddings=bool(getattr(cfg, "tie_word_embeddings", False)))
 
 
-_CACHE: "OrderedDict[str, ModelFacts]" = OrderedDict()
+_CACHE: OrderedDict[str, ModelFacts] = OrderedDict()
 
 
 def model_facts(model) -> ModelFacts:

@@ -17,10 +17,10 @@ from torch import nn
 
 from ...errors import TargetModuleError
 from ...specs import AdapterSpec
-from .._peft import strip_prefix
+from .._peft import is_peft, strip_prefix
 
-__all__ = ["inspect_model", "count_parameters", "ParameterCount", "linear_modules", "layer_index",
-           "module_type", "is_quantized", "resolve_targets"]
+__all__ = ["ParameterCount", "count_parameters", "inspect_model", "is_quantized", "layer_index",
+           "linear_modules", "module_type", "resolve_targets"]
 
 _LAYER_RE = re.compile(r"\.(?:layers|h|blocks|layer|decoder\.layers)\.(\d+)\.")
 OUTPUT_NAMES = ("lm_head", "embed_out", "output_projection")
@@ -114,11 +114,17 @@ def _logical_numel(p: torch.Tensor) -> int:
 
 @dataclass(frozen=True)
 class ParameterCount:
-    """Trainable and total parameters, and the adapter's size on disk (safetensors, bytes)."""
+    """Trainable and total parameters, and the adapter's size on disk (safetensors, bytes).
+
+    ``has_adapter`` is False for a model without adapters: its trainable parameters are the base
+    model's own (all of them for a freshly loaded model: full fine-tuning), and ``adapter_bytes``
+    is 0.  ``adapter_mib`` is in MiB (2²⁰ bytes), ``adapter_mb`` in MB (10⁶ bytes).
+    """
 
     trainable: int
     total: int
     adapter_bytes: int
+    has_adapter: bool = True
 
     @property
     def percent(self) -> float:
@@ -126,17 +132,32 @@ class ParameterCount:
 
     @property
     def adapter_mb(self) -> float:
+        return self.adapter_bytes / 1e6
+
+    @property
+    def adapter_mib(self) -> float:
         return self.adapter_bytes / 2**20
+
+    @property
+    def what(self) -> str:
+        """``"adapter file 1.23 MiB"``, or what is trained when there is no adapter."""
+        if self.has_adapter:
+            return f"adapter file {self.adapter_mib:.2f} MiB"
+        if self.trainable == 0:
+            return "no adapter, nothing trainable"
+        if self.trainable == self.total:
+            return "no adapter: the full model is trainable (full fine-tuning)"
+        return "no adapter: these are the base model's own trainable parameters"
 
     def __repr__(self) -> str:
         return (f"ParameterCount(trainable={self.trainable:,}, total={self.total:,}, "
-                f"percent={self.percent:.4f}%, adapter={self.adapter_mb:.2f} MB)")
+                f"percent={self.percent:.4f}%, {self.what})")
 
     def _repr_html_(self) -> str:
         return ("<table><tr><th>trainable</th><th>total</th><th>trainable %</th>"
-                "<th>adapter file</th></tr>"
+                "<th>adapter</th></tr>"
                 f"<tr><td>{self.trainable:,}</td><td>{self.total:,}</td>"
-                f"<td>{self.percent:.4f}%</td><td>{self.adapter_mb:.2f} MB</td></tr></table>")
+                f"<td>{self.percent:.4f}%</td><td>{self.what}</td></tr></table>")
 
 
 def count_parameters(model: nn.Module) -> ParameterCount:
@@ -144,8 +165,10 @@ def count_parameters(model: nn.Module) -> ParameterCount:
 
     For LoRA each adapted ``in → out`` module adds ``r·(in + out)`` trainable parameters (A is r×in,
     B is out×r).  ``adapter_bytes`` is the payload peft writes to ``adapter_model.safetensors``: the
-    trainable tensors in their dtype (the file adds a small JSON header).
+    trainable tensors in their dtype (the file adds a small JSON header).  A model without adapters
+    (not wrapped by peft) has no adapter file: ``has_adapter=False`` and ``adapter_bytes=0``.
     """
+    adapter = is_peft(model)
     trainable = total = nbytes = 0
     seen: set[int] = set()
     for p in model.parameters():
@@ -157,7 +180,8 @@ def count_parameters(model: nn.Module) -> ParameterCount:
         if p.requires_grad:
             trainable += n
             nbytes += p.numel() * p.element_size()
-    return ParameterCount(trainable=trainable, total=total, adapter_bytes=nbytes)
+    return ParameterCount(trainable=trainable, total=total, adapter_bytes=nbytes if adapter else 0,
+                          has_adapter=adapter)
 
 
 def is_quantized(model: nn.Module) -> bool:

@@ -2,30 +2,35 @@
 
 The model is never loaded.  Its config is instantiated on PyTorch's ``meta`` device (shapes, no
 storage; :func:`~lora_lab.hf.model.facts.model_facts`), so the parameter counts are exact and an 8B
-or 70B config costs no more RAM than the imports.  The adapter's trainable parameters are counted on that meta model with the same
-:func:`~lora_lab.hf.model.inspect.resolve_targets` and :func:`~lora_lab.inspect_model` that
-:func:`lora_lab.attach` uses; the memory terms are :mod:`lora_lab.core.memory`'s formulas.
+or 70B config costs no more RAM than the imports.  The adapter's trainable parameters are counted
+on that meta model with the same :func:`~lora_lab.hf.model.inspect.resolve_targets` and
+:func:`~lora_lab.inspect_model` that :func:`lora_lab.attach` uses; the memory terms are
+:mod:`lora_lab.core.memory`'s formulas.
 
 ::
 
-    est = lora_lab.estimate_memory("meta-llama/Llama-3.1-8B", quant="nf4", seq_len=1024, device="T4")
+    est = lora_lab.estimate_memory("meta-llama/Llama-3.1-8B", lora_lab.AdapterSpec(r=16),
+                                   quant="nf4", seq_len=1024, device="T4")
     est.verdict(), est.table()          # "fits" / "does not fit", and a GiB breakdown per scenario
+    lora_lab.estimate_memory("HuggingFaceTB/SmolLM2-135M", device="cpu")   # full FT in CPU RAM
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import os
+from dataclasses import dataclass, field, fields, replace
 
 import pandas as pd
 import torch
 
 from ...core import memory as mem
 from ...errors import SpecError
-from ...specs import AdapterSpec, QuantSpec
+from ...specs import PRECISIONS, AdapterSpec, DataSpec, QuantSpec, TrainSpec
 from .facts import ModelFacts, model_facts
 from .inspect import resolve_targets
 
-__all__ = ["estimate_memory", "estimate_from_facts", "MemoryEstimate", "count_adapter", "TERMS"]
+__all__ = ["FULL_FT", "TERMS", "MemoryEstimate", "count_adapter", "estimate_from_facts",
+           "estimate_memory", "system_ram_bytes"]
 
 TERMS = ("base_weights", "quant_constants", "adapter_weights", "gradients", "optimizer_states",
          "activations", "logits", "allocator_overhead", "cuda_context")
@@ -45,8 +50,12 @@ def _ia3_targets(facts: ModelFacts, spec: AdapterSpec) -> tuple[list[str], list[
     if spec.target_modules != "all-linear":
         names = resolve_targets(facts.meta_model, spec)
         return names, [t for t in names if t in ("down_proj", "fc2", "c_proj", "w2")]
-    from peft.utils.constants import (TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING as FF,
-                                      TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING as TM)
+    from peft.utils.constants import (
+        TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING as FF,
+    )
+    from peft.utils.constants import (
+        TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING as TM,
+    )
 
     if facts.model_type not in TM:
         raise SpecError("AdapterSpec", "target_modules", "all-linear",
@@ -107,6 +116,14 @@ def count_adapter(facts: ModelFacts, spec: AdapterSpec) -> AdapterCount:
 
 
 # ----------------------------------------------------------------------------- the estimate
+# The defaults of a training run, read from TrainSpec's and DataSpec's fields, so that an estimate
+# with no arguments is the memory of lora_lab.train with no arguments.
+_TRAIN = {f.name: f.default for f in fields(TrainSpec)}
+_SEQ_LEN = next(f.default for f in fields(DataSpec) if f.name == "max_length")
+_DTYPE_NAMES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
+FULL_FT = "full FT"
+
+
 def _label(spec: AdapterSpec) -> str:
     if spec.method != "lora":
         return {"prefix": "prefix", "prompt": "prompt", "ia3": "IA3"}[spec.method]
@@ -115,13 +132,17 @@ def _label(spec: AdapterSpec) -> str:
 
 @dataclass(frozen=True)
 class MemoryEstimate:
-    """The estimated GPU memory of one training setup, for full FT, the adapter and the adapter on
-    a quantized base, side by side.  Bytes throughout; :meth:`table` gives GiB.
+    """The estimated memory of one training setup on a GPU (or in CPU RAM), for full FT, the adapter
+    and the adapter on a quantized base, side by side.  Bytes throughout; :meth:`table` gives GiB.
 
-    ``scenarios`` maps a scenario name to its terms (see :mod:`lora_lab.core.memory`);
-    ``chosen`` is the scenario that matches the arguments (the quantized one when ``quant`` was
-    given).  ``need(s)`` is what the device must hold to train (reserved peak + CUDA context) and
-    ``merge_need(s)`` what merging the adapter on the GPU afterwards needs.
+    ``scenarios`` maps a scenario name to its terms (see :mod:`lora_lab.core.memory`); each term is
+    what is allocated at the step's peak, so ``gradients`` is 0 when the peak is the end of the
+    forward pass (``gradients_total`` and the table's last row give all of them).  ``chosen`` is
+    the scenario that matches the arguments: ``"full FT"`` for ``adapter=None``, the quantized one
+    when ``quant`` was given, else the adapter's.  ``spec`` is the adapter of the adapter scenarios
+    (the default :class:`~lora_lab.AdapterSpec` beside full FT) and ``adapter_file_bytes`` its
+    file.  ``need(s)`` is what the device must hold to train (reserved peak + CUDA context, or the
+    process's libraries on the CPU) and ``merge_need(s)`` what merging the adapter afterwards needs.
     """
 
     model: str
@@ -138,10 +159,22 @@ class MemoryEstimate:
     seq_len: int
     gradient_checkpointing: bool
     optimizer: str
+    precision: str = "bf16"
+    grad_accum: int = 1
 
     @property
     def breakdown(self) -> dict[str, float]:
         return dict(self.scenarios[self.chosen])
+
+    @property
+    def device_text(self) -> str:
+        """``"T4 (16 GiB)"``, ``"CPU system RAM (62.8 GiB)"``, or ``"24 GiB"`` for a number."""
+        size = f"{self.device_bytes / mem.GIB:.3g} GiB"
+        return size if self.device == size else f"{self.device} ({size})"
+
+    @property
+    def on_cpu(self) -> bool:
+        return self.device == mem.CPU
 
     def peak_allocated(self, scenario: str | None = None) -> float:
         """What ``torch.cuda.max_memory_allocated`` should report for a training step."""
@@ -153,7 +186,8 @@ class MemoryEstimate:
         return self.peak_allocated(scenario) + self.scenarios[scenario or self.chosen]["allocator_overhead"]
 
     def need(self, scenario: str | None = None) -> float:
-        """Device memory training needs: the reserved peak plus the CUDA context."""
+        """Device memory training needs: the reserved peak plus the CUDA context (on the CPU: the
+        peak resident size, libraries included)."""
         t = self.scenarios[scenario or self.chosen]
         return self.peak_reserved(scenario) + t["cuda_context"]
 
@@ -174,65 +208,112 @@ class MemoryEstimate:
         return mem.verdict(self.merge_need(scenario), self.device_bytes)
 
     def table(self) -> pd.DataFrame:
-        """GiB per term (rows) and scenario (columns), with the totals and the verdicts."""
+        """GiB per term at the peak (rows) and scenario (columns), the totals, and all gradients."""
         rows = {s: {k: t[k] / mem.GIB for k in TERMS} for s, t in self.scenarios.items()}
         df = pd.DataFrame(rows).reindex(list(TERMS))
         df.loc["peak allocated"] = [self.peak_allocated(s) / mem.GIB for s in self.scenarios]
         df.loc["peak reserved"] = [self.peak_reserved(s) / mem.GIB for s in self.scenarios]
         df.loc["device need"] = [self.need(s) / mem.GIB for s in self.scenarios]
         df.loc["merge need"] = [self.merge_need(s) / mem.GIB for s in self.scenarios]
+        df.loc["gradients (all, after backward)"] = [t["gradients_total"] / mem.GIB
+                                                     for t in self.scenarios.values()]
+        if self.on_cpu:
+            df = df.rename(index={"cuda_context": "python_and_libraries"})
         return df
 
     def verdicts(self) -> dict[str, str]:
         return {s: self.verdict(s) for s in self.scenarios}
 
+    def _setup(self) -> str:
+        return (f"batch {self.batch_size} × {self.seq_len} tokens"
+                + (f" × {self.grad_accum} accumulated" if self.grad_accum > 1 else "")
+                + f", checkpointing {'on' if self.gradient_checkpointing else 'off'}, "
+                  f"{self.precision}, {self.optimizer}")
+
     def __repr__(self) -> str:
-        parts = ", ".join(f"{s}={self.need(s) / mem.GIB:.1f} GiB ({self.verdict(s)})"
+        parts = ", ".join(f"{s}={self.need(s) / mem.GIB:.2f} GiB ({self.verdict(s)})"
                           for s in self.scenarios)
-        return (f"MemoryEstimate({self.model}, batch={self.batch_size}, seq_len={self.seq_len}, "
-                f"checkpointing={self.gradient_checkpointing}, {self.device} "
-                f"{self.device_bytes / mem.GIB:.0f} GiB: {parts}; chosen={self.chosen})")
+        return (f"MemoryEstimate({self.model}, {self._setup()}, on {self.device_text}: {parts}; "
+                f"chosen={self.chosen})")
 
     def _repr_html_(self) -> str:
-        head = (f"<b>{self.model}</b> on {self.device} ({self.device_bytes / mem.GIB:.0f} GiB), "
-                f"batch {self.batch_size} × {self.seq_len} tokens, checkpointing "
-                f"{'on' if self.gradient_checkpointing else 'off'}, {self.optimizer}<br>")
+        head = f"<b>{self.model}</b> on {self.device_text}, {self._setup()}<br>"
         verdicts = " · ".join(f"{s}: <b>{v}</b>" for s, v in self.verdicts().items())
         return head + verdicts + self.table().round(2).to_html()
 
 
-def _check_args(batch_size, seq_len, optimizer):
-    for name, v in (("batch_size", batch_size), ("seq_len", seq_len)):
+def _check_args(batch_size, seq_len, optimizer, precision, grad_accum):
+    for name, v in (("batch_size", batch_size), ("seq_len", seq_len), ("grad_accum", grad_accum)):
         if not (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
             raise SpecError("estimate_memory", name, v, f"{name} must be an integer >= 1",
-                            f"pass {name}=1" if name == "batch_size" else "pass seq_len=512")
+                            f"pass {name}={_TRAIN.get(name, _SEQ_LEN)}")
     if optimizer not in mem.OPTIMIZERS:
         raise SpecError("estimate_memory", "optimizer", optimizer,
                         f"choose one of {mem.OPTIMIZERS}", "pass optimizer='adamw'")
+    if precision not in PRECISIONS:
+        raise SpecError("estimate_memory", "precision", precision, f"choose one of {PRECISIONS}",
+                        "pass precision='auto' (fp32 on the CPU, fp16 on a T4, else bf16)")
+
+
+def system_ram_bytes() -> int:
+    """The machine's total RAM in bytes (psutil when installed, else ``os.sysconf``)."""
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().total)
+    except ImportError:
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
 
 
 def _device(device):
+    cpu = isinstance(device, str) and device.strip().lower() == "cpu"
     try:
-        return mem.device_bytes(device)
-    except ValueError as exc:
-        raise SpecError("estimate_memory", "device", device, str(exc),
-                        f"pass one of {list(mem.DEVICES)} or a number of GB such as 24") from exc
+        return mem.device_bytes(device, system_ram_bytes() if cpu else None)
+    except (ValueError, OSError, AttributeError) as exc:   # no sysconf: not a POSIX system
+        choices = {k.lower(): v for k, v in mem.AMBIGUOUS_DEVICES.items()}.get(
+            str(device).strip().lower())
+        fix = (" or ".join(f"pass device={c!r}" for c in choices) if choices else
+               f"pass one of {[*mem.DEVICES, 'cpu']} or the memory in GiB, such as device=24")
+        raise SpecError("estimate_memory", "device", device, str(exc), fix) from exc
 
 
-def estimate_memory(model, adapter: AdapterSpec | None = None, quant=None, batch_size: int = 1,
-                    seq_len: int = 512, gradient_checkpointing: bool = True,
-                    optimizer: str = "adamw", device="T4", *,
-                    padded: bool | None = None) -> MemoryEstimate:
-    """Estimate the GPU memory of training ``adapter`` on ``model``, before loading anything.
+def _precision(precision: str, q: QuantSpec | None, dev_label: str) -> tuple[str, int]:
+    """``(name, bytes)`` of the compute dtype: ``precision``, else the quantization's compute dtype,
+    else the device's (as :func:`lora_lab.train` picks it: fp32 on the CPU, fp16 on a T4, bf16)."""
+    if precision == "auto":
+        if q is not None and q.compute_dtype is not None:
+            precision = _DTYPE_NAMES[q.compute_dtype]
+        else:
+            precision = "fp32" if dev_label == mem.CPU else "fp16" if dev_label == "T4" else "bf16"
+    if precision == "fp16" and dev_label == mem.CPU:
+        raise SpecError("estimate_memory", "precision", "fp16", "fp16 training needs a CUDA GPU",
+                        "pass precision='auto' (fp32 on the CPU) or 'bf16'")
+    return precision, 4 if precision == "fp32" else 2
+
+
+def estimate_memory(model, adapter: AdapterSpec | None = None, quant=None,
+                    batch_size: int = _TRAIN["batch_size"], seq_len: int = _SEQ_LEN,
+                    gradient_checkpointing: bool = _TRAIN["gradient_checkpointing"],
+                    optimizer: str = _TRAIN["optimizer"], device="T4", *,
+                    padded: bool | None = None, precision: str = _TRAIN["precision"],
+                    grad_accum: int = _TRAIN["grad_accum"]) -> MemoryEstimate:
+    """Estimate the memory of training ``adapter`` on ``model``, before loading anything.
 
     ``model``: a loaded model, a ``PretrainedConfig``, a local folder, a builtin name or a hub id
-    (only its config.json is read).  ``adapter``: the :class:`~lora_lab.AdapterSpec`
-    (default ``AdapterSpec()``: LoRA r=8 on all linear layers).  ``quant``: a
-    :class:`~lora_lab.QuantSpec` or ``"nf4"``/``"fp4"``/``"int8"``; the quantized scenario uses
-    it (NF4 with double quantization when None).  ``device``: ``"T4"``, ``"L4"``, ``"A10G"``,
-    ``"A100-40GB"``, ``"A100-80GB"``, ``"H100"`` or a number of GiB.  For a model loaded by
-    :func:`lora_lab.load_model` and :func:`lora_lab.attach`, ``adapter=None`` and ``quant=None``
-    mean the attached (active) adapter and the quantization it was loaded with.
+    (only its config.json is read).  ``adapter``: the :class:`~lora_lab.AdapterSpec`, or ``None``
+    for full fine-tuning (every weight trained; the adapter scenarios then show the default
+    ``AdapterSpec()`` beside it).  For a model loaded by :func:`lora_lab.load_model`,
+    ``adapter=None`` and ``quant=None`` mean the attached (active) adapter, if any, and the
+    quantization it was loaded with.  ``quant``: a :class:`~lora_lab.QuantSpec` or
+    ``"nf4"``/``"fp4"``/``"int8"``; the quantized scenario uses it (NF4 with double quantization
+    when None).  ``device``: ``"T4"``, ``"L4"``, ``"A10G"``, ``"A100-40GB"``, ``"A100-80GB"``,
+    ``"H100"``, ``"cpu"`` (this machine's total RAM, for training on the CPU) or the memory in GiB
+    (``24`` = 24·2³⁰ bytes).  ``precision``: ``"auto"`` (fp32 on the CPU, fp16 on a T4, else bf16),
+    ``"fp32"``, ``"fp16"`` or ``"bf16"``: the dtype of the weights and activations.
+
+    ``batch_size``, ``gradient_checkpointing``, ``optimizer``, ``precision`` and ``grad_accum``
+    default to :class:`~lora_lab.TrainSpec`'s defaults and ``seq_len`` to
+    :class:`~lora_lab.DataSpec`'s ``max_length``, so the defaults estimate a default training run.
 
     Returns a :class:`MemoryEstimate` with full FT, the adapter on a 16-bit base and on the
     quantized base side by side; the formulas are in :mod:`lora_lab.core.memory`.
@@ -240,12 +321,13 @@ def estimate_memory(model, adapter: AdapterSpec | None = None, quant=None, batch
     if isinstance(model, torch.nn.Module):       # a loaded model: its own adapter and quantization
         adapter = adapter if adapter is not None else _attached_spec(model)
         quant = quant if quant is not None else getattr(model, "lora_lab_quant", None)
-    spec = adapter if adapter is not None else AdapterSpec()
-    if not isinstance(spec, AdapterSpec):
-        raise SpecError("estimate_memory", "adapter", adapter, "adapter must be an AdapterSpec or None",
+    if adapter is not None and not isinstance(adapter, AdapterSpec):
+        raise SpecError("estimate_memory", "adapter", adapter,
+                        "adapter must be an AdapterSpec, or None for full fine-tuning",
                         "pass lora_lab.AdapterSpec(r=8)")
-    return estimate_from_facts(model_facts(model), spec, quant, batch_size, seq_len,
-                               gradient_checkpointing, optimizer, device, padded=padded)
+    return estimate_from_facts(model_facts(model), adapter, quant, batch_size, seq_len,
+                               gradient_checkpointing, optimizer, device, padded=padded,
+                               precision=precision, grad_accum=grad_accum)
 
 
 def _attached_spec(model) -> AdapterSpec | None:
@@ -255,40 +337,55 @@ def _attached_spec(model) -> AdapterSpec | None:
     return specs.get(active)
 
 
-def estimate_from_facts(facts: ModelFacts, spec: AdapterSpec, quant=None, batch_size: int = 1,
-                        seq_len: int = 512, gradient_checkpointing: bool = True,
-                        optimizer: str = "adamw", device="T4", *,
-                        padded: bool | None = None) -> MemoryEstimate:
-    """:func:`estimate_memory` on :class:`ModelFacts` already read (what a widget update calls)."""
+def estimate_from_facts(facts: ModelFacts, spec: AdapterSpec | None, quant=None,
+                        batch_size: int = _TRAIN["batch_size"], seq_len: int = _SEQ_LEN,
+                        gradient_checkpointing: bool = _TRAIN["gradient_checkpointing"],
+                        optimizer: str = _TRAIN["optimizer"], device="T4", *,
+                        padded: bool | None = None, precision: str = _TRAIN["precision"],
+                        grad_accum: int = _TRAIN["grad_accum"]) -> MemoryEstimate:
+    """:func:`estimate_memory` on :class:`ModelFacts` already read (what a widget update calls);
+    ``spec=None`` is full fine-tuning."""
     q = QuantSpec.parse(quant)
-    _check_args(batch_size, seq_len, optimizer)
+    if spec is None and q is not None:
+        raise SpecError("estimate_memory", "adapter", None,
+                        "full fine-tuning (adapter=None) trains every base weight, and a "
+                        f"{q.name} base keeps its weights frozen in {q.bits} bits",
+                        "pass adapter=lora_lab.AdapterSpec(r=8) to train an adapter on the "
+                        "quantized base (QLoRA), or quant=None for full fine-tuning")
+    _check_args(batch_size, seq_len, optimizer, precision, grad_accum)
     dev_label, dev_bytes = _device(device)
-    count = count_adapter(facts, spec)
-    return _estimate(facts, spec, q, count, batch_size, seq_len, gradient_checkpointing, optimizer,
-                     dev_label, dev_bytes, padded)
+    prec = _precision(precision, q, dev_label)
+    adapter = spec if spec is not None else AdapterSpec()
+    count = count_adapter(facts, adapter)
+    setup = {"batch": batch_size, "seq": seq_len, "checkpointing": gradient_checkpointing,
+             "optimizer": optimizer, "padded": padded, "grad_accum": grad_accum}
+    est = _estimate(facts, adapter, q, count, setup, dev_label, dev_bytes, prec)
+    return replace(est, chosen=FULL_FT) if spec is None else est
 
 
-def _estimate(facts, spec, q, count, batch_size, seq_len, ckpt, optimizer, dev_label, dev_bytes,
-              padded):
+def _estimate(facts, spec, q, count, setup, dev_label, dev_bytes, prec):
     qs = q or QuantSpec()
-    c = 4 if qs.compute_dtype == "float32" else 2
+    c = prec[1]
     layout = mem.TrainableLayout(params=count.params, param_bytes=4, modules=count.modules,
                                  dropout=spec.dropout > 0, dora=spec.use_dora,
                                  extra_tokens=spec.num_virtual_tokens if spec.method == "prompt" else 0)
     full = mem.TrainableLayout(params=facts.total_params, param_bytes=c, full=True)
+    cpu = dev_label == mem.CPU            # RSS: the process's libraries, and glibc's heap
     common = dict(arch=facts.arch, total_params=facts.total_params,
-                  unquantized_params=facts.unquantized_params, batch=batch_size, seq=seq_len,
-                  checkpointing=ckpt, optimizer=optimizer, compute_bytes=c, padded=padded)
+                  unquantized_params=facts.unquantized_params, compute_bytes=c,
+                  cuda_context=mem.CPU_RUNTIME if cpu else mem.CUDA_CONTEXT,
+                  fragmentation=mem.CPU_FRAGMENTATION if cpu else 0.10, **setup)
     qlayout = mem.QuantLayout(bits=qs.bits, shapes=facts.quant_shapes, double_quant=qs.double_quant)
     label = _label(spec)
     qlabel = "QLoRA" if (spec.method == "lora" and qs.bits == 4) else f"{label} + {qs.name}"
-    scenarios = {"full FT": mem.memory_terms(trainable=full, **common),
+    scenarios = {FULL_FT: mem.memory_terms(trainable=full, **common),
                  label: mem.memory_terms(trainable=layout, **common),
                  qlabel: mem.memory_terms(trainable=layout, quant=qlayout, **common)}
-    trainable = {"full FT": facts.total_params, label: count.params, qlabel: count.params}
+    trainable = {FULL_FT: facts.total_params, label: count.params, qlabel: count.params}
     return MemoryEstimate(
         model=facts.name, device=dev_label, device_bytes=dev_bytes,
         chosen=qlabel if q is not None else label, scenarios=scenarios, trainable=trainable,
         total_params=facts.total_params, adapter_file_bytes=count.params * 4, spec=spec, quant=q,
-        batch_size=batch_size, seq_len=seq_len, gradient_checkpointing=bool(ckpt),
-        optimizer=optimizer)
+        batch_size=setup["batch"], seq_len=setup["seq"],
+        gradient_checkpointing=bool(setup["checkpointing"]), optimizer=setup["optimizer"],
+        precision=prec[0], grad_accum=setup["grad_accum"])

@@ -68,12 +68,12 @@ def test_four_bit_storage_matches_bitsandbytes(tiny_llama_nf4, tiny_llama_dir):
     layout = mem.QuantLayout(bits=4, shapes=facts.quant_shapes, double_quant=True)
     assert layout.storage() == (packed, absmax)
     assert facts.unquantized_params == rest
-    est = estimate_memory(tiny_llama_dir, quant="nf4")
+    est = estimate_memory(tiny_llama_dir, ll.AdapterSpec(), quant="nf4")
     assert est.chosen == "QLoRA"
     assert est.breakdown["base_weights"] == packed + 4 * rest
     assert est.breakdown["quant_constants"] == absmax
     # without double quantization: one fp32 absmax per 64 weights
-    no_dq = estimate_memory(tiny_llama_dir, quant=ll.QuantSpec(double_quant=False))
+    no_dq = estimate_memory(tiny_llama_dir, ll.AdapterSpec(), quant=ll.QuantSpec(double_quant=False))
     assert no_dq.breakdown["quant_constants"] == 4 * packed * 2 // 64
 
 
@@ -103,7 +103,8 @@ def test_terms_for_a_small_config_by_hand(tiny_llama_dir):
     assert est.peak_allocated() == pytest.approx(sum(
         t[k] for k in ("base_weights", "quant_constants", "adapter_weights", "gradients",
                        "optimizer_states", "activations", "logits")))
-    with_ckpt = estimate_memory(tiny_llama_dir, spec, batch_size=2, seq_len=16)
+    with_ckpt = estimate_memory(tiny_llama_dir, spec, batch_size=2, seq_len=16,
+                                gradient_checkpointing=True)
     assert with_ckpt.breakdown["activations"] < t["activations"]
     assert estimate_memory(tiny_llama_dir, spec, batch_size=2, seq_len=16,
                            optimizer="adamw_8bit").breakdown["optimizer_states"] < t["optimizer_states"]
