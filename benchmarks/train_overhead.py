@@ -1,15 +1,14 @@
 """What does lora_lab's training loop, with its live dashboard, cost against a plain loop and Trainer?
 
-Three setups train the same model (``builtin:tiny`` when present, else ``builtin:tiny-random``),
-LoRA r=8 on all linear layers, the same data (batch 8 × 128 tokens), steps, learning rate and seed,
-on CPU:
+Three setups train the same model (``--model``: ``builtin:tiny`` by default, ``builtin:smollm2`` for
+the real 135 M-parameter model, or a folder), LoRA r=8 on all linear layers, the same data
+(``--batch`` × ``--seq`` tokens of random ids), steps, learning rate and seed, on CPU, and all three
+with the same optimizer implementation, torch's fused AdamW:
 
-1. ``plain``:   a hand-written PyTorch + peft loop (AdamW with torch's default implementation,
-   grad clipping at 1.0), the baseline;
+1. ``plain``:   a hand-written PyTorch + peft loop (fused AdamW, grad clipping at 1.0), the baseline;
 2. ``lora_lab``: ``lora_lab.train`` with a ``TrainingDashboard`` attached (headless: the figure
-   is a real FigureWidget, nobody looks at it);
-3. ``trainer``: ``transformers.Trainer`` with the same settings (its default optimizer is fused
-   AdamW).
+   is a real FigureWidget, nobody looks at it); it builds fused AdamW itself;
+3. ``trainer``: ``transformers.Trainer`` with the same settings and ``optim="adamw_torch_fused"``.
 
 Each setup runs in its own subprocess (clean peak RSS), ``--repeats`` times, interleaved, and the
 median is reported.  Throughput is measured over the steps after ``--warmup`` steps, from each
@@ -17,7 +16,9 @@ loop's own step-end timestamps, per second of wall time and per second of the pr
 (the second is what to trust on a machine shared with other jobs).  Targets (issue 4):
 (2)/(1) >= 0.97, (2)/(3) >= 1.0, peak RSS (2)/(1) <= 1.05.
 
-    python benchmarks/train_overhead.py [--steps 40] [--warmup 5] [--repeats 3] [--threads N]
+    python benchmarks/train_overhead.py [--model builtin:tiny] [--steps 40] [--warmup 5] [--repeats 3]
+                                        [--batch 8] [--seq 128] [--threads N]
+    python benchmarks/train_overhead.py --model builtin:smollm2 --steps 8 --warmup 2 --seq 64
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import tempfile
 import time
 
 SEQ, BATCH, R, LR = 128, 8, 8, 1e-4
+MODEL = "builtin:tiny"
 
 
 def _model():
@@ -40,7 +42,7 @@ def _model():
 
     import lora_lab as ll
 
-    name = "builtin:tiny" if "builtin:tiny" in ll.builtin_names() else "builtin:tiny-random"
+    name = MODEL if MODEL != "builtin:tiny" or MODEL in ll.builtin_names() else "builtin:tiny-random"
     model, tok = ll.load_model(name, device="cpu")
     try:
         attach = ll.attach
@@ -70,7 +72,7 @@ def run_plain(model, tok, rows, steps):
     from lora_lab.hf.data.prepare import pad_batch
 
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=LR)
+    opt = torch.optim.AdamW(params, lr=LR, fused=True)  # what lora_lab.train and the Trainer use
     model.train()
     times = []
     for step in range(steps):
@@ -123,7 +125,8 @@ def run_trainer(model, tok, rows, steps):
                              per_device_train_batch_size=BATCH, learning_rate=LR,
                              lr_scheduler_type="constant", report_to=[], use_cpu=True,
                              save_strategy="no", eval_strategy="no", logging_steps=steps,
-                             disable_tqdm=True, dataloader_num_workers=0, seed=0)
+                             disable_tqdm=True, dataloader_num_workers=0, seed=0,
+                             optim="adamw_torch_fused")
     try:
         Trainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok,
                 callbacks=[Clock()]).train()
@@ -167,13 +170,18 @@ def child(setup: str, steps: int, warmup: int) -> dict:
 
 
 def main() -> None:
+    global MODEL, BATCH, SEQ
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None, help="torch threads in each child")
+    ap.add_argument("--model", default=MODEL, help="builtin name or folder (builtin:tiny)")
+    ap.add_argument("--batch", type=int, default=BATCH, help="rows per step (8)")
+    ap.add_argument("--seq", type=int, default=SEQ, help="tokens per row (128)")
     ap.add_argument("--child", choices=list(SETUPS), help=argparse.SUPPRESS)
     a = ap.parse_args()
+    MODEL, BATCH, SEQ = a.model, a.batch, a.seq
     if a.child:
         if a.threads:
             import torch
@@ -187,7 +195,8 @@ def main() -> None:
     for rep in range(a.repeats):
         for setup in SETUPS:
             cmd = [sys.executable, __file__, "--child", setup, "--steps", str(a.steps),
-                   "--warmup", str(a.warmup)] + (["--threads", str(a.threads)] if a.threads else [])
+                   "--warmup", str(a.warmup), "--model", a.model, "--batch", str(a.batch),
+                   "--seq", str(a.seq)] + (["--threads", str(a.threads)] if a.threads else [])
             out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True).stdout
             res = json.loads(next(l for l in out.splitlines() if l.startswith("RESULT "))[7:])
             results[setup].append(res)

@@ -6,8 +6,8 @@ works on this machine (it runs on x86 CPUs too).
 ``lora-lab spectrum ADAPTER_DIR [--base NAME] [--html OUT.html]`` reads a saved LoRA adapter's
 factors straight from its safetensors file (no base model is loaded, so a 7B adapter costs a few MB;
 ``--base`` only labels the report) and prints the singular-spectrum table of every ΔW = s·B·A
-(effective rank, stable rank, k90, k99, ...) with a summary of what cutting it to a lower rank would keep; ``--html`` writes a self-contained
-report instead (plotly.js embedded once, so it opens offline).
+(effective rank, stable rank, k90, k99, ...) with a summary of what cutting it to a lower rank
+would keep; ``--html`` writes a self-contained report instead (plotly.js embedded once, so it opens offline).
 
 ``lora-lab scan PATH [--schemes nf4,fp4,int8] [--blocksize 64] [--double-quant] [--html OUT.html]``
 measures the quantization error of every linear weight of a checkpoint (a folder, a ``.safetensors``
@@ -53,8 +53,12 @@ def info_lines() -> list[str]:
 
     from lora_lab.hf.model import smollm2
     from lora_lab.hf.model.builtin import builtin_names
-    from lora_lab.hf.model.device import (bf16_supported, default_compute_dtype, default_device,
-                                          four_bit_check)
+    from lora_lab.hf.model.device import (
+        bf16_supported,
+        default_compute_dtype,
+        default_device,
+        four_bit_check,
+    )
 
     dev = default_device()
     lines = [f"python        {platform.python_version()} ({platform.machine()})"]

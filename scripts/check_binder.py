@@ -237,8 +237,11 @@ class PeakSampler(threading.Thread):
 
 def run_notebook(repo: Path, venv: Path, notebook: str) -> dict:
     path = repo / notebook
+    # mybinder.org tells the pod its memory limit in MEM_LIMIT (bytes); notebooks may size themselves by it
+    env = {**os.environ, "MEM_LIMIT": os.environ.get("MEM_LIMIT", str(2 * 1024**3))}
     proc = subprocess.Popen([str(venv / "bin" / "python"), "-c", RUNNER, str(path), str(path.parent)],
-                            cwd=path.parent, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            cwd=path.parent, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
     sampler = PeakSampler(proc.pid)
     sampler.start()
     out, err = proc.communicate()
