@@ -14,6 +14,7 @@ from ...errors import AdapterError, SpecError
 from ...specs import AdapterSpec
 from .._peft import check_adapter_name, is_peft
 from ..model.inspect import is_quantized, resolve_targets
+from ..model.lm_head import keep_head_input_contiguous
 from .peft_config import to_peft_config
 
 __all__ = ["attach"]
@@ -100,5 +101,5 @@ def attach(model: nn.Module, spec: AdapterSpec | None = None, name: str = "defau
     specs = dict(getattr(model, "lora_lab_specs", {}))
     specs[name] = spec
     model.lora_lab_specs = specs
-    return model
+    return keep_head_input_contiguous(model)  # the base is frozen now (hf/model/lm_head.py)
 

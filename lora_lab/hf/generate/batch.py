@@ -11,6 +11,7 @@ import torch
 from ...errors import DataError
 from ...specs import DataSpec
 from ..data.prepare import encode_prompt
+from ..model.lm_head import keep_head_input_contiguous
 from .decode import complete, is_prompt_learning, pad_token_id
 
 __all__ = ["generate_greedy", "task_completions", "task_accuracy"]
@@ -51,6 +52,7 @@ def generate_greedy(model, tokenizer, prompt_ids: list[list[int]], max_new_token
     so every row's last prompt token sits at the same position.  Stops a row at EOS and returns the
     decoded new text without special tokens.  The model's train/eval mode is restored afterwards.
     """
+    keep_head_input_contiguous(model)  # else a bf16 CPU model copies its head per row (hf/model/lm_head.py)
     device = next(model.parameters()).device
     pad = pad_token_id(tokenizer)
     eos = tokenizer.eos_token_id

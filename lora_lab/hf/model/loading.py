@@ -18,6 +18,7 @@ from ...errors import ModelLoadError
 from ...specs import QuantSpec
 from .builtin import builtin_names, is_builtin, resolve_builtin
 from .device import as_dtype, default_compute_dtype, default_device
+from .lm_head import keep_head_input_contiguous
 
 __all__ = ["load_model", "bnb_config", "resolve_source", "base_source", "quiet_progress"]
 
@@ -129,6 +130,7 @@ def load_model(source, quant=None, *, device: str | None = None, dtype=None,
         from .kbit import keep_4bit_layout
 
         keep_4bit_layout(model)
+    keep_head_input_contiguous(model)  # batched generation in bf16 on a CPU (hf/model/lm_head.py)
     model.lora_lab_source = str(source)
     model.lora_lab_quant = quant
     return model, tokenizer
