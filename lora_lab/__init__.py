@@ -97,6 +97,7 @@ _LAZY = {
     "quantized_output_error": "hf.quant.output",
     "OutputError": "hf.quant.output",
     "estimate_memory": "hf.model.plan",
+    "memory_limit_gb": "hf.model.device",
     "generate": "hf.generate.stream",
     "stream_generate": "hf.generate.stream",
     "switch_adapter": "hf.adapters.switch",

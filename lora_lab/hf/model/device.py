@@ -38,6 +38,31 @@ _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.flo
            "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
 
+def dtype_name(dtype: torch.dtype) -> str | None:
+    """The short name of a floating dtype lora_lab stores weights in (``"fp32"``, ``"bf16"``,
+    ``"fp16"``), or None for any other."""
+    return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype)
+
+
+def memory_limit_gb() -> float:
+    """The memory this process may use, in GB (10⁹ bytes), from the first of: the ``MEM_LIMIT``
+    environment variable (what mybinder.org sets: 2 GB there), the container's cgroup limit (v2
+    ``memory.max``, then v1 ``memory.limit_in_bytes``; "max" or a huge number means none), and the
+    machine's physical RAM.  Notebooks read it to choose what to run (e.g. skip a comparison that
+    would not fit a Binder kernel)."""
+    import os
+
+    for source in (os.environ.get("MEM_LIMIT"), "/sys/fs/cgroup/memory.max",
+                   "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            value = source if source is None or not source.startswith("/") else open(source).read().strip()
+        except OSError:
+            continue
+        if value and value.isdigit() and 0 < int(value) < 2**60:
+            return int(value) / 1e9
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9
+
+
 def as_dtype(value) -> torch.dtype | None:
     """Turn ``"bf16"``, ``"float16"``, a ``torch.dtype`` or None into a ``torch.dtype`` (or None)."""
     from ...errors import LoraLabError

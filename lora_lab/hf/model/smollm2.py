@@ -75,12 +75,12 @@ def available() -> bool:
 
 
 def _dtype_name(dtype) -> str:
-    import torch
+    from .device import dtype_name
 
-    names = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
-    if dtype not in names:
+    name = dtype_name(dtype)
+    if name is None:
         raise ModelLoadError(f"builtin:smollm2 cannot be stored as {dtype}.", "use fp32, bf16 or fp16")
-    return names[dtype]
+    return name
 
 
 def smollm2_folder(cache: Path, dtype=None) -> Path:
