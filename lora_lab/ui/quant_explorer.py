@@ -18,7 +18,7 @@
   Σ numel × bits_per_param / 8 over the scanned tensors (bits_per_param counts the block constants:
   4.5 bits for NF4 at blocksize 64, ≈ 4.127 with double quantization, QLoRA §3), as a
   :class:`~lora_lab.core.memory.QuantStorage` (:func:`lora_lab.core.memory.quant_storage`).
-  MB = 2²⁰ bytes and GB = 2³⁰, as in ``QuantScan.summary``.
+  Sizes are in MiB (2²⁰ bytes) and GiB (2³⁰), as in ``QuantScan.summary`` (its ``*_mb`` columns).
 * **module** — one tensor's detail: its weight histogram with the scheme's code levels
   (:func:`lora_lab.hf.quant.roundtrip.weight_histogram_data`, drawn by
   :func:`lora_lab.viz.quant.weight_histogram`) and its :class:`~lora_lab.QuantError` numbers.
@@ -53,7 +53,7 @@ _DETAIL = (("rel_error", "relative error ‖W−Q‖/‖W‖", "{:.4g}"),
 
 
 def _size(nbytes: float) -> str:
-    return f"{nbytes / 2**30:.2f} GB" if nbytes >= 2**30 else f"{nbytes / 2**20:.2f} MB"
+    return f"{nbytes / 2**30:.2f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.2f} MiB"
 
 
 def _check_choice(scheme, blocksize) -> LoraLabError | None:
@@ -248,7 +248,7 @@ class QuantExplorer(widgets.VBox):
                           "", *lines, scan,
                           "print(scan.table)            # one row per linear weight",
                           "fp16_mb = scan.summary.fp16_mb[0]; size_mb = scan.summary.size_mb[0]",
-                          "print(f'{fp16_mb:.2f} MB at fp16 -> {size_mb:.2f} MB')",
+                          "print(f'{fp16_mb:.2f} MiB at fp16 -> {size_mb:.2f} MiB')",
                           "error_heatmap(scan)          # layers x module type", ""])
 
     def __repr__(self) -> str:

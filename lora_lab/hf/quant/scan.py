@@ -238,8 +238,8 @@ class QuantScan:
     """Result of :func:`scan_quantization`.
 
     ``table``: one row per linear weight × scheme (name, layer, module, out_features, in_features,
-    numel, then the :class:`QuantError` fields).  ``summary``: one row per scheme (size in MB at
-    bits_per_param, size saved against fp16, mean/max relative error, the worst tensor).
+    numel, then the :class:`QuantError` fields).  ``summary``: one row per scheme (size in MiB,
+    2²⁰ bytes, at bits_per_param, size saved against fp16, mean/max relative error, the worst tensor).
     ``interrupted`` is True when a KeyboardInterrupt stopped the scan: the rows finished before it
     are kept, ``n_done`` of ``n_total`` tensors were fully scanned, and a ``RuntimeWarning`` says so.
     ``note``: what to keep in mind when reading the errors ("" when nothing): weights already
