@@ -17,30 +17,34 @@ Each term, in bytes (``c`` = bytes of the compute dtype: 2 for fp16/bf16, 4 for 
 ``h`` hidden, ``i`` intermediate, ``kv`` = kv_heads·head_dim, ``V`` vocab, ``L`` layers,
 ``T = batch·seq_len`` tokens):
 
-* **base** — the frozen (or, for full FT, trained) weights.  Unquantized: ``c`` bytes/param
-  (``4`` for fp32).  Quantized bases keep the embeddings, the LM head and the norms unquantized;
-  peft's ``prepare_model_for_kbit_training`` (which :func:`lora_lab.attach` runs) casts those
-  to fp32, so they cost 4 bytes/param on a QLoRA base.
+* **base** — the frozen (or, for full FT, trained) weights.  Frozen and unquantized: ``c``
+  bytes/param.  Full FT: ``w`` bytes/param, the recipe's (:mod:`lora_lab.core.recipes`): 4 for
+  fp32 on the CPU and for fp32 master weights under fp16 autocast (a T4), 2 for pure bf16.
+  Quantized bases keep the embeddings, the LM head and the norms unquantized; peft's
+  ``prepare_model_for_kbit_training`` (which :func:`lora_lab.attach` runs) casts those to fp32,
+  so they cost 4 bytes/param on a QLoRA base.
   *4-bit* (QLoRA §3): 0.5 byte/param of packed codes.  *int8* (LLM.int8()): 1 byte/param.
 * **quant_constants** — 4-bit: one fp32 absmax per block of 64 weights (32/64 = 0.5 bit/param);
   with double quantization the absmax are stored in 8 bits plus one fp32 constant per 256 absmax
   (8/64 + 32/(64·256) = 0.127 bit/param, QLoRA §3).  Computed per tensor with ceilings, as
   bitsandbytes stores them.  int8: one fp32 scale per output row.
 * **adapter** — trainable parameters in their dtype (peft keeps adapter weights in fp32 by default:
-  ``autocast_adapter_dtype=True``).  Full FT: all parameters, in the compute dtype (counted once,
-  in **base**).
+  ``autocast_adapter_dtype=True``).  Full FT: all parameters, in ``w`` (counted once, in
+  **base**).
 * **gradients** — one gradient per trainable parameter, in the parameter's dtype (full FT: the
   weights' dtype).  The term is what is allocated *at the peak*: none at the end of the forward
   pass of a loop that frees them after each step (``zero_grad(set_to_none=True)``, as
   :func:`lora_lab.train` and ``transformers.Trainer`` do), all of them at the end of the backward
   pass or with ``grad_accum > 1``.  ``gradients_total`` is always all of them.  Full FT of tied
-  embeddings adds ``2·V·h`` gradient temporaries at the end of the backward pass (the embedding's
-  dense gradient and its sum with the LM head's: measured with torch's CPU allocator).
+  embeddings adds ``2·V·h·w`` bytes of gradient temporaries at the end of the backward pass (the
+  embedding's dense gradient and its sum with the LM head's: measured with torch's CPU
+  allocator).
 * **optimizer** — AdamW (torch): two moments per trainable parameter in the parameter's dtype
   (``exp_avg`` and ``exp_avg_sq`` are ``zeros_like(param)``): 2 × 4 bytes for fp32 adapters and
-  for full FT of fp32 weights, 2 × 2 for full FT of bf16/fp16 weights.  8-bit AdamW
-  (bitsandbytes): 2 × (1 byte + a fp32 absmax per 256 values).  The paged variants have the same
-  size but can be evicted to CPU RAM under pressure.  SGD without momentum: 0.
+  for full FT of fp32 (master) weights, 2 × 2 for pure bf16 full FT.  So weights + gradients +
+  AdamW are 4 + 4 + 8 = 16 bytes/param for fp32 and mixed fp16, 2 + 2 + 4 = 8 for pure bf16.
+  8-bit AdamW (bitsandbytes): 2 × (1 byte + a fp32 absmax per 256 values).  The paged variants
+  have the same size but can be evicted to CPU RAM under pressure.  SGD without momentum: 0.
 * **activations** — what autograd keeps for the backward pass, per token and layer.  Derived for
   Llama the way Korthikanti et al. 2022 (§4.1, "Activations memory per transformer layer") derive
   ``sbh(34 + 5as/h)`` for GPT, but for SDPA/flash attention (no s² score matrix is kept) and for a
@@ -53,17 +57,20 @@ Each term, in bytes (``c`` = bytes of the compute dtype: 2 for fp16/bf16, 4 for 
     base prepared by peft: its fp32 embeddings make the residual stream fp32, and bitsandbytes'
     layers return their input's dtype);
   - full FT also keeps every linear input for the weight gradients, and the norms' normalised
-    input for their weight gradients: ``+ c·(5h + i)``;
+    input for their weight gradients: ``+ c·(5h + i)``.  With fp32 master weights under 16-bit
+    autocast the residual stream is fp32: the norms keep fp32 normalised inputs and q, k, v, gate
+    and up each cast their fp32 input separately: ``+ 2·4h + c·(6h + i)`` instead; and autocast's
+    16-bit copy of every linear weight (``c·N_lin``, LM head included) lives to the forward's end;
   - each LoRA module keeps its (cast) input and ``A·x``: ``+ c·(in + r)``; with dropout a mask
     and the dropped input: ``+ (1 + c)·in``; DoRA also keeps the base output and the LoRA output
     in fp32: ``+ (c + 8)·out``.
 
   Without checkpointing: ``T·L·layer``.  With gradient checkpointing only each layer's input is
-  kept (``T·L·c·h``, fp32 on a prepared k-bit base) and one layer is recomputed at a time
-  (``+ T·layer``).  Plus the final norm (``T·4h``) and, for padded batches, the boolean mask
-  (``batch·seq²``) shared by all layers.  Batches count as padded when ``batch > 1`` unless told.
-  On a k-bit base add one dequantized weight (``max(out·in)·c``): bitsandbytes dequantizes each
-  weight for its matmul, one at a time.
+  kept (``T·L·c·h``; ``T·L·4h`` where the residual stream is fp32: a prepared k-bit base, fp32
+  master weights) and one layer is recomputed at a time (``+ T·layer``).  Plus the final norm
+  (``T·4h``) and, for padded batches, the boolean mask (``batch·seq²``) shared by all layers.
+  Batches count as padded when ``batch > 1`` unless told.  On a k-bit base add one dequantized
+  weight (``max(out·in)·c``): bitsandbytes dequantizes each weight for its matmul, one at a time.
 * **logits** — ``T·V`` values: the LM head output in ``c``, upcast to fp32 for the loss, whose
   log-softmax output (fp32) is kept.  In the forward the logits, their fp32 copy and the
   log-probs coexist (``c + 8`` bytes per value); in the backward the log-probs, their gradient and
@@ -84,23 +91,21 @@ Each term, in bytes (``c`` = bytes of the compute dtype: 2 for fp16/bf16, 4 for 
   ``out × in`` delta at a time; on a quantized base the safe path dequantizes the whole base
   (``c`` bytes/param of the quantized layers).
 
-Storage of quantized weights (no training): :func:`quant_storage` sums, over tensors t with n_t
-weights stored at b_t bits per parameter (codes plus block constants, see
-:func:`lora_lab.core.quant.bits_per_param`), ``fp16 = 2·Σ n_t`` bytes against
-``quant = Σ n_t·b_t / 8`` bytes, into a :class:`QuantStorage`.
+Storage of quantized weights (no training): :func:`quant_storage` and :class:`QuantStorage`, in
+:mod:`lora_lab.core.quant_storage` (re-exported here).
 
-Assumptions: weights stored in the compute dtype (no fp32 master copy), autocast to the compute
-dtype, SDPA without an ``s²`` score matrix (flash / memory-efficient kernels), fused AdamW (no
-per-step temporaries).  Measurements: ``benchmarks/memory_accuracy.py``.
+Assumptions: a frozen base stored in the compute dtype; full FT per its recipe (fp32 master
+weights where the compute dtype is fp16, pure bf16, or fp32); autocast to the compute dtype; SDPA
+without an ``s²`` score matrix (flash / memory-efficient kernels); fused AdamW (no per-step
+temporaries).  Measurements: ``benchmarks/memory_accuracy.py``.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass
 
-import numpy as np
+from .quant_storage import QuantStorage, quant_storage
 
 __all__ = ["AMBIGUOUS_DEVICES", "CPU", "CPU_FRAGMENTATION", "CPU_RUNTIME", "CUDA_CONTEXT",
            "DEVICES", "GIB", "OPTIMIZERS", "Architecture", "QuantLayout", "QuantStorage",
@@ -208,9 +213,12 @@ class QuantLayout:
 
 @dataclass(frozen=True)
 class TrainableLayout:
-    """What is trained.  ``full`` = every parameter (full fine-tuning).  Otherwise ``params``
-    trainable adapter parameters in ``param_bytes`` each, and per adapted module ``(in, out, r)``
-    (all layers) for the activation term; ``extra_tokens``: virtual tokens prepended (prompt)."""
+    """What is trained: ``params`` parameters stored in ``param_bytes`` each (their gradients and
+    AdamW moments too).  ``full`` = every parameter (full fine-tuning; ``param_bytes`` 4 under a
+    16-bit compute dtype means fp32 master weights, and ``autocast_copies`` counts the weights
+    autocast copies to 16 bits during the forward).  Otherwise adapters: per adapted module
+    ``(in, out, r)`` (all layers) for the activation term; ``extra_tokens``: virtual tokens
+    prepended (prompt tuning)."""
 
     params: int
     param_bytes: int = 4
@@ -219,6 +227,11 @@ class TrainableLayout:
     dropout: bool = False
     dora: bool = False
     extra_tokens: int = 0                             # prefix/prompt virtual tokens
+    autocast_copies: int = 0                          # weights autocast copies in the forward
+
+    def master_weights(self, c: int) -> bool:
+        """Full FT of ``param_bytes`` weights under a ``c``-byte autocast: fp32 master weights."""
+        return self.full and self.param_bytes > c
 
 
 def optimizer_bytes_per_param(optimizer: str, param_bytes: int) -> float:
@@ -233,18 +246,23 @@ def optimizer_bytes_per_param(optimizer: str, param_bytes: int) -> float:
 
 
 def layer_activation_bytes(arch: Architecture, c: int, full: bool, *, padded: bool = False,
-                           fp32_stream: bool = False) -> int:
+                           fp32_stream: bool = False, master: bool = False) -> int:
     """Bytes per token kept by one decoder layer of the base (no adapters).
 
     ``padded``: an attention mask is passed, so SDPA gets KV heads repeated to ``h`` (and keeps
     those copies).  ``fp32_stream``: the residual stream is fp32 (a k-bit base prepared by peft:
     fp32 embeddings), so bitsandbytes' layers return fp32 and SwiGLU keeps fp32 tensors.
+    ``master`` (full FT of fp32 weights under a 16-bit autocast): the norms keep their fp32
+    normalised inputs (``2·4h``) and q, k, v, gate and up each keep their own 16-bit cast of their
+    fp32 input (``c·(6h + i)`` of linear inputs, against ``c·(5h + i)`` with the norms' copies).
     """
     h, i = arch.hidden, arch.intermediate
     kv = h if padded else arch.kv_dim
     mlp = 4 if fp32_stream else c
     frozen = 2 * 4 * h + c * (2 * h + 2 * kv) + 3 * mlp * i
-    return frozen + (c * (5 * h + i) if full else 0)
+    if not full:
+        return frozen
+    return frozen + (2 * 4 * h + c * (6 * h + i) if master else c * (5 * h + i))
 
 
 def _adapter_activation_bytes(t: TrainableLayout, c: int, layers: int) -> float:
@@ -265,11 +283,14 @@ def activation_bytes(arch: Architecture, trainable: TrainableLayout, batch: int,
     """``(activations kept at the end of the forward, one layer's worth)`` in bytes."""
     seq = seq + trainable.extra_tokens
     T = batch * seq
-    layer = layer_activation_bytes(arch, c, trainable.full, padded=padded, fp32_stream=fp32_stream)
+    master = trainable.master_weights(c)
+    layer = layer_activation_bytes(arch, c, trainable.full, padded=padded, fp32_stream=fp32_stream,
+                                   master=master)
     layer += _adapter_activation_bytes(trainable, c, arch.layers)
     shared = T * 4 * arch.hidden + (batch * seq * seq if padded else 0)  # final norm, bool mask
     if checkpointing:
-        kept = T * arch.layers * (4 if fp32_stream else c) * arch.hidden + T * layer
+        stream = 4 if (fp32_stream or master) else c
+        kept = T * arch.layers * stream * arch.hidden + T * layer
     else:
         kept = T * arch.layers * layer
     return kept + shared, T * layer
@@ -290,20 +311,19 @@ def memory_terms(*, arch: Architecture, total_params: int, unquantized_params: i
 
     ``total_params``: all parameters of the base.  ``unquantized_params``: those that stay in
     floating point when ``quant`` is given (embeddings, LM head, norms); with ``quant=None`` all
-    ``total_params`` are stored in ``compute_bytes``.  ``padded``: batches carry an attention
+    ``total_params`` are stored in ``compute_bytes`` (frozen) or ``trainable.param_bytes`` (full
+    FT: 4 under a 16-bit ``compute_bytes`` means fp32 master weights).  ``padded``: batches carry an attention
     mask with padding (default: ``batch > 1``); ``False`` for packed or single sequences.
     ``grad_accum``: micro-batches per optimizer step; above 1 the gradients are held at the peak.
     """
     c = compute_bytes
-    if quant is None:
-        base, consts = total_params * c, 0
+    pbytes = trainable.param_bytes                 # trained weights, their gradients and moments
+    if quant is None:                              # full FT: the recipe's weights (fp32 master...)
+        base, consts = total_params * (pbytes if trainable.full else c), 0
     else:
         packed, consts = quant.storage()
         base = packed + unquantized_params * 4   # peft casts the unquantized rest to fp32
-    if trainable.full:
-        adapter, pbytes = 0, c                     # the weights themselves are in ``base``
-    else:
-        adapter, pbytes = trainable.params * trainable.param_bytes, trainable.param_bytes
+    adapter = 0 if trainable.full else trainable.params * pbytes   # full FT: counted in ``base``
     grads = trainable.params * pbytes
     opt = trainable.params * optimizer_bytes_per_param(optimizer, pbytes)
     padded = batch > 1 if padded is None else bool(padded)
@@ -312,6 +332,7 @@ def memory_terms(*, arch: Architecture, total_params: int, unquantized_params: i
     logits = logits_bytes(arch, batch, seq + trainable.extra_tokens, c)
     if quant is not None:     # bitsandbytes dequantizes one weight at a time for its matmul
         acts += max((o * i for o, i in quant.shapes), default=0) * c
+    acts += trainable.autocast_copies * c      # fp32 master weights: autocast's 16-bit copies
     held = grads if grad_accum > 1 else 0.0    # earlier micro-batches' gradients, through a forward
     tied = 2 * arch.vocab * arch.hidden * pbytes if trainable.full and arch.tied_embeddings else 0
     if acts + logits + held >= grads + one_layer + tied:    # end of forward
@@ -345,51 +366,3 @@ def verdict(need: float, capacity: float) -> str:
     if need <= 0.9 * capacity:
         return "fits"
     return "tight" if need <= capacity else "does not fit"
-
-
-@dataclass(frozen=True)
-class QuantStorage:
-    """Bytes of a set of weights at fp16 and in a quantized scheme (:func:`quant_storage`).
-
-    ``numel`` = Σ n_t weights; ``fp16_bytes`` = 2·Σ n_t; ``quant_bytes`` = Σ n_t·b_t / 8 (b_t: bits
-    per parameter of tensor t, block constants included); ``saved_bytes`` = fp16 − quant;
-    ``saved_share`` = saved / fp16 (0 for no weights).  ``record["fp16_bytes"]`` reads a field too
-    (the dict this record replaced).
-    """
-
-    numel: int
-    fp16_bytes: float
-    quant_bytes: float
-    saved_bytes: float
-    saved_share: float
-
-    @property
-    def bits_per_param(self) -> float:
-        """Mean storage bits per weight, Σ n_t·b_t / Σ n_t (0 for no weights)."""
-        return 8 * self.quant_bytes / max(self.numel, 1)
-
-    def __getitem__(self, field: str) -> float:
-        if field not in self.__dataclass_fields__:
-            raise KeyError(field)
-        return getattr(self, field)
-
-    def __repr__(self) -> str:
-        mib = 2**20
-        return (f"QuantStorage({self.numel:,} weights: {self.fp16_bytes / mib:.2f} MiB at fp16 → "
-                f"{self.quant_bytes / mib:.2f} MiB at {self.bits_per_param:.3f} bits/param, saves "
-                f"{self.saved_bytes / mib:.2f} MiB ({self.saved_share:.1%}))")
-
-    def _repr_html_(self) -> str:
-        return f"<b>{self!r}</b>"
-
-
-def quant_storage(numels: Sequence[int], bits_per_param: Sequence[float]) -> QuantStorage:
-    """:class:`QuantStorage` of tensors with ``numels[t]`` weights stored at ``bits_per_param[t]``
-    bits each (e.g. the ``numel`` and ``bits_per_param`` columns of a
-    :class:`~lora_lab.hf.quant.scan.QuantScan` table).  Sizes in bytes (the repr shows MiB)."""
-    n = np.asarray(numels, dtype=np.int64)
-    fp16 = 2.0 * float(n.sum())
-    quant = float((n * np.asarray(bits_per_param, dtype=float)).sum()) / 8
-    saved = fp16 - quant
-    return QuantStorage(numel=int(n.sum()), fp16_bytes=fp16, quant_bytes=quant, saved_bytes=saved,
-                        saved_share=saved / fp16 if fp16 else 0.0)

@@ -10,7 +10,10 @@ The widget is a thin view: every change rebuilds an :class:`~lora_lab.AdapterSpe
 :class:`~lora_lab.QuantSpec` and calls the planner (:func:`lora_lab.hf.model.plan.count_adapter` and the
 formulas of :mod:`lora_lab.core.memory`) on a meta-device copy of the model made once.  A choice
 the specs or the model refuse (r = 0, r larger than a targeted layer, no target module, a layer that
-does not exist) is shown inline with the fix; the last valid numbers stay on screen.  The Export
+does not exist) is shown inline with the fix; the last valid numbers stay on screen.  Under the
+full FT vs LoRA vs QLoRA verdicts the summary says what each assumes: on a T4 full FT is fp32
+master weights + fp16 autocast (16 bytes/param), on a bf16 GPU pure bf16 (8), and adapters are
+fp32 on a frozen base everywhere (:mod:`lora_lab.core.recipes`).  The Export
 button (:class:`ExportPanel`) writes the current choice as a standalone ``train.py`` with accelerate
 configs (:func:`lora_lab.export.script.export_script`, data: the builtin task ``next``).
 """
@@ -274,7 +277,18 @@ class AdapterDesigner(widgets.VBox):
                      "merge on the CPU, or keep the adapter separate.")
         return (f"<b>trainable</b> {trainable:,} of {total:,} ({100 * trainable / total:.4f}%) · "
                 f"<b>adapter file</b> {est.adapter_file_bytes / 2**20:.2f} MiB<br>"
-                f"<b>{est.chosen}</b> on {est.device_text}: {est.verdict()}<br>{verdicts}{merge}")
+                f"<b>{est.chosen}</b> on {est.device_text}: {est.verdict()}<br>{verdicts}"
+                f"{self._recipes(est)}{merge}")
+
+    @staticmethod
+    def _recipes(est: MemoryEstimate) -> str:
+        """What the comparison assumes, in words: full FT's recipe and the adapters' (the bytes
+        per trained parameter differ by device: :mod:`lora_lab.core.recipes`)."""
+        lines = est.recipes_text().splitlines()
+        if not lines:
+            return ""
+        items = "".join(f"<li>{html.escape(line, quote=False)}</li>" for line in lines)
+        return f"<br><small>Assumed: <ul style='margin:0'>{items}</ul></small>"
 
     def _redraw(self, est: MemoryEstimate) -> None:
         names, values = memory_traces(est)

@@ -4,8 +4,20 @@ The model is never loaded.  Its config is instantiated on PyTorch's ``meta`` dev
 storage; :func:`~lora_lab.hf.model.facts.model_facts`), so the parameter counts are exact and an 8B
 or 70B config costs no more RAM than the imports.  The adapter's trainable parameters are counted
 on that meta model with the same :func:`~lora_lab.hf.model.inspect.resolve_targets` and
-:func:`~lora_lab.inspect_model` that :func:`lora_lab.attach` uses; the memory terms are
-:mod:`lora_lab.core.memory`'s formulas.
+:func:`~lora_lab.inspect_model` that :func:`lora_lab.attach` uses
+(:mod:`~lora_lab.hf.model.adapter_count`); the memory terms are :mod:`lora_lab.core.memory`'s
+formulas.
+
+What a trained parameter costs depends on the chip (:mod:`lora_lab.core.recipes`), and the
+estimate says which recipe it assumed (``est.recipes``, its repr and the designer):
+
+* full FT on a GPU without bf16 (a T4, fp16): fp32 master weights + fp32 gradients + fp32 AdamW
+  = 4 + 4 + 8 = 16 bytes/param, plus fp16 weight copies in the forward: pure fp16 does not train,
+  because ``GradScaler.unscale_`` refuses fp16 gradients;
+* full FT where bf16 is native (A100, A10G, L4, H100): pure bf16, 2 + 2 + 4 = 8 bytes/param;
+* full FT on the CPU: fp32, 16 bytes/param;
+* adapters (LoRA, QLoRA, ...) everywhere: fp32 adapter weights, gradients and AdamW (peft's
+  ``autocast_adapter_dtype=True``), 16 bytes per *adapter* parameter, on a frozen base.
 
 ::
 
@@ -17,6 +29,7 @@ on that meta model with the same :func:`~lora_lab.hf.model.inspect.resolve_targe
 
 from __future__ import annotations
 
+import html
 import os
 from dataclasses import dataclass, field, fields, replace
 
@@ -24,95 +37,17 @@ import pandas as pd
 import torch
 
 from ...core import memory as mem
+from ...core.recipes import Recipe, adapter_recipe, full_ft_recipe
 from ...errors import SpecError
 from ...specs import PRECISIONS, AdapterSpec, DataSpec, QuantSpec, TrainSpec
+from .adapter_count import AdapterCount, count_adapter  # noqa: F401  (re-exported)
 from .facts import ModelFacts, model_facts
-from .inspect import resolve_targets
 
 __all__ = ["FULL_FT", "TERMS", "MemoryEstimate", "count_adapter", "estimate_from_facts",
            "estimate_memory", "system_ram_bytes"]
 
 TERMS = ("base_weights", "quant_constants", "adapter_weights", "gradients", "optimizer_states",
          "activations", "logits", "allocator_overhead", "cuda_context")
-
-
-# ----------------------------------------------------------------------------- the adapter
-@dataclass(frozen=True)
-class AdapterCount:
-    """Trainable parameters of a spec on a model, and the adapted ``(in, out, r)`` modules."""
-
-    params: int
-    modules: tuple[tuple[int, int, int], ...]
-    targets: tuple[str, ...]
-
-
-def _ia3_targets(facts: ModelFacts, spec: AdapterSpec) -> tuple[list[str], list[str]]:
-    if spec.target_modules != "all-linear":
-        names = resolve_targets(facts.meta_model, spec)
-        return names, [t for t in names if t in ("down_proj", "fc2", "c_proj", "w2")]
-    from peft.utils.constants import (
-        TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING as FF,
-    )
-    from peft.utils.constants import (
-        TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING as TM,
-    )
-
-    if facts.model_type not in TM:
-        raise SpecError("AdapterSpec", "target_modules", "all-linear",
-                        f"peft has no default IA3 targets for model type {facts.model_type!r}",
-                        "pass target_modules=[...] explicitly")
-    return list(TM[facts.model_type]), [f.split(".")[-1] for f in FF[facts.model_type]]
-
-
-def _resolve(facts: ModelFacts, spec: AdapterSpec) -> list[str]:
-    """:func:`resolve_targets` (the checks :func:`lora_lab.attach` makes on names and layers),
-    memoized per (method, target_modules, layers); the rank is checked by the caller."""
-    key = (spec.method, spec.target_modules, spec.layers)
-    if key not in facts.resolved:
-        if len(facts.resolved) > 256:                   # per-layer choices are many; stay small
-            facts.resolved.clear()
-        facts.resolved[key] = resolve_targets(facts.meta_model, spec.replace(r=1))
-    return facts.resolved[key]
-
-
-def count_adapter(facts: ModelFacts, spec: AdapterSpec) -> AdapterCount:
-    """Exact trainable parameters of ``spec`` on the model (what peft will create).
-
-    LoRA: ``r·(in + out)`` per adapted module, ``+ out`` for DoRA's magnitude; ``bias="all"``
-    trains every bias, ``"lora_only"`` those of adapted modules.  IA3: one vector per module
-    (``in`` for feed-forward modules, else ``out``).  Prompt tuning: ``n·hidden``.  Prefix tuning:
-    ``n·layers·2·kv_dim`` (keys and values of every layer).
-    """
-    a, t = facts.arch, facts.table
-    n = spec.num_virtual_tokens
-    if spec.method == "prompt":
-        return AdapterCount(n * a.hidden, (), ())
-    if spec.method == "prefix":
-        return AdapterCount(n * a.layers * 2 * a.kv_dim, (), ())
-    if spec.method == "ia3":
-        targets, ff = _ia3_targets(facts, spec)
-        rows = t[t["module_type"].isin(targets)]
-        if spec.layers is not None:
-            rows = rows[rows["layer"].isin(spec.layers)]
-        ff_rows = rows["module_type"].isin(ff)
-        params = int(rows["in_features"][ff_rows].sum() + rows["out_features"][~ff_rows].sum())
-        return AdapterCount(params, (), tuple(targets))
-    targets = _resolve(facts, spec)
-    rows = t[t["module_type"].isin(targets)]
-    if spec.layers is not None:
-        rows = rows[rows["layer"].isin(spec.layers)]
-    fin, fout = rows["in_features"].to_numpy(), rows["out_features"].to_numpy()
-    if len(fin) and spec.r > min(fin.min(), fout.min()):
-        resolve_targets(facts.meta_model, spec)         # raises attach()'s error about r
-    params = int(spec.r * (fin + fout).sum())
-    if spec.use_dora:
-        params += int(fout.sum())
-    if spec.bias == "all":
-        params += facts.bias_params
-    elif spec.bias == "lora_only":
-        params += int((rows["params"] - rows["in_features"] * rows["out_features"]).sum())
-    modules = tuple((int(i), int(o), spec.r) for i, o in zip(fin, fout))
-    return AdapterCount(params, modules, tuple(targets))
 
 
 # ----------------------------------------------------------------------------- the estimate
@@ -143,6 +78,8 @@ class MemoryEstimate:
     (the default :class:`~lora_lab.AdapterSpec` beside full FT) and ``adapter_file_bytes`` its
     file.  ``need(s)`` is what the device must hold to train (reserved peak + CUDA context, or the
     process's libraries on the CPU) and ``merge_need(s)`` what merging the adapter afterwards needs.
+    ``recipes`` maps each scenario to the :class:`~lora_lab.core.recipes.Recipe` it assumed (in
+    which dtype the trained weights, gradients and AdamW moments live); ``recipe_text()`` says it.
     """
 
     model: str
@@ -161,6 +98,7 @@ class MemoryEstimate:
     optimizer: str
     precision: str = "bf16"
     grad_accum: int = 1
+    recipes: dict = field(default_factory=dict, repr=False)   # scenario -> core.recipes.Recipe
 
     @property
     def breakdown(self) -> dict[str, float]:
@@ -224,22 +162,49 @@ class MemoryEstimate:
     def verdicts(self) -> dict[str, str]:
         return {s: self.verdict(s) for s in self.scenarios}
 
+    @property
+    def recipe(self) -> Recipe | None:
+        """The recipe of the chosen scenario."""
+        return self.recipes.get(self.chosen)
+
+    def recipe_text(self, scenario: str | None = None) -> str:
+        """``"full FT: fp32 master weights + fp16 autocast + loss scaling, 4 + 4 + 8 = 16 B/param
+        (...)"``: how ``scenario``'s trained parameters are held, and why."""
+        s = scenario or self.chosen
+        r = self.recipes.get(s)
+        return f"{s}: {r.describe(self.optimizer)}" if r else ""
+
+    def recipes_text(self) -> str:
+        """Full FT's recipe and the adapters' (shared by the adapter scenarios), one line each."""
+        full = self.recipe_text(FULL_FT)
+        adapters = [s for s in self.recipes if s != FULL_FT]
+        if not adapters:
+            return full
+        r = self.recipes[adapters[0]].describe(self.optimizer)
+        return f"{full}\n{' and '.join(adapters)}: {r}"
+
     def _setup(self) -> str:
         return (f"batch {self.batch_size} × {self.seq_len} tokens"
                 + (f" × {self.grad_accum} accumulated" if self.grad_accum > 1 else "")
                 + f", checkpointing {'on' if self.gradient_checkpointing else 'off'}, "
                   f"{self.precision}, {self.optimizer}")
 
+    def _full_ft_short(self) -> str:
+        r = self.recipes.get(FULL_FT)
+        return f"; full FT as {r.name}, {r.sum_text(self.optimizer)}" if r else ""
+
     def __repr__(self) -> str:
         parts = ", ".join(f"{s}={self.need(s) / mem.GIB:.2f} GiB ({self.verdict(s)})"
                           for s in self.scenarios)
         return (f"MemoryEstimate({self.model}, {self._setup()}, on {self.device_text}: {parts}; "
-                f"chosen={self.chosen})")
+                f"chosen={self.chosen}{self._full_ft_short()})")
 
     def _repr_html_(self) -> str:
         head = f"<b>{self.model}</b> on {self.device_text}, {self._setup()}<br>"
         verdicts = " · ".join(f"{s}: <b>{v}</b>" for s, v in self.verdicts().items())
-        return head + verdicts + self.table().round(2).to_html()
+        recipes = "".join(f"<br><small>{html.escape(line)}</small>"
+                          for line in self.recipes_text().splitlines())
+        return head + verdicts + recipes + self.table().round(2).to_html()
 
 
 def _check_args(batch_size, seq_len, optimizer, precision, grad_accum):
@@ -309,14 +274,18 @@ def estimate_memory(model, adapter: AdapterSpec | None = None, quant=None,
     when None).  ``device``: ``"T4"``, ``"L4"``, ``"A10G"``, ``"A100-40GB"``, ``"A100-80GB"``,
     ``"H100"``, ``"cpu"`` (this machine's total RAM, for training on the CPU) or the memory in GiB
     (``24`` = 24·2³⁰ bytes).  ``precision``: ``"auto"`` (fp32 on the CPU, fp16 on a T4, else bf16),
-    ``"fp32"``, ``"fp16"`` or ``"bf16"``: the dtype of the weights and activations.
+    ``"fp32"``, ``"fp16"`` or ``"bf16"``: the dtype of the frozen weights and the activations.  It
+    also picks full FT's recipe (:mod:`lora_lab.core.recipes`): fp16 trains fp32 master weights
+    under fp16 autocast (4 + 4 + 8 = 16 bytes/param for weights, gradients and AdamW), bf16 trains
+    pure bf16 (2 + 2 + 4 = 8), fp32 trains fp32 (16); adapters are fp32 (16 per adapter param).
 
     ``batch_size``, ``gradient_checkpointing``, ``optimizer``, ``precision`` and ``grad_accum``
     default to :class:`~lora_lab.TrainSpec`'s defaults and ``seq_len`` to
     :class:`~lora_lab.DataSpec`'s ``max_length``, so the defaults estimate a default training run.
 
     Returns a :class:`MemoryEstimate` with full FT, the adapter on a 16-bit base and on the
-    quantized base side by side; the formulas are in :mod:`lora_lab.core.memory`.
+    quantized base side by side, and the recipe each assumed (``est.recipes``); the formulas are in
+    :mod:`lora_lab.core.memory`.
     """
     if isinstance(model, torch.nn.Module):       # a loaded model: its own adapter and quantization
         adapter = adapter if adapter is not None else _attached_spec(model)
@@ -366,10 +335,14 @@ def estimate_from_facts(facts: ModelFacts, spec: AdapterSpec | None, quant=None,
 def _estimate(facts, spec, q, count, setup, dev_label, dev_bytes, prec):
     qs = q or QuantSpec()
     c = prec[1]
-    layout = mem.TrainableLayout(params=count.params, param_bytes=4, modules=count.modules,
-                                 dropout=spec.dropout > 0, dora=spec.use_dora,
+    full_r, adapter_r = full_ft_recipe(prec[0]), adapter_recipe(prec[0])
+    layout = mem.TrainableLayout(params=count.params, param_bytes=adapter_r.weight_bytes,
+                                 modules=count.modules, dropout=spec.dropout > 0, dora=spec.use_dora,
                                  extra_tokens=spec.num_virtual_tokens if spec.method == "prompt" else 0)
-    full = mem.TrainableLayout(params=facts.total_params, param_bytes=c, full=True)
+    # autocast copies every linear weight it multiplies (the LM head too) to 16 bits
+    copies = facts.linear_params + facts.arch.vocab * facts.arch.hidden if full_r.master_weights else 0
+    full = mem.TrainableLayout(params=facts.total_params, param_bytes=full_r.weight_bytes, full=True,
+                               autocast_copies=copies)
     cpu = dev_label == mem.CPU            # RSS: the process's libraries, and glibc's heap
     common = dict(arch=facts.arch, total_params=facts.total_params,
                   unquantized_params=facts.unquantized_params, compute_bytes=c,
@@ -382,10 +355,11 @@ def _estimate(facts, spec, q, count, setup, dev_label, dev_bytes, prec):
                  label: mem.memory_terms(trainable=layout, **common),
                  qlabel: mem.memory_terms(trainable=layout, quant=qlayout, **common)}
     trainable = {FULL_FT: facts.total_params, label: count.params, qlabel: count.params}
+    recipes = {FULL_FT: full_r, label: adapter_r, qlabel: adapter_r}
     return MemoryEstimate(
         model=facts.name, device=dev_label, device_bytes=dev_bytes,
         chosen=qlabel if q is not None else label, scenarios=scenarios, trainable=trainable,
         total_params=facts.total_params, adapter_file_bytes=count.params * 4, spec=spec, quant=q,
         batch_size=setup["batch"], seq_len=setup["seq"],
         gradient_checkpointing=bool(setup["checkpointing"]), optimizer=setup["optimizer"],
-        precision=prec[0], grad_accum=setup["grad_accum"])
+        precision=prec[0], grad_accum=setup["grad_accum"], recipes=recipes)

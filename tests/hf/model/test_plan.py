@@ -99,7 +99,7 @@ def test_terms_for_a_small_config_by_hand(tiny_llama_dir):
     assert packed.breakdown["activations"] == T * L * layer_kv + T * 4 * h
     assert t["logits"] == T * V * 12
     full = est.scenarios["full FT"]
-    assert full["optimizer_states"] == 2 * 2 * est.total_params
+    assert full["optimizer_states"] == 2 * 4 * est.total_params  # T4: fp32 master weights, fp32 AdamW
     assert est.peak_allocated() == pytest.approx(sum(
         t[k] for k in ("base_weights", "quant_constants", "adapter_weights", "gradients",
                        "optimizer_states", "activations", "logits")))
