@@ -5,12 +5,17 @@
 * a :class:`~lora_lab.PreparedData` (from :func:`lora_lab.prepare_dataset`): its ``train`` split, and
   its ``eval`` split when no ``eval_data`` is given;
 * already tokenized rows (a ``datasets.Dataset`` or list of dicts with ``input_ids``, optional
-  ``attention_mask`` and ``labels``), used as they are;
+  ``attention_mask`` and ``labels``, or ``position_ids`` for packed rows), used as they are;
 * raw rows (prompt/response or chat messages), tokenized with the default ``DataSpec``.
 
 Batch ``i`` (0-based, counting micro-batches) is a pure function of ``(seed, i)``: epoch
 ``e = i // batches_per_epoch`` uses the permutation drawn from ``seed + e``.  A resumed run therefore
 sees exactly the batches the uninterrupted run would have seen.
+
+A batch is :func:`lora_lab.hf.data.prepare.pad_batch` of its rows.  Packed rows (``DataSpec(packing=
+True)``) give ``position_ids`` and no ``attention_mask``; the model must then run with
+``use_cache=False`` (see :mod:`lora_lab.hf.data.packing`), and :func:`batch_tokens` counts the
+tokens of either kind of batch.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import torch
 from ..errors import DataError
 from ..specs import DataSpec
 
-__all__ = ["resolve_data", "Batches"]
+__all__ = ["resolve_data", "Batches", "batch_tokens"]
 
 
 def _rows(data) -> list[dict]:
@@ -49,8 +54,12 @@ def _prepare(data, tokenizer, eval_fraction: float):
     return prepare_dataset(data, tokenizer, DataSpec(eval_fraction=eval_fraction))
 
 
-def resolve_data(train_data, eval_data, tokenizer) -> tuple[list[dict], list[dict] | None]:
-    """Tokenized ``(train_rows, eval_rows or None)`` from whatever ``train()`` was given."""
+def resolve_data(train_data, eval_data, tokenizer, model=None) -> tuple[list[dict], list[dict] | None]:
+    """Tokenized ``(train_rows, eval_rows or None)`` from whatever ``train()`` was given.
+
+    Packed rows (``DataSpec(packing=True)``: ``position_ids`` that restart per example) are refused
+    for prompt and prefix tuning, whose peft models drop or shift ``position_ids``, so the examples
+    of a packed row would attend to each other."""
     own_eval = None
     if hasattr(train_data, "train") and hasattr(train_data, "eval"):  # PreparedData
         train, own_eval = train_data.train, train_data.eval
@@ -70,6 +79,11 @@ def resolve_data(train_data, eval_data, tokenizer) -> tuple[list[dict], list[dic
     rows = _rows(train)
     if not rows:
         raise DataError("train_data has no rows.", "pass at least one training example")
+    config = getattr(model, "active_peft_config", None)
+    if getattr(config, "is_prompt_learning", False) and "position_ids" in rows[0]:
+        raise DataError(f"Packed rows cannot train {config.peft_type.value.lower()}: peft drops or shifts "
+                        "their position ids, so packed examples would attend to each other.",
+                        "prepare the data with lora_lab.DataSpec(packing=False)")
     return rows, (_rows(ev) if ev is not None and len(ev) else None)
 
 
@@ -77,6 +91,14 @@ def _pad(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     from ..hf.data.prepare import pad_batch
 
     return pad_batch(rows, pad_id)
+
+
+def batch_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """The non-padding tokens of a batch: ``attention_mask.sum()``, or for a packed batch (no mask)
+    the tokens before each row's padding (:func:`lora_lab.hf.data.packing.count_tokens`)."""
+    from ..hf.data.packing import count_tokens
+
+    return count_tokens(batch)
 
 
 class Batches:

@@ -2,8 +2,8 @@
 
 One example is three aligned lists of length T ≤ ``max_length``::
 
-    input_ids      = [BOS?] prompt_ids                 response_ids  EOS
-    labels         = -100 … -100 (prompt, masked)      response_ids  EOS
+    input_ids      = [BOS?] prompt_ids                 response_ids  END
+    labels         = -100 … -100 (prompt, masked)      response_ids  END
     attention_mask = 1 … 1
 
 The prompt text is exactly :func:`format_prompt` (the chat template with
@@ -11,16 +11,19 @@ The prompt text is exactly :func:`format_prompt` (the chat template with
 response are tokenized *separately* and concatenated, so the boundary between them is exact and the
 prompt ids are the ones :func:`encode_prompt` gives at inference time.  The model's loss shifts
 labels by one position (token t predicts t+1), so masking the prompt with -100 puts the loss on
-response+EOS alone ("train on responses only", the usual choice for instruction tuning).
+the response and its END alone ("train on responses only", the usual choice for instruction tuning).
+
+END is how the turn is closed (:mod:`.turns`).  With a chat template, the response tokens are
+exactly what the template writes after the prompt, end-of-turn marker included (ChatML:
+``46<|im_end|>\n``), as TRL supervises them; without one, END is the EOS token.
 
 Truncation keeps the first ``max_length`` tokens.  A row is *truncated* when some response token or
-the EOS is cut, and *dropped* when no response token survives (its prompt alone fills max_length).
+its END is cut, and *dropped* when no response token survives (its prompt alone fills max_length).
 
-Packing (``DataSpec.packing``) places whole examples one after another into sequences of at most
-``max_length`` tokens (greedy, in order; an example is never split).  Attention is causal over
-the whole packed sequence, so a later example can attend to the earlier ones in its pack; the EOS
-between them marks the boundary and the masked prompt labels are kept, so every supervised token is
-the same as without packing — only its visible context grows.
+Packing (``DataSpec.packing``) places whole training examples one after another into rows of at most
+``max_length`` tokens, with ``position_ids`` that restart at 0 for every example and no attention
+mask, so that each example attends only to itself at its own positions (:mod:`.packing`): every
+token's loss is the one it has alone.  The eval split is never packed.
 """
 
 from __future__ import annotations
@@ -35,7 +38,9 @@ import torch
 
 from ...errors import DataError
 from ...specs import DataSpec
+from .packing import pack_examples, pad_packed
 from .sources import load_columns
+from .turns import close_responses, template_response, uses_chat_template
 
 __all__ = ["PreparedData", "prepare_dataset", "format_prompt", "encode_prompt", "pad_batch",
            "prompts_responses", "split_columns", "IGNORE_INDEX"]
@@ -50,9 +55,11 @@ class PreparedData:
     """Tokenized train (and eval) examples, and what preparation did to the rows.
 
     ``train``/``eval`` are ``datasets.Dataset`` with columns ``input_ids``, ``attention_mask`` and
-    ``labels`` (lists of ints); ``eval`` is None without an eval split.  ``n_rows`` counts the rows
-    read from the source (both splits), ``n_truncated`` the rows cut to ``max_length`` but kept,
-    ``n_dropped`` the rows removed because their response was cut away entirely.
+    ``labels`` (lists of ints); ``eval`` is None without an eval split.  With ``packing`` the train
+    rows have ``position_ids`` instead of ``attention_mask`` (see :mod:`.packing`); eval rows are
+    never packed.  ``n_rows`` counts the rows read from the source (both splits), ``n_truncated``
+    the rows cut to ``max_length`` but kept, ``n_dropped`` the rows removed because their response
+    was cut away entirely.
     ``n_train_tokens`` is the number of tokens in ``train`` (no padding) and ``n_label_tokens`` how
     many of them carry a label (are not -100).
     """
@@ -105,8 +112,10 @@ def _plain_text(messages: list[dict]) -> str:
     return "\n".join(f"{m['role']}: {m['content']}" for m in messages)
 
 
-def _uses_chat_template(tokenizer, spec: DataSpec) -> bool:
-    return bool(spec.use_chat_template and getattr(tokenizer, "chat_template", None))
+def _as_messages(prompt) -> list[dict]:
+    if isinstance(prompt, str):
+        return [{"role": "user", "content": prompt}]
+    return _check_messages(prompt, "The prompt")
 
 
 def format_prompt(tokenizer, prompt, spec: DataSpec = DataSpec()) -> str:
@@ -118,11 +127,8 @@ def format_prompt(tokenizer, prompt, spec: DataSpec = DataSpec()) -> str:
     ``spec.template.format(prompt=text)``.  Tokenize it with :func:`encode_prompt`, which adds the
     BOS exactly as training does.
     """
-    if isinstance(prompt, str):
-        messages = [{"role": "user", "content": prompt}]
-    else:
-        messages = _check_messages(prompt, "The prompt")
-    if _uses_chat_template(tokenizer, spec):
+    messages = _as_messages(prompt)
+    if uses_chat_template(tokenizer, spec):
         try:
             return tokenizer.apply_chat_template(messages, add_generation_prompt=True,
                                                  tokenize=False)
@@ -208,21 +214,35 @@ def prompts_responses(cols: dict, spec: DataSpec, split: str) -> tuple[list, lis
     return prompts, responses
 
 
+_ENC = dict(add_special_tokens=False, return_attention_mask=False, return_token_type_ids=False)
+
+
+def _response_ids(tokenizer, prompts: list, responses: list[str], texts: list[str],
+                  spec: DataSpec) -> list[list[int]]:
+    """Each response's supervised ids, closed as the turn is (:mod:`.turns`): with a chat template,
+    the tokens of what the template writes after the prompt text; else the response and EOS."""
+    if not uses_chat_template(tokenizer, spec):
+        ids = tokenizer(responses, **_ENC)["input_ids"]
+        return [list(r) + [tokenizer.eos_token_id] for r in ids]
+    written = [template_response(tokenizer, _as_messages(p), r, t)
+               for p, r, t in zip(prompts, responses, texts)]
+    ids = tokenizer(written, **_ENC)["input_ids"]
+    return close_responses(tokenizer, ids, written, responses)
+
+
 def _examples(cols: dict, tokenizer, spec: DataSpec, split: str):
     """Tokenized examples of one split, plus (n_truncated, n_dropped, longest prompt)."""
     prompts, responses = prompts_responses(cols, spec, split)
-    eos = getattr(tokenizer, "eos_token_id", None)
-    if eos is None:
+    if getattr(tokenizer, "eos_token_id", None) is None:
         raise DataError("The tokenizer has no eos_token, so responses cannot be ended.",
                         "set tokenizer.eos_token (e.g. to its end-of-turn token)")
     texts = [format_prompt(tokenizer, p, spec) for p in prompts]
-    enc = dict(add_special_tokens=False, return_attention_mask=False, return_token_type_ids=False)
-    p_ids = tokenizer(texts, **enc)["input_ids"]
-    r_ids = tokenizer(responses, **enc)["input_ids"]
+    p_ids = tokenizer(texts, **_ENC)["input_ids"]
+    r_ids = _response_ids(tokenizer, prompts, responses, texts, spec)
     bos, L = _bos_prefix(tokenizer), spec.max_length
     examples, n_cut, n_drop, longest = [], 0, 0, 0
     for p, r in zip(p_ids, r_ids):
-        p, r = _with_bos(p, bos), list(r) + [eos]
+        p = _with_bos(p, bos)
         longest = max(longest, len(p))
         if len(p) >= L:
             n_drop += 1
@@ -233,25 +253,18 @@ def _examples(cols: dict, tokenizer, spec: DataSpec, split: str):
     return examples, n_cut, n_drop, longest
 
 
-def _pack(examples: list[dict], max_length: int) -> list[dict]:
-    """Greedy in-order packing of whole examples into sequences of ≤ max_length tokens."""
-    packs: list[dict] = []
-    for ex in examples:
-        if not packs or len(packs[-1]["input_ids"]) + len(ex["input_ids"]) > max_length:
-            packs.append({"input_ids": [], "labels": []})
-        packs[-1]["input_ids"] += ex["input_ids"]
-        packs[-1]["labels"] += ex["labels"]
-    return packs
-
-
 def _to_dataset(examples: list[dict]):
+    """Unpacked examples get an all-ones ``attention_mask``; packed rows keep their
+    ``position_ids`` and get no mask (see :mod:`.packing`)."""
     from datasets import Dataset
 
-    return Dataset.from_dict({
-        "input_ids": [e["input_ids"] for e in examples],
-        "attention_mask": [[1] * len(e["input_ids"]) for e in examples],
-        "labels": [e["labels"] for e in examples],
-    })
+    cols = {"input_ids": [e["input_ids"] for e in examples]}
+    if examples and "position_ids" in examples[0]:
+        cols["position_ids"] = [e["position_ids"] for e in examples]
+    else:
+        cols["attention_mask"] = [[1] * len(e["input_ids"]) for e in examples]
+    cols["labels"] = [e["labels"] for e in examples]
+    return Dataset.from_dict(cols)
 
 
 def split_columns(cols: dict, fraction: float, seed: int) -> tuple[dict, dict | None]:
@@ -263,8 +276,10 @@ def split_columns(cols: dict, fraction: float, seed: int) -> tuple[dict, dict | 
     order = list(range(n))
     random.Random(seed).shuffle(order)
     held = set(order[:n_eval])
-    pick = lambda held_out: {k: [v[i] for i in range(n) if (i in held) == held_out]
-                             for k, v in cols.items()}
+
+    def pick(held_out: bool) -> dict:
+        return {k: [v[i] for i in range(n) if (i in held) == held_out] for k, v in cols.items()}
+
     return pick(False), pick(True)
 
 
@@ -279,9 +294,9 @@ def prepare_dataset(source, tokenizer, spec: DataSpec = DataSpec()) -> PreparedD
     Rows have ``spec.prompt_column`` and ``spec.response_column`` strings, or a
     ``spec.messages_column`` list of ``{"role", "content"}`` messages whose last assistant message
     is the response and the messages before it the prompt.  See the module docstring for the
-    example layout, truncation and packing.  Eval is None when ``spec.eval_fraction == 0``; else
-    it is the source's own eval split if it has one, or ``eval_fraction`` of the rows chosen by
-    ``spec.seed``.
+    example layout, truncation and packing (of the train rows only).  Eval is None when
+    ``spec.eval_fraction == 0``; else it is the source's own eval split if it has one, or
+    ``eval_fraction`` of the rows chosen by ``spec.seed``.
     """
     if not isinstance(spec, DataSpec):
         raise DataError(f"spec must be a DataSpec, not {type(spec).__name__}.",
@@ -308,7 +323,8 @@ def prepare_dataset(source, tokenizer, spec: DataSpec = DataSpec()) -> PreparedD
                             f"fits in DataSpec.max_length = {spec.max_length} (the longest prompt "
                             f"is {longest} tokens).",
                             f"raise DataSpec.max_length above {longest}, or shorten the prompts")
-        splits[name] = _to_dataset(_pack(examples, spec.max_length) if spec.packing else examples)
+        pack = spec.packing and name == "train"  # eval stays one example per row
+        splits[name] = _to_dataset(pack_examples(examples, spec.max_length) if pack else examples)
         if name == "train":
             train_examples = examples  # token counts are the same packed or not
     return PreparedData(
@@ -326,6 +342,11 @@ def pad_batch(rows: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
     Returns LongTensors of shape (B, T), T = the longest row: ``input_ids`` padded with
     ``pad_token_id``, ``attention_mask`` with 0 and ``labels`` with -100 (no loss on padding).
     A row without ``attention_mask`` gets ones; a row without ``labels`` gets its ``input_ids``.
+
+    Packed rows (rows with ``position_ids``, from ``DataSpec(packing=True)``) give ``input_ids``,
+    ``labels`` and ``position_ids`` and no ``attention_mask``: call the model with
+    ``use_cache=False`` (as ``train`` does) and every example attends only to itself
+    (:func:`lora_lab.hf.data.packing.pad_packed`).
     """
     if isinstance(pad_token_id, bool) or not isinstance(pad_token_id, numbers.Integral):
         raise DataError(f"pad_batch got pad_token_id = {pad_token_id!r}, not a token id.",
@@ -333,6 +354,8 @@ def pad_batch(rows: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
                         "tokenizer.eos_token first)")
     if not rows:
         raise DataError("pad_batch got no rows.", "pass a non-empty list of examples")
+    if any("position_ids" in r for r in rows):
+        return pad_packed(rows, pad_token_id)
     ids = [torch.as_tensor(r["input_ids"], dtype=torch.long).flatten() for r in rows]
     B, T = len(ids), max(len(x) for x in ids)
     out = {"input_ids": torch.full((B, T), int(pad_token_id), dtype=torch.long),

@@ -12,7 +12,7 @@ from ...errors import DataError
 from ...specs import DataSpec
 from ..data.prepare import encode_prompt
 from ..model.lm_head import keep_head_input_contiguous
-from .decode import complete, is_prompt_learning, pad_token_id
+from .decode import complete, is_prompt_learning, pad_token_id, stop_token_ids
 
 __all__ = ["generate_greedy", "task_completions", "task_accuracy"]
 
@@ -43,21 +43,23 @@ def _batches(prompt_ids: list[list[int]], batch_size: int, equal_length: bool):
 
 
 def generate_greedy(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int,
-                    batch_size: int = 64) -> list[str]:
+                    batch_size: int = 64, *, spec: DataSpec | None = None) -> list[str]:
     """Greedy completions of tokenized prompts, in left-padded batches (``model.generate``, KV cache;
     prompt and prefix tuning are decoded without a cache, see :mod:`lora_lab.hf.generate.decode`).
 
     ``prompt_ids`` are token-id lists as training sees them (see
     :func:`lora_lab.hf.data.prepare.encode_prompt`).  Rows sharing a batch are padded on the left,
-    so every row's last prompt token sits at the same position.  Stops a row at EOS and returns the
-    decoded new text without special tokens.  The model's train/eval mode is restored afterwards.
+    so every row's last prompt token sits at the same position.  Stops a row at the chat template's
+    end-of-turn token or EOS (:func:`lora_lab.hf.generate.decode.stop_token_ids` under ``spec``, the
+    ``DataSpec`` the prompts were encoded with) and returns the decoded new text without special
+    tokens.  The model's train/eval mode is restored afterwards.
     """
     keep_head_input_contiguous(model)  # else a bf16 CPU model copies its head per row (hf/model/lm_head.py)
     device = next(model.parameters()).device
     pad = pad_token_id(tokenizer)
-    eos = tokenizer.eos_token_id
+    stop = stop_token_ids(model, tokenizer, spec)
     settings = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad,
-                    eos_token_id=eos)
+                    eos_token_id=stop)
     outputs: list[str] = [""] * len(prompt_ids)
     was_training = model.training
     model.eval()
@@ -66,7 +68,7 @@ def generate_greedy(model, tokenizer, prompt_ids: list[list[int]], max_new_token
             ids, mask = _left_pad([prompt_ids[k] for k in part], pad)
             with torch.no_grad():
                 out = complete(model, ids.to(device), mask.to(device),
-                               max_new_tokens=max_new_tokens, eos_ids=[eos],
+                               max_new_tokens=max_new_tokens, eos_ids=stop,
                                generate_kwargs=settings)
             texts = tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
             for k, text in zip(part, texts):
@@ -114,4 +116,4 @@ def _complete_rows(model, tokenizer, dataset, max_new_tokens, batch_size, spec):
         max_new_tokens = max(len(tokenizer(a, add_special_tokens=False)["input_ids"])
                              for a in answers) + 1
     ids = [encode_prompt(tokenizer, p, spec) for p in prompts]
-    return generate_greedy(model, tokenizer, ids, max_new_tokens, batch_size), answers
+    return generate_greedy(model, tokenizer, ids, max_new_tokens, batch_size, spec=spec), answers

@@ -12,6 +12,12 @@ That costs O(T²) positions instead of O(T), which is nothing for the short comp
 demos.  LoRA, DoRA and IA3 keep using ``model.generate`` (cache and all).  :func:`complete` is the
 one place that chooses between the two; streamed generation (:mod:`.stream`) and batched greedy
 generation (:mod:`.batch`) both decode through it.
+
+**Where an answer stops.**  :func:`stop_token_ids` is the one list of tokens that end a completion:
+the chat template's end-of-turn token (``<|im_end|>`` for ChatML, see
+:mod:`lora_lab.hf.data.turns`), the tokenizer's eos and the model's ``generation_config`` eos ids.
+A base model with a ChatML template has eos ``<|endoftext|>``; stopping on eos alone would let it
+write past ``<|im_end|>`` into an invented next turn.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-__all__ = ["is_prompt_learning", "decode_without_cache", "complete", "pad_token_id"]
+__all__ = ["is_prompt_learning", "decode_without_cache", "complete", "pad_token_id", "stop_token_ids"]
 
 
 def is_prompt_learning(model: nn.Module) -> bool:
@@ -71,6 +77,21 @@ def decode_without_cache(model: nn.Module, input_ids: torch.Tensor, max_new_toke
 def pad_token_id(tokenizer) -> int:
     """The id that pads a batch: the tokenizer's pad token, else its EOS (many causal LMs have none)."""
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def stop_token_ids(model: nn.Module, tokenizer, spec=None) -> list[int]:
+    """The ids that end a completion, in order: the template's end of turn and eos
+    (:func:`lora_lab.hf.data.turns.end_of_turn_ids` under ``spec``, default ``DataSpec()``), then the
+    model's ``generation_config.eos_token_id`` (an int or a list)."""
+    from ...specs import DataSpec
+    from ..data.turns import end_of_turn_ids
+
+    ids = end_of_turn_ids(tokenizer, spec or DataSpec())
+    source = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    for i in source if isinstance(source, (list, tuple)) else [source]:
+        if i is not None and int(i) not in ids:
+            ids.append(int(i))
+    return ids
 
 
 def complete(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,

@@ -43,7 +43,7 @@ from torch import nn
 from ...errors import SpecError
 from ...specs import DataSpec
 from ..adapters.switch import ACTIVE, active_adapter, using_adapter
-from .decode import complete, pad_token_id
+from .decode import complete, pad_token_id, stop_token_ids
 
 __all__ = ["generate", "stream_generate", "GenerationResult", "encode_for_generation"]
 
@@ -52,7 +52,8 @@ __all__ = ["generate", "stream_generate", "GenerationResult", "encode_for_genera
 class GenerationResult:
     """One completion: the new text and tokens, why it ended, and how fast it ran.
 
-    ``finish_reason`` is ``"eos"`` (the model ended its answer), ``"length"`` (``max_new_tokens``
+    ``finish_reason`` is ``"eos"`` (the model ended its answer: eos or the chat template's end-of-turn
+    token, see :func:`~lora_lab.hf.generate.decode.stop_token_ids`), ``"length"`` (``max_new_tokens``
     reached) or ``"stopped"`` (the stop flag was set).  ``tokens_per_s`` counts new tokens over the
     whole call (prefill included); ``first_token_s`` is the latency until the first new token.
     ``adapter`` is the adapter that generated it (``None`` for the base model).
@@ -150,20 +151,13 @@ class _StepHook:
                           device=input_ids.device)
 
 
-def _eos_ids(model, tokenizer) -> list[int]:
-    ids = []
-    for source in (tokenizer.eos_token_id, getattr(model.generation_config, "eos_token_id", None)):
-        for i in source if isinstance(source, (list, tuple)) else [source]:
-            if i is not None and i not in ids:
-                ids.append(int(i))
-    return ids
-
-
-def _generation_config(model, tokenizer, max_new_tokens, greedy, temperature, top_p):
+def _generation_config(model, tokenizer, max_new_tokens, greedy, temperature, top_p, spec):
+    """Settings for ``model.generate``; it stops on every id of :func:`stop_token_ids` (the chat
+    template's end of turn as well as eos)."""
     from transformers import GenerationConfig
 
     kw = dict(max_new_tokens=max_new_tokens, do_sample=not greedy, pad_token_id=pad_token_id(tokenizer),
-              eos_token_id=_eos_ids(model, tokenizer) or None, use_cache=True)
+              eos_token_id=stop_token_ids(model, tokenizer, spec) or None, use_cache=True)
     if not greedy:
         kw.update(temperature=float(temperature), top_p=float(top_p), top_k=0)
     return GenerationConfig(**kw)
@@ -187,7 +181,7 @@ def generate(model: nn.Module, tokenizer, prompt, *, max_new_tokens: int = 64, g
     _check_settings(max_new_tokens, greedy, temperature, top_p)
     ids = encode_for_generation(tokenizer, prompt, spec)
     device = next(model.parameters()).device
-    config = _generation_config(model, tokenizer, max_new_tokens, greedy, temperature, top_p)
+    config = _generation_config(model, tokenizer, max_new_tokens, greedy, temperature, top_p, spec)
     eos = set(config.eos_token_id or [])
     hook = _StepHook(tokenizer, len(ids), on_token, stop, eos)
     input_ids = torch.tensor([ids], dtype=torch.long, device=device)
