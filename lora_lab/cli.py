@@ -237,15 +237,21 @@ def scan_command(args) -> int:
 
 # ----------------------------------------------------------------------------- demo
 class _Progress:
-    """Prints about ten progress lines over a run: step, loss, eval loss, tokens/s, ETA."""
+    """Prints about ten progress lines over a run: step, loss, eval loss, tokens/s, ETA.
+
+    tokens/s counts every non-padding token of the step (prompt and response); the bracket, the
+    supervised ones (those the loss is averaged over)."""
 
     def __init__(self, every: int):
         self.every = every
 
     def on_step(self, state, control) -> None:
         if state.step % self.every == 0 or state.step == state.max_steps:
-            print(f"  step {state.step:>4}/{state.max_steps}  loss {state.loss:7.4f}  "
-                  f"{state.tokens_per_s:7,.0f} tokens/s  eta {state.eta_s or 0:5.1f} s", flush=True)
+            loss = "   –   " if state.loss is None else f"{state.loss:7.4f}"
+            sup = state.supervised_tokens_per_s or 0.0
+            print(f"  step {state.step:>4}/{state.max_steps}  loss {loss}  "
+                  f"{state.tokens_per_s or 0:7,.0f} tokens/s ({sup:,.0f} supervised)  "
+                  f"eta {state.eta_s or 0:5.1f} s", flush=True)
 
     def on_eval(self, state, control) -> None:
         print(f"  step {state.step:>4}  eval loss {state.eval_loss:.4f}", flush=True)

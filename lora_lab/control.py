@@ -17,10 +17,13 @@ class TrainState:
     """A snapshot of a run, handed to callbacks.  All numbers are plain Python floats/ints.
 
     ``step`` counts optimizer steps done (0 at ``begin``); ``max_steps`` is the planned total.
-    ``loss`` is the mean training loss of the last step (over its ``grad_accum`` micro-batches),
-    ``eval_loss`` the latest evaluation (None before the first).  ``tokens_per_s`` is the
-    throughput of the last step in non-padding tokens; ``tokens`` the total seen.  Memory is CUDA
-    ``allocated``/``reserved`` on a GPU, else the process resident set (``rss_mb``).
+    ``loss`` is the last step's training loss, the mean over the supervised tokens of all its
+    ``grad_accum`` micro-batches (see :mod:`lora_lab.train.step`); ``eval_loss`` the latest
+    evaluation (None before the first).  ``tokens_per_s`` is the throughput of the last step
+    (timed alone) in non-padding tokens, prompts included; ``supervised_tokens_per_s`` counts only
+    the tokens the loss is averaged over (labels ≠ -100); ``tokens`` is the total of non-padding
+    tokens seen.  Memory is CUDA ``allocated``/``reserved`` on a GPU, else the process resident
+    set (``rss_mb``).
     ``eta_s`` extrapolates the mean step time over the steps left.
     """
 
@@ -34,6 +37,7 @@ class TrainState:
     lr: float | None = None
     grad_norm: float | None = None
     tokens_per_s: float | None = None
+    supervised_tokens_per_s: float | None = None
     tokens: int = 0
     elapsed_s: float = 0.0
     eta_s: float | None = None

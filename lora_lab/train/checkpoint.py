@@ -13,8 +13,10 @@ A run folder (``runs/<timestamp>-<adapter>`` by default) holds::
 Each checkpoint is written to a hidden temporary folder and renamed into place, and ``latest`` is
 replaced with ``os.replace``; a crash mid-save therefore leaves the previous checkpoint intact.
 ``training_state.pt`` holds the trainable parameters by name, the optimizer and grad-scaler state,
-the step, the RNG state and the history rows.  It is read with ``torch.load(weights_only=True)``, so
-nothing but tensors and primitive containers is ever unpickled.
+the step, the random states (CPU, and every CUDA device's when CUDA is available: dropout on a GPU
+draws from the CUDA generator, so a resumed GPU run needs it to see the same masks) and the history
+rows.  It is read with ``torch.load(weights_only=True)``, so nothing but tensors and primitive
+containers is ever unpickled.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from ..errors import TrainingError
 from ..hf.adapters.io import save_adapter
 
 __all__ = ["save_checkpoint", "load_training_state", "restore_trainable", "resolve_checkpoint",
-           "STATE_FILE"]
+           "rng_state", "restore_rng_state", "STATE_FILE"]
 
 STATE_FILE = "training_state.pt"
 LATEST = "latest"
@@ -105,6 +107,22 @@ def resolve_checkpoint(path) -> Path:
     raise TrainingError(f"resume_from={str(path)!r} holds no lora_lab checkpoint ({STATE_FILE}).",
                         "pass a run folder written by lora_lab.train, or one of its checkpoint-* "
                         "folders")
+
+
+def rng_state() -> dict:
+    """``{"rng": CPU state, "cuda_rng": [one state per CUDA device] or None}``: uint8 tensors, which
+    ``torch.load(weights_only=True)`` reads back without unpickling anything else."""
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    return {"rng": torch.get_rng_state(), "cuda_rng": cuda}
+
+
+def restore_rng_state(saved: dict) -> None:
+    """Set the CPU generator, and each CUDA device's that was saved and is present here (a run
+    saved on a CPU, or one resumed on fewer GPUs, restores what it can)."""
+    torch.set_rng_state(saved["rng"])
+    cuda = saved.get("cuda_rng")
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(list(cuda)[:torch.cuda.device_count()])
 
 
 def load_training_state(path) -> dict:

@@ -3,7 +3,13 @@
 The rows become :attr:`lora_lab.TrainResult.history`, a DataFrame with one row per ``step`` or
 ``eval`` event::
 
-    event  step  epoch  loss  eval_loss  lr  grad_norm  tokens_per_s  tokens  elapsed_s  rss_mb ...
+    event  step  epoch  loss  eval_loss  lr  grad_norm  tokens_per_s  supervised_tokens_per_s
+    tokens  elapsed_s  rss_mb ...
+
+``loss`` is the step's token-mean loss (over every supervised token of its micro-batches);
+``tokens_per_s`` counts all non-padding tokens of the step, prompts included, and
+``supervised_tokens_per_s`` only those the loss is averaged over, both per second of the step's
+own time (:class:`lora_lab.train.measure.StepTimer`).
 
 On resume the previous run's rows are passed in (``rows=``), so the curve continues.
 """
@@ -17,7 +23,8 @@ from .events import Callback, Control, TrainState
 __all__ = ["History", "COLUMNS"]
 
 COLUMNS = ("event", "step", "epoch", "loss", "eval_loss", "lr", "grad_norm", "tokens_per_s",
-           "tokens", "elapsed_s", "rss_mb", "cuda_allocated_mb", "cuda_reserved_mb")
+           "supervised_tokens_per_s", "tokens", "elapsed_s", "rss_mb", "cuda_allocated_mb",
+           "cuda_reserved_mb")
 
 
 class History(Callback):

@@ -1,13 +1,21 @@
 """``lora_lab.train``: a short, explicit training loop that never loses work.
 
-One optimizer step (``TrainSpec.grad_accum`` micro-batches of ``batch_size`` rows)::
+One optimizer step (``TrainSpec.grad_accum`` = K micro-batches of ``batch_size`` rows)::
 
-    loss = Σ_k model(batch_k).loss / grad_accum        # forward under autocast (fp16/bf16/none)
-    check loss is finite                                # else: save the last good adapter, raise
-    (scaler.scale(loss) if fp16 else loss).backward()
+    N = Σ_k n_k                      # supervised tokens in the step (labels ≠ -100 after the shift)
+    for each micro-batch k:          # forward under autocast (fp16/bf16/none)
+        loss_k = model(batch_k).loss · n_k / N      # its mean, weighted by its share of tokens
+        check loss_k is finite       # else: save the last good adapter, raise
+        (scaler.scale(loss_k) if fp16 else loss_k).backward()
+    loss = Σ_k loss_k = Σ_micro Σ_tokens ℓ / N      # the step's loss, as one batch of K·batch_size
     g = clip_grad_norm_(adapter params, max_grad_norm)  # also the logged grad norm
-    lr = spec.lr · lr_factor(step)                      # warmup, then constant/linear/cosine
+    lr = spec.lr · lr_factor(step)   # transformers' get_scheduler, step for step (0 at step 0 with warmup)
     optimizer.step(); optimizer.zero_grad()
+
+Why tokens and not micro-batches: :mod:`lora_lab.train.step`.  Weight decay skips biases and norm
+weights, and the schedule is transformers' (:mod:`lora_lab.train.optim`).  Each step is timed alone
+(:class:`~lora_lab.train.measure.StepTimer`): tokens/s counts every non-padding token, supervised
+tokens/s only those the loss averages over.
 
 Around it the loop emits ``begin``, ``step``, ``eval``, ``save`` and ``end`` to callbacks
 (:mod:`lora_lab.train.events`) and reads the :class:`~lora_lab.train.events.Control` between steps.
@@ -43,12 +51,13 @@ from ..errors import TrainingError
 from ..hf._peft import active_name, is_peft
 from ..hf.model.kbit import unpack_4bit_weights
 from ..specs import TrainSpec
-from .checkpoint import load_training_state, restore_trainable, save_checkpoint
+from .checkpoint import load_training_state, restore_rng_state, restore_trainable, rng_state, save_checkpoint
 from .data import Batches, eval_batches, resolve_data
 from .events import Control, TrainState, emit, wait_while_paused
 from .history import History
 from .measure import StepTimer, memory_mb, peak_rss_mb
 from .optim import build_optimizer, lr_factor, resolve_precision
+from .step import NonFinite, accumulate, has_virtual_prefix, supervised_tokens
 
 __all__ = ["train", "TrainResult"]
 
@@ -58,7 +67,8 @@ class TrainResult:
     """What a run produced.
 
     ``history``: one row per logged step and evaluation (see :mod:`lora_lab.train.history`).
-    ``final``: the last loss and eval loss, mean tokens/s, elapsed seconds, peak memory.
+    ``final``: the last loss and eval loss, tokens/s and supervised tokens/s over the time spent in
+    training steps (evaluations and saves excluded), elapsed wall seconds, peak memory.
     ``adapter_path``: the last checkpoint (a peft adapter folder, loadable by ``load_adapter``).
     ``stop_reason``: ``"completed"``, ``"stopped: <why>"``, ``"interrupted"``, ``"non-finite"`` or
     ``"error"``.
@@ -93,12 +103,6 @@ class TrainResult:
         body = "".join(f"<tr><th style='text-align:left'>{html.escape(k)}</th>"
                        f"<td>{html.escape(v)}</td></tr>" for k, v in rows)
         return f"<table><caption>TrainResult</caption>{body}</table>"
-
-
-class NonFinite(Exception):
-    def __init__(self, step: int, what: str, value: float):
-        self.step, self.what, self.value = step, what, value
-        super().__init__(f"{what} = {value} at step {step}")
 
 
 def _device(model) -> torch.device:
@@ -150,14 +154,14 @@ class _Run:
         self.batches = Batches(train_rows, spec.batch_size, spec.seed, self.pad_id)
         self.max_steps = spec.steps or self.batches.steps_for(spec.epochs, spec.grad_accum)
         self.params = [p for p in model.parameters() if p.requires_grad]
-        self.optimizer = build_optimizer(spec, self.params, self.device)
+        self.optimizer = build_optimizer(spec, model, self.device)
         self.scaler = torch.amp.GradScaler("cuda") if self.precision.scaler else None
         self.fwd = _forward_kwargs(model)
         self.history = History()
         self.callbacks = [self.history, *callbacks]
         self.control = Control()
         self.run_dir, self.adapter = Path(run_dir), active_name(model)
-        self.step, self.tokens, self.session_tokens = 0, 0, 0
+        self.step, self.tokens, self.session_tokens, self.session_supervised = 0, 0, 0, 0
         self.last: dict = {}
         self.checkpoint: str | None = None
         self.timer = StepTimer()
@@ -183,28 +187,38 @@ class _Run:
 
     # ------------------------------------------------------------------ one optimizer step
     def train_step(self) -> None:
-        model, spec, prec = self.model, self.spec, self.precision
-        model.train()
-        total, ntok = 0.0, 0
-        for k in range(spec.grad_accum):
-            batch = {n: t.to(self.device, non_blocking=True)
-                     for n, t in self.batches(self.micro + k).items()}
-            ntok += int(batch["attention_mask"].sum())
-            with prec.autocast():
-                loss = model(**batch, **self.fwd).loss / spec.grad_accum
-            value = float(loss.detach()) * spec.grad_accum
-            if not math.isfinite(value):
-                self.optimizer.zero_grad(set_to_none=True)
-                raise NonFinite(self.step + 1, "loss", value)
-            total += value / spec.grad_accum
-            (self.scaler.scale(loss) if self.scaler else loss).backward()
+        """One optimizer step over K micro-batches (module docstring), timed alone."""
+        spec = self.spec
+        self.timer.begin()
+        self.model.train()
+        batches = [{n: t.to(self.device, non_blocking=True)
+                    for n, t in self.batches(self.micro + k).items()} for k in range(spec.grad_accum)]
+        try:
+            acc = accumulate(self.model, batches, forward_kwargs=self.fwd, precision=self.precision,
+                             scaler=self.scaler, step=self.step + 1)
+        except NonFinite:
+            self.optimizer.zero_grad(set_to_none=True)
+            raise
+        lr = spec.lr * lr_factor(self.step, self.max_steps, spec)
+        norm = self._update(lr) if acc.supervised else 0.0  # nothing supervised: no update
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # the update's kernels belong to this step's time
+        self.step += 1
+        self.tokens += acc.tokens
+        self.session_tokens += acc.tokens
+        self.session_supervised += acc.supervised
+        tps, sup_tps = self.timer.end(acc.tokens, acc.supervised)
+        self.last.update(loss=acc.loss, lr=lr, grad_norm=norm, tokens_per_s=tps,
+                         supervised_tokens_per_s=sup_tps)
+
+    def _update(self, lr: float) -> float:
+        """Clip, set the learning rate, step the optimizer; return the grad norm before clipping."""
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
-        norm = float(torch.nn.utils.clip_grad_norm_(self.params, spec.max_grad_norm or math.inf))
+        norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.spec.max_grad_norm or math.inf))
         if not math.isfinite(norm) and self.scaler is None:  # fp16 overflow is the scaler's job
             self.optimizer.zero_grad(set_to_none=True)
             raise NonFinite(self.step + 1, "grad norm", norm)
-        lr = spec.lr * lr_factor(self.step, self.max_steps, spec)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         if self.scaler:
@@ -213,22 +227,21 @@ class _Run:
         else:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.step += 1
-        self.tokens += ntok
-        self.session_tokens += ntok
-        self.last.update(loss=total, lr=lr, grad_norm=norm, tokens_per_s=self.timer.lap(ntok))
+        return norm
 
     @torch.no_grad()
     def evaluate(self) -> float:
-        """Mean eval loss, weighted by each batch's supervised-token count."""
+        """Mean eval loss over all supervised tokens: Σ_batches mean_b · n_b / Σ n_b."""
         self.model.eval()
         num, den = 0.0, 0
         for batch in eval_batches(self.eval_rows, self.spec.batch_size, self.pad_id):
             batch = {n: t.to(self.device) for n, t in batch.items()}
-            n = int((batch["labels"][:, 1:] != -100).sum())
             with self.precision.autocast():
-                loss = self.model(**batch, **self.fwd).loss
-            num, den = num + float(loss) * n, den + n
+                out = self.model(**batch, **self.fwd)
+            n = supervised_tokens(batch["labels"], has_virtual_prefix(out, batch["labels"]))
+            if n:  # a batch with nothing supervised has loss 0/0
+                num, den = num + float(out.loss) * n, den + n
+            del out
         self.model.train()
         self.last["eval_loss"] = num / max(den, 1)
         return self.last["eval_loss"]
@@ -237,7 +250,7 @@ class _Run:
     def save(self, reason: str) -> str:
         state = {"optimizer": self.optimizer.state_dict(), "reason": reason,
                  "scaler": self.scaler.state_dict() if self.scaler else None,
-                 "rng": torch.get_rng_state(), "tokens": self.tokens,
+                 **rng_state(), "tokens": self.tokens,
                  "elapsed_s": self.timer.elapsed, "loss": self.last.get("loss"),
                  "epoch": self.batches.epoch_of(self.micro),
                  "history": self.history.rows, "spec": asdict(self.spec)}
@@ -250,10 +263,16 @@ class _Run:
     def resume(self, path) -> None:
         saved = load_training_state(path)
         restore_trainable(self.model, saved["trainable"])
-        self.optimizer.load_state_dict(saved["optimizer"])
+        try:
+            self.optimizer.load_state_dict(saved["optimizer"])
+        except ValueError as exc:  # e.g. one parameter group saved, two now (weight decay split)
+            raise TrainingError(f"The optimizer state in {saved['path']} does not fit this run's "
+                                f"optimizer ({exc}).",
+                                "resume with the TrainSpec of the saved run (same optimizer and "
+                                "weight_decay), or start a new run") from exc
         if self.scaler is not None and saved.get("scaler"):
             self.scaler.load_state_dict(saved["scaler"])
-        torch.set_rng_state(saved["rng"])
+        restore_rng_state(saved)
         self.step, self.tokens = int(saved["step"]), int(saved["tokens"])
         self.timer.carry(float(saved["elapsed_s"]))  # elapsed continues from the saved run
         self.history.rows = [dict(r) for r in saved["history"]]
@@ -268,8 +287,10 @@ def _final(run: _Run) -> dict:
     cuda = run.device.type == "cuda"
     peak = torch.cuda.max_memory_allocated(run.device) / 2**20 if cuda else peak_rss_mb()
     elapsed = run.timer.elapsed
+    step_s = max(run.timer.step_s, 1e-9)  # time inside training steps, this session
     return {"loss": run.last.get("loss"), "eval_loss": run.last.get("eval_loss"),
-            "tokens_per_s": run.session_tokens / max(run.timer.session, 1e-9), "elapsed_s": elapsed,
+            "tokens_per_s": run.session_tokens / step_s,
+            "supervised_tokens_per_s": run.session_supervised / step_s, "elapsed_s": elapsed,
             "tokens": run.tokens, ("peak_cuda_allocated_mb" if cuda else "peak_rss_mb"): peak,
             "precision": run.precision.name, "optimizer": type(run.optimizer).__name__,
             "gradient_checkpointing": _checkpointing_on(run.model)}
@@ -312,7 +333,7 @@ def train(model, tokenizer, train_data, eval_data=None, spec: TrainSpec = TrainS
         raise TrainingError(f"spec must be a TrainSpec, not {type(spec).__name__}.",
                             "pass spec=lora_lab.TrainSpec(steps=100)")
     _require_adapter(model)
-    train_rows, eval_rows = resolve_data(train_data, eval_data, tokenizer)
+    train_rows, eval_rows = resolve_data(train_data, eval_data, tokenizer, model)
     run_dir = Path(spec.output_dir) if spec.output_dir else _default_dir(model)
     if not isinstance(callbacks, (list, tuple)):
         callbacks = [callbacks]

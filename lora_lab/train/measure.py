@@ -1,6 +1,10 @@
 """Measurement in one place: throughput and memory.
 
-* Throughput counts non-padding tokens (``attention_mask.sum()``) per second of wall time.
+* Throughput is per second of *step* time (see :class:`StepTimer`), in two counts:
+  ``tokens_per_s`` counts every non-padding token, prompts included (``attention_mask.sum()``:
+  what the model computes on), ``supervised_tokens_per_s`` only those the loss is averaged over
+  (labels ≠ -100 after the shift: what the model learns from).  With responses-only labels the
+  second is often a small fraction of the first.
 * Memory on a GPU is what the CUDA caching allocator reports: ``allocated`` (live tensors) and
   ``reserved`` (held by the allocator; what ``nvidia-smi`` sees, minus the context).  On CPU it is
   the process resident set size (RSS), read from ``/proc/self/statm`` (or psutil elsewhere), and
@@ -57,42 +61,53 @@ def memory_mb(device: torch.device) -> dict[str, float | None]:
 
 
 class StepTimer:
-    """Times steps: tokens/s of the last step, total elapsed time and an ETA.
+    """Times each optimizer step alone, and the run.
 
-    Paused time is excluded (``exclude(seconds)``) so that a pause does not inflate the ETA;
-    ``carry(seconds)`` adds the time of the run being resumed to ``elapsed``.
+    A step is timed from :meth:`begin` to :meth:`end`: loading its micro-batches, the forwards and
+    backwards, clipping and the update.  Evaluations, checkpoint saves, callbacks (the dashboard's
+    redraws) and pauses happen *between* steps and are not in any step's figure (they used to land
+    in the next step's: a tiny model's ~4,000 tokens/s read ~120 right after each evaluation).
+    :meth:`end` returns that step's ``(tokens / dt, supervised / dt)``.
+
+    ``elapsed`` and :meth:`eta` are wall time (pauses excluded): the ETA, mean wall time per step ×
+    steps left, includes the evaluations and saves, because they will come again.
+    ``exclude(seconds)`` removes a pause; ``carry(seconds)`` adds the time of a resumed run.
     """
 
     def __init__(self):
         self.start = time.perf_counter()
-        self._last = self.start
+        self._step_start: float | None = None
         self._excluded = 0.0
         self._carried = 0.0
         self.steps = 0
+        self.step_s = 0.0  # seconds inside steps, this session
 
     def exclude(self, seconds: float) -> None:
         self._excluded += seconds
-        self._last += seconds
 
     def carry(self, seconds: float) -> None:
         self._carried += seconds
 
-    def lap(self, tokens: int) -> float:
-        """Mark the end of a step of ``tokens`` tokens; return its tokens/s."""
-        now = time.perf_counter()
-        dt = max(now - self._last, 1e-9)
-        self._last = now
+    def begin(self) -> None:
+        """Mark the start of a step."""
+        self._step_start = time.perf_counter()
+
+    def end(self, tokens: int, supervised: int) -> tuple[float, float]:
+        """Mark the end of the step begun last; return its (tokens/s, supervised tokens/s)."""
+        dt = max(time.perf_counter() - self._step_start, 1e-9)
+        self._step_start = None
         self.steps += 1
-        return tokens / dt
+        self.step_s += dt
+        return tokens / dt, supervised / dt
 
     @property
     def session(self) -> float:
-        """Seconds spent training in this call (pauses excluded)."""
+        """Seconds of wall time in this call (pauses excluded)."""
         return time.perf_counter() - self.start - self._excluded
 
     @property
     def elapsed(self) -> float:
-        """Seconds spent training, including a resumed run's."""
+        """Seconds of wall time, including a resumed run's."""
         return self._carried + self.session
 
     def eta(self, steps_left: int) -> float | None:

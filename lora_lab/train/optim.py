@@ -7,13 +7,19 @@
   torch >= 2.4), which is what ``transformers.Trainer`` defaults to (``adamw_torch_fused``) and
   about 9% faster than the per-parameter loop on CPU.  ``"adamw_8bit"``, ``"paged_adamw_8bit"``
   and ``"paged_adamw"`` are bitsandbytes' optimizers (CUDA only), built in :mod:`lora_lab.hf`.
-* **Schedule**: linear warmup over ``warmup_steps``, then constant, linear decay or cosine decay
-  (Loshchilov & Hutter 2017) to zero at ``max_steps``.
+* **Weight decay** (AdamW's decoupled decay, Loshchilov & Hutter 2019) applies to weight matrices
+  only: biases and normalisation weights are left out, by ``transformers.Trainer``'s rule
+  (:func:`decays`).  Decaying a bias or a norm gain pulls it toward 0, which is not a
+  regularisation of anything the model learned (a norm gain's neutral value is 1).
+* **Schedule**: exactly ``transformers.get_scheduler``'s ``constant_with_warmup``, ``linear`` and
+  ``cosine``: warmup from 0 over ``warmup_steps``, then constant, linear decay or cosine decay
+  (Loshchilov & Hutter 2017) to zero at ``max_steps`` (:func:`lr_factor`).
 """
 
 from __future__ import annotations
 
 import math
+import re
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -23,7 +29,8 @@ from ..errors import TrainingError
 from ..hf.training.optim import bnb_optimizer
 from ..specs import TrainSpec
 
-__all__ = ["Precision", "resolve_precision", "build_optimizer", "lr_factor"]
+__all__ = ["Precision", "resolve_precision", "build_optimizer", "param_groups", "decays",
+           "lr_factor"]
 
 
 @dataclass(frozen=True)
@@ -65,43 +72,92 @@ def resolve_precision(choice: str, device: torch.device) -> Precision:
     return Precision("bf16", torch.bfloat16, False, device.type)
 
 
-def _adamw(params, spec: TrainSpec, fused: bool | None):
-    return torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay, fused=fused)
+# transformers.Trainer.get_decay_parameter_names (5.x): no decay inside an nn.LayerNorm, nor for a
+# parameter whose lower-cased dotted name matches one of these
+NO_DECAY_LAYERS = (torch.nn.LayerNorm,)
+NO_DECAY_NAMES = tuple(re.compile(p) for p in (r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)",
+                                                r"_norm(?:$|\.)"))
 
 
-def build_optimizer(spec: TrainSpec, params: list[torch.nn.Parameter], device: torch.device):
-    """The optimizer named by ``spec.optimizer`` over ``params`` (the trainable adapter weights)."""
-    name = spec.optimizer
+def decays(name: str, module: torch.nn.Module) -> bool:
+    """Whether weight decay applies to parameter ``name`` of ``module`` (its owner).
+
+    No for parameters of a ``LayerNorm`` and for names that say bias or norm (``…bias``,
+    ``…input_layernorm.weight``, ``model.norm.weight``, ``…q_norm.weight``); yes for the rest,
+    LoRA's A and B included.  The same rule as ``transformers.Trainer``.
+    """
+    if isinstance(module, NO_DECAY_LAYERS):
+        return False
+    return not any(p.search(name.lower()) for p in NO_DECAY_NAMES)
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """The trainable parameters as optimizer groups: ``{"params", "weight_decay"}``.
+
+    Decayed ones get ``weight_decay``, biases and norm weights 0 (see :func:`decays`).  With nothing
+    to tell apart (no decay asked, or every trainable parameter decays: LoRA on linear layers
+    without bias) it is one group, as a checkpoint written before this split holds.
+    """
+    owner = {id(p): m for m in model.modules() for p in m.parameters(recurse=False)}
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    decay = [p for n, p in trainable if decays(n, owner[id(p)])]
+    no_decay = [p for n, p in trainable if not decays(n, owner[id(p)])]
+    if weight_decay == 0 or not no_decay:  # one group, in the model's order
+        return [{"params": [p for _, p in trainable], "weight_decay": weight_decay}]
+    return [g for g in ({"params": decay, "weight_decay": weight_decay},
+                        {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+
+
+def _adamw(groups, spec: TrainSpec, fused: bool | None):
+    return torch.optim.AdamW(groups, lr=spec.lr, weight_decay=spec.weight_decay, fused=fused)
+
+
+def build_optimizer(spec: TrainSpec, model: torch.nn.Module, device: torch.device):
+    """The optimizer named by ``spec.optimizer`` over the model's trainable (adapter) weights, in
+    the groups of :func:`param_groups`."""
+    name, groups = spec.optimizer, param_groups(model, spec.weight_decay)
     if name in ("adamw", "adamw_fused"):
         try:
-            return _adamw(params, spec, fused=True)
+            return _adamw(groups, spec, fused=True)
         except (RuntimeError, ValueError) as exc:
             if name == "adamw_fused":
                 raise TrainingError(f"Fused AdamW is not available for these parameters on "
                                     f"{device}: {exc}", "pass optimizer='adamw'") from exc
-            return _adamw(params, spec, fused=None)
+            return _adamw(groups, spec, fused=None)
     if name == "sgd":
-        return torch.optim.SGD(params, lr=spec.lr, weight_decay=spec.weight_decay)
+        return torch.optim.SGD(groups, lr=spec.lr, weight_decay=spec.weight_decay)
     # bitsandbytes optimizers: CUDA only, built where bitsandbytes may be imported (hf/)
     if device.type != "cuda":
         raise TrainingError(f"TrainSpec.optimizer={name!r} is a bitsandbytes optimizer, which needs "
                             f"a CUDA GPU; this model is on {device}.",
                             "pass optimizer='adamw' (fused AdamW) on CPU")
-    return bnb_optimizer(name, params, lr=spec.lr, weight_decay=spec.weight_decay)
+    return bnb_optimizer(name, groups, lr=spec.lr, weight_decay=spec.weight_decay)
 
 
 def lr_factor(step: int, max_steps: int, spec: TrainSpec) -> float:
-    """Multiplier of ``spec.lr`` for optimizer step ``step`` (0-based).
+    """Multiplier of ``spec.lr`` for optimizer step ``step`` (0-based: the first update is step 0).
 
-    Warmup: (step + 1) / warmup_steps.  Then with progress p = (step - warmup) / (max - warmup):
-    constant 1, linear 1 - p, cosine (1 + cos(π p)) / 2.
+    With w = ``warmup_steps`` and T = ``max_steps``, this is ``transformers.get_scheduler``'s
+    lr_lambda (``constant_with_warmup``, ``linear``, ``cosine``), step for step::
+
+        warmup (step < w):   step / w                      (0 at the first step, as there)
+        then, p = (step - w) / max(1, T - w):
+            constant         1
+            linear           max(0, 1 - p)                 = (T - step) / (T - w)
+            cosine           max(0, (1 + cos(π p)) / 2)
+
+    A ``LambdaLR`` applies lr_lambda(0) at the first ``optimizer.step()`` and moves on with
+    ``scheduler.step()`` after it, so step s runs at lr_lambda(s).  (The Trainer *logs* the rate
+    after ``scheduler.step()``, i.e. lr_lambda(s + 1) beside step s; this loop logs the rate it
+    used.)  With warmup, the first step therefore has lr 0: Adam's moments are filled, the weights
+    do not move.
     """
     warm = spec.warmup_steps
     if step < warm:
-        return (step + 1) / warm
+        return step / max(1, warm)
     p = (step - warm) / max(1, max_steps - warm)
     if spec.schedule == "linear":
         return max(0.0, 1.0 - p)
     if spec.schedule == "cosine":
-        return 0.5 * (1.0 + math.cos(math.pi * min(p, 1.0)))
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * p)))
     return 1.0

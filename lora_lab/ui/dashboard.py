@@ -8,9 +8,11 @@ Pass it to :func:`lora_lab.train` as a callback (or to ``transformers.Trainer`` 
     result = lora_lab.train(model, tok, data, spec=spec, callbacks=[dash])
 
 It shows train and eval loss (raw, smoothed, log-scale toggle), learning rate, grad norm, tokens/s,
-memory, a progress bar with ETA, and Stop / Pause-Resume / Save-now buttons.  Redraws are throttled
-(``redraw_every_s``, default 2 a second) and long runs are thinned to ``max_points`` per trace, so
-plotting costs well under 3% of training time.  The figure stays after the run, and each run is
+memory, a progress bar with ETA, and Stop / Pause-Resume / Save-now buttons.  The status line gives
+the last step's tokens/s (every non-padding token, prompts included) and, in brackets, its
+supervised tokens/s (only those the loss learns from).  Redraws are throttled (``redraw_every_s``,
+default 2 a second) and long runs are thinned to ``max_points`` per trace, so plotting costs well
+under 3% of training time.  The figure stays after the run, and each run is
 kept: a second ``train(..., callbacks=[dash])`` overlays its curves on the first (resuming a run
 continues its curve).  The Export button writes the run's choices as a standalone ``train.py`` with
 accelerate configs (:func:`lora_lab.export.script.export_script`; see :meth:`set_export`).
@@ -255,7 +257,12 @@ class TrainingDashboard(widgets.VBox):
         self.progress.value = min(state.step, self.progress.max)
         loss = f"loss {state.loss:.4f}" if state.loss is not None else ""
         ev = f" · eval {state.eval_loss:.4f}" if state.eval_loss is not None else ""
-        tps = f" · {state.tokens_per_s:,.0f} tok/s" if state.tokens_per_s else ""
+        tps = (f" · <span title='non-padding tokens (prompt and response) per second of the last "
+               f"step'>{state.tokens_per_s:,.0f} tok/s</span>") if state.tokens_per_s else ""
+        sup = state.supervised_tokens_per_s
+        if sup is not None:
+            tps += (f" (<span title='tokens the loss is averaged over (labels ≠ -100) per second "
+                    f"of the last step'>{sup:,.0f} supervised</span>)")
         self.status.value = (f"{state.step}/{state.max_steps} · {loss}{ev}{tps} · "
                              f"elapsed {_fmt_s(state.elapsed_s)} · ETA {_fmt_s(state.eta_s)} · "
                              f"<i>{what}</i>")

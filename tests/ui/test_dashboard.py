@@ -177,3 +177,15 @@ def test_static_fallback_and_resync():
     np.testing.assert_array_equal(live.figure._widget_data[0]["y"], np.ones(4))
     dash = TrainingDashboard(static=True)
     assert dash.live.static and isinstance(dash.figure, go.Figure)
+
+
+def test_status_line_shows_tokens_and_supervised_tokens_per_second():
+    from lora_lab.train.events import Control, TrainState
+
+    dash = TrainingDashboard(redraw_every_s=3600)
+    dash.on_begin(TrainState(event="begin", step=0, max_steps=10, run="tps"), Control())
+    dash.on_step(TrainState(event="step", step=1, max_steps=10, loss=2.0, tokens_per_s=4012.4,
+                            supervised_tokens_per_s=1203.2, rss_mb=1.0), None)
+    status = dash.status.value
+    assert "4,012 tok/s</span>" in status and "1,203 supervised</span>" in status
+    assert "prompt and response" in status and "labels ≠ -100" in status  # the tooltips say which

@@ -18,6 +18,11 @@ log (the Trainer logs after ``on_step_end``) and at every ``on_step_end``: stop 
 dashboard keeps hearing its Resume button).  Stopping a ``Trainer`` this way saves only if its
 ``save_strategy`` says so; ``lora_lab.train`` always saves.
 
+tokens/s is the Trainer's ``num_input_tokens_seen`` (set ``include_num_input_tokens_seen``) over the
+time spent inside its steps, from ``on_step_begin`` to ``on_step_end``: evaluations and saves, which
+the Trainer runs after ``on_step_end``, are left out, as in :class:`lora_lab.train.measure.StepTimer`.
+The Trainer does not report supervised tokens, so ``supervised_tokens_per_s`` stays None here.
+
 This module is in the ``hf`` layer, which may not import ``lora_lab.train``; the state and control
 it hands out and the Control it reads are the shared :class:`lora_lab.control.TrainState` and
 :class:`lora_lab.control.Control`, the same classes the training loop uses.
@@ -53,7 +58,9 @@ class LiveCallback(TrainerCallback):
         self.callbacks = list(callbacks)
         self.run_name = run
         self.control = Control()
-        self._t0 = self._t_last = 0.0
+        self._t0 = 0.0
+        self._step_t0: float | None = None
+        self._step_s = 0.0  # seconds inside steps since the last logged loss
         self._tokens_last = 0
         self._last: dict = {}
 
@@ -77,7 +84,8 @@ class LiveCallback(TrainerCallback):
         if model is not None:  # undo an earlier repacking and switch it off for good (hf/model/kbit.py)
             unpack_4bit_weights(model)
         self.control = Control()
-        self._t0 = self._t_last = time.perf_counter()
+        self._t0 = time.perf_counter()
+        self._step_t0, self._step_s = None, 0.0
         self._tokens_last = int(state.num_input_tokens_seen or 0)
         self._last = {}
         self.run_name = self.run_name or getattr(args, "run_name", None) or "trainer"
@@ -89,9 +97,9 @@ class LiveCallback(TrainerCallback):
             self._last["eval_loss"] = float(logs["eval_loss"])
             self._emit("eval", state)
         if "loss" in logs:
-            now, tokens = time.perf_counter(), int(state.num_input_tokens_seen or 0)
-            tps = (tokens - self._tokens_last) / (now - self._t_last) if tokens else None
-            self._t_last, self._tokens_last = now, tokens
+            tokens = int(state.num_input_tokens_seen or 0)
+            tps = (tokens - self._tokens_last) / self._step_s if tokens and self._step_s else None
+            self._step_s, self._tokens_last = 0.0, tokens
             self._last.update(loss=float(logs["loss"]), tokens_per_s=tps,
                               lr=_float(logs.get("learning_rate")),
                               grad_norm=_float(logs.get("grad_norm")))
@@ -108,7 +116,13 @@ class LiveCallback(TrainerCallback):
             control.should_save = True
         return control
 
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._step_t0 = time.perf_counter()
+
     def on_step_end(self, args, state, control, **kwargs):
+        if self._step_t0 is not None:  # before any pause: the step's own time
+            self._step_s += time.perf_counter() - self._step_t0
+            self._step_t0 = None
         ours = self.control
         while ours.paused and not ours.should_stop:
             self._emit("wait", state)
