@@ -1,7 +1,7 @@
 '''The second half of the exported scripts: metrics, saving and the run (``RUN``), then the
 ``transformers.Trainer`` main (``TRAINER_MAIN``) or TRL's (``TRL_MAIN``).  The first half, the
-accelerate configs and the README are in :mod:`lora_lab.export.templates`.  Text only: lora_lab
-never runs it.
+accelerate configs and the README are in :mod:`lora_lab.export.templates` and
+:mod:`lora_lab.export.templates_data`.  Text only: lora_lab never runs it.
 '''
 
 RUN = '''
@@ -159,12 +159,13 @@ def finish(trainer, device, output_dir, local_tokens, has_eval):
 
 
 class TokenCounting:
-    """Put before a Trainer class: counts the non-padding tokens this process trains on."""
+    """Put before a Trainer class: counts the non-padding tokens this process trains on
+    (count_tokens: packed batches have no attention_mask to sum)."""
 
     local_tokens = 0
 
     def training_step(self, model, inputs, num_items_in_batch=None):
-        self.local_tokens += int(inputs["attention_mask"].sum())
+        self.local_tokens += count_tokens(inputs)
         return super().training_step(model, inputs, num_items_in_batch)
 
 
@@ -189,21 +190,24 @@ TRAINER_MAIN = '''
 # ----------------------------------------------------------------------------- training
 
 class PadCollator:
-    """Right-pad a batch: input_ids with the pad id, attention_mask with 0, labels with -100."""
+    """Right-pad rows from tokenize() into (B, T) tensors, T = the longest row: input_ids with the
+    pad id, labels with -100 (no loss), and attention_mask with 0 -- or, for packed rows, the
+    position_ids with 0 and no attention_mask (see pack()).  A padding token at position 0 is a
+    sequence of its own: no real token attends to it."""
 
     def __init__(self, pad_id: int):
         self.pad_id = pad_id
 
     def __call__(self, rows):
-        T = max(len(r["input_ids"]) for r in rows)
-        batch = {"input_ids": torch.full((len(rows), T), self.pad_id),
-                 "attention_mask": torch.zeros((len(rows), T), dtype=torch.long),
-                 "labels": torch.full((len(rows), T), IGNORE_INDEX)}
+        B, T = len(rows), max(len(r["input_ids"]) for r in rows)
+        third = "position_ids" if "position_ids" in rows[0] else "attention_mask"
+        batch = {"input_ids": torch.full((B, T), self.pad_id, dtype=torch.long),
+                 third: torch.zeros((B, T), dtype=torch.long),
+                 "labels": torch.full((B, T), IGNORE_INDEX, dtype=torch.long)}
         for i, r in enumerate(rows):
             n = len(r["input_ids"])
-            batch["input_ids"][i, :n] = torch.tensor(r["input_ids"])
-            batch["attention_mask"][i, :n] = torch.tensor(r["attention_mask"])
-            batch["labels"][i, :n] = torch.tensor(r["labels"])
+            for key, values in batch.items():
+                values[i, :n] = torch.tensor(r[key])
         return batch
 
 
@@ -211,20 +215,26 @@ class CountingTrainer(TokenCounting, Trainer):
     """A Trainer that counts the non-padding tokens this process trains on."""
 
 
-def main():
-    args = parse_args()
-    device, output_dir = start(args)
+def build_trainer(device, output_dir):
+    """The model with its adapter, the tokenized rows (train packed when FORMAT["packing"], eval
+    never) and the Trainer.  Packed batches have no attention_mask: the Trainer's token count then
+    skips the pad id (exact unless the pad token is also eos)."""
     model, tokenizer = load_model(device)
     model = peft.get_peft_model(model, peft_config())
     train_rows, eval_rows = load_rows()
-    train_ds = tokenize(train_rows, tokenizer)
+    train_ds = tokenize(train_rows, tokenizer, packing=FORMAT["packing"])
     eval_ds = tokenize(eval_rows, tokenizer) if eval_rows else None
     callbacks = [MetricsLogger(device, output_dir / "metrics.jsonl")]
-    trainer = CountingTrainer(
+    return CountingTrainer(
         model=model, args=TrainingArguments(**training_kwargs(device, output_dir, eval_ds is not None)),
         train_dataset=train_ds, eval_dataset=eval_ds, data_collator=PadCollator(tokenizer.pad_token_id),
         processing_class=tokenizer, callbacks=callbacks)
-    train_and_save(trainer, device, output_dir)
+
+
+def main():
+    args = parse_args()
+    device, output_dir = start(args)
+    train_and_save(build_trainer(device, output_dir), device, output_dir)
 
 
 if __name__ == "__main__":
@@ -240,7 +250,9 @@ def prompt_completion(rows, tokenizer):
     TRL tokenizes with the tokenizer's special tokens, so a BOS that the rendered chat template
     already holds is removed from the text for tokenizers that add one.  Rows whose prompt fills
     max_length are dropped, as in train.py.  (TRL tokenizes prompt+completion as one text; for
-    BPE tokenizers the tokens at the boundary can differ from train.py's.)"""
+    BPE tokenizers the tokens at the boundary can differ from train.py's.  TRL ends the completion
+    with eos, where train.py ends it as the chat template ends the turn: the same for templates
+    that close the turn with eos, one token apart for ChatML's "<|im_end|>\\n".)"""
     prompts, responses = prompts_and_responses(rows)
     texts = [format_prompt(tokenizer, p) for p in prompts]
     if bos_prefix(tokenizer) and tokenizer.bos_token:
@@ -264,7 +276,7 @@ def build_trainer(device, output_dir):
     train_ds = prompt_completion(train_rows, tokenizer)
     eval_ds = prompt_completion(eval_rows, tokenizer) if eval_rows else None
     config = SFTConfig(**training_kwargs(device, output_dir, eval_ds is not None),
-                       max_length=FORMAT["max_length"], packing=FORMAT["packing"],
+                       max_length=FORMAT["max_length"], packing=FORMAT["packing"], eval_packing=False,
                        completion_only_loss=FORMAT["train_on_responses_only"])
     callbacks = [MetricsLogger(device, output_dir / "metrics.jsonl")]
     return CountingSFTTrainer(model=model, args=config, train_dataset=train_ds, eval_dataset=eval_ds,

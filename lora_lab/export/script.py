@@ -29,16 +29,19 @@ from pathlib import Path
 
 from .._version import __version__
 from ..errors import DataError, LoraLabError, ModelLoadError, SpecError
+from ..hf.adapters.peft_config import to_peft_config
+from ..hf.data.prepare import prompts_responses
+from ..hf.data.sources import DATA_SUFFIXES, FILE_TYPES, load_columns
+from ..hf.model.builtin import is_builtin, resolve_builtin
 from ..specs import AdapterSpec, DataSpec, QuantSpec, TrainSpec
 from . import launch as L
 from . import templates as T
-from ..hf.adapters.peft_config import to_peft_config
-from ..hf.model.builtin import is_builtin, resolve_builtin
-from ..hf.data.sources import DATA_SUFFIXES, FILE_TYPES, load_columns
-from ..hf.data.prepare import prompts_responses
+from . import templates_data as TD
 
 __all__ = ["export_script", "ExportedScript"]
 
+TRAINER_IMPORT = "from transformers import PrinterCallback, Trainer, TrainingArguments"
+TRL_IMPORT = "from transformers import PrinterCallback\nfrom trl import SFTConfig, SFTTrainer"
 DEFAULT_TASK = "builtin:next"  # the data when none is given: the easiest builtin task
 TASK_ROWS = 1000
 
@@ -95,6 +98,11 @@ def _check_specs(adapter_spec, quant_spec, train_spec, data_spec):
                         "needs the full-precision base, and lora_lab's CPU LoftQ is not part of peft",
                         "export with init='default' (or 'gaussian'); LoftQ-initialise in lora_lab "
                         "and train there")
+    if data.packing and adapter_spec.method in ("prompt", "prefix"):
+        raise SpecError("DataSpec", "packing", True,
+                        f"a packed row keeps its examples apart through position_ids, which peft's "
+                        f"{adapter_spec.method} tuning drops or shifts (its virtual tokens come first)",
+                        "pass DataSpec(packing=False), or a LoRA or IA3 adapter")
     if quant is not None and adapter_spec.init in ("pissa", "olora"):
         raise SpecError("AdapterSpec", "init", adapter_spec.init,
                         f"{adapter_spec.init} rewrites the base weights, which a quantized base "
@@ -246,7 +254,8 @@ def _estimate(source, spec, quant, train: TrainSpec, data: DataSpec, device) -> 
         return f"(no memory estimate: lora_lab could not read the model's config: {exc.problem})"
     need = est.need() / 2**30
     return (f"Memory estimate by lora_lab at export time: {est.chosen} on {est.device} needs "
-            f"{need:.2f} GiB ({est.verdict()}), batch {est.batch_size} x {est.seq_len} tokens, "
+            f"{need:.2f} GiB ({est.verdict()}),\n"
+            f"batch {est.batch_size} x {est.seq_len} tokens, "
             f"gradient checkpointing {'on' if est.gradient_checkpointing else 'off'}.\n"
             f"GiB per term:\n{est.table().round(3).to_string()}")
 
@@ -319,7 +328,7 @@ def _script(name: str, title: str, settings: str, main: str, main_import: str) -
     head = (T.HEAD.replace("@TITLE@", title).replace("@VERSION@", __version__)
             .replace("@NAME@", name).replace("@MAIN_IMPORT@", main_import)
             .replace("@EXTRA@", ", trl" if "trl" in main_import else ""))
-    return head + settings + T.COMMON + L.RUN + main
+    return head + settings + T.COMMON + TD.DATA + L.RUN + main
 
 
 def export_script(adapter_spec: AdapterSpec, quant_spec=None, train_spec: TrainSpec | None = None,
@@ -350,10 +359,10 @@ def export_script(adapter_spec: AdapterSpec, quant_spec=None, train_spec: TrainS
     settings = _settings(model_expr, model_note, quant, adapter_spec, data_cfg, dspec, train,
                          estimate)
     scripts = {"train.py": _script("train.py", "LoRA training with transformers.Trainer", settings,
-                                   L.TRAINER_MAIN, "from transformers import PrinterCallback, Trainer, TrainingArguments")}
+                                   L.TRAINER_MAIN, TRAINER_IMPORT)}
     if trl:
         scripts["train_trl.py"] = _script("train_trl.py", "LoRA training with TRL's SFTTrainer",
-                                          settings, L.TRL_MAIN, "from transformers import PrinterCallback\nfrom trl import SFTConfig, SFTTrainer")
+                                          settings, L.TRL_MAIN, TRL_IMPORT)
     for name, text in scripts.items():
         (folder / name).write_text(text, encoding="utf-8")
     (folder / "accelerate").mkdir(exist_ok=True)

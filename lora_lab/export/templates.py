@@ -1,12 +1,13 @@
 '''The text of the scripts that :func:`lora_lab.export.script.export_script` writes.
 
-Each script is ``HEAD + settings (generated) + COMMON + export_launch.RUN`` followed by
-``export_launch.TRAINER_MAIN`` (``train.py``) or ``export_launch.TRL_MAIN`` (``train_trl.py``); the
-accelerate configs (``ACCELERATE``) and ``README`` are here too.  The code here is never run by lora_lab itself; it is text,
-run by the user with ``python`` or ``accelerate launch`` where lora_lab need not be installed, so it
-imports only torch, transformers, peft, bitsandbytes (through transformers), datasets and, for TRL,
-trl.  Its data functions are line-for-line the rules of :mod:`lora_lab.hf.data.prepare` (a test
-checks that they give the same token ids and labels as :func:`lora_lab.prepare_dataset`).
+Each script is ``HEAD + settings (generated) + COMMON + templates_data.DATA + launch.RUN`` followed
+by ``launch.TRAINER_MAIN`` (``train.py``) or ``launch.TRL_MAIN`` (``train_trl.py``); the accelerate
+configs (``ACCELERATE``) and ``README`` are here too.  The code here is never run by lora_lab
+itself; it is text, run by the user with ``python`` or ``accelerate launch`` where lora_lab need not
+be installed, so it imports only torch, transformers, peft, bitsandbytes (through transformers),
+datasets and, for TRL, trl.  Its data functions (:mod:`lora_lab.export.templates_data`) are
+line-for-line the rules of :mod:`lora_lab.hf.data.prepare` (tests check that they give the same
+rows as :func:`lora_lab.prepare_dataset`).
 '''
 
 HEAD = '''\
@@ -114,6 +115,10 @@ def load_model(device: str):
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model = AutoModelForCausalLM.from_pretrained(MODEL, **kwargs)
+    # No KV cache: a training forward has nothing to cache, and with a cache the model ignores the
+    # packing (see pack()) and lets packed examples attend to each other.  (The Trainer sets this
+    # too, from TrainingArguments.use_cache = False.)
+    model.config.use_cache = False
     keep_4bit_layout(model)
     if QUANT and not is_fsdp():
         # fp32 norms and input gradients for k-bit training.  Not under FSDP: the upcast norms
@@ -131,125 +136,6 @@ def keep_4bit_layout(model) -> None:
     for module in model.modules():
         if type(module).__name__ == "Linear4bit" and hasattr(module, "support_avx512bf16_for_cpu"):
             module.support_avx512bf16_for_cpu = False
-
-
-# ----------------------------------------------------------------------------- the data
-def read_jsonl(path):
-    return datasets.load_dataset("json", data_files=str(path), split="train").to_list()
-
-
-def read_source(source):
-    """(train rows, eval rows or None) of a .json/.jsonl/.csv/.tsv file, a save_to_disk folder or
-    a hub dataset (its 'train' split, and 'validation' or 'test' as eval)."""
-    path = Path(source).expanduser()
-    if path.is_file() and path.suffix.lower() in (".csv", ".tsv"):
-        with open(path, encoding="utf-8", newline="") as f:  # keeps "42" a string
-            return list(csv.DictReader(f, delimiter="\\t" if path.suffix.lower() == ".tsv" else ",")), None
-    if path.is_file():
-        return read_jsonl(path), None
-    ds = datasets.load_from_disk(str(path)) if path.is_dir() else datasets.load_dataset(source)
-    if isinstance(ds, datasets.DatasetDict):
-        train = "train" if "train" in ds else next(iter(ds))
-        ev = next((s for s in ("validation", "test") if s in ds and s != train), None)
-        return ds[train].to_list(), (ds[ev].to_list() if ev else None)
-    return ds.to_list(), None
-
-
-def split_eval(rows, fraction, seed):
-    """Hold out round(n * fraction) rows (at least 1, never all), chosen by `seed`."""
-    n = len(rows)
-    if fraction <= 0 or n < 2:
-        return rows, None
-    order = list(range(n))
-    random.Random(seed).shuffle(order)
-    held = set(order[:min(n - 1, max(1, round(n * fraction)))])
-    return ([r for i, r in enumerate(rows) if i not in held],
-            [r for i, r in enumerate(rows) if i in held])
-
-
-def load_rows():
-    """Train and eval rows: the files written at export time, or DATA["source"] split here."""
-    if DATA["source"] is None:
-        return (read_jsonl(HERE / DATA["train"]),
-                read_jsonl(HERE / DATA["eval"]) if DATA["eval"] else None)
-    train, ev = read_source(DATA["source"])
-    if FORMAT["eval_fraction"] == 0:
-        return train, None
-    return (train, ev) if ev is not None else split_eval(train, FORMAT["eval_fraction"], FORMAT["seed"])
-
-
-def prompts_and_responses(rows):
-    """Per row: the prompt (a string, or the messages before the last assistant turn) and the
-    response (a string, or that last assistant message's content)."""
-    p, r, m = FORMAT["prompt_column"], FORMAT["response_column"], FORMAT["messages_column"]
-    if p in rows[0] and r in rows[0]:
-        return [row[p] for row in rows], [row[r] for row in rows]
-    prompts, responses = [], []
-    for i, row in enumerate(rows):
-        msgs = [{"role": x["role"], "content": x["content"]} for x in row[m]]
-        last = max((j for j, x in enumerate(msgs) if x["role"] == "assistant"), default=None)
-        if not last:
-            raise SystemExit(f"row {i} has no assistant message after a prompt")
-        prompts.append(msgs[:last])
-        responses.append(msgs[last]["content"])
-    return prompts, responses
-
-
-def format_prompt(tokenizer, prompt) -> str:
-    """The text before the response: the chat template with the generation prompt when the
-    tokenizer has one (and FORMAT["use_chat_template"]), else FORMAT["template"]."""
-    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-    if FORMAT["use_chat_template"] and getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    if not isinstance(prompt, str):
-        prompt = (messages[0]["content"] if len(messages) == 1 and messages[0]["role"] == "user"
-                  else "\\n".join(f"{x['role']}: {x['content']}" for x in messages))
-    return FORMAT["template"].format(prompt=prompt)
-
-
-def bos_prefix(tokenizer) -> list:
-    """[bos_token_id] when the tokenizer adds a BOS by itself (Llama does), else []."""
-    bos = tokenizer.bos_token_id
-    if bos is None:
-        return []
-    with_special = tokenizer("a")["input_ids"]
-    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
-    return [bos] if with_special[:1] == [bos] and plain[:1] != [bos] else []
-
-
-def tokenize(rows, tokenizer):
-    """input_ids = [BOS] prompt response EOS; labels = -100 over the prompt (when
-    FORMAT["train_on_responses_only"]), then response EOS.  Prompt and response are tokenized
-    apart, so the prompt ids are exactly those of generation.  The first max_length tokens are
-    kept; a row whose prompt alone fills max_length is dropped."""
-    prompts, responses = prompts_and_responses(rows)
-    bos, L = bos_prefix(tokenizer), FORMAT["max_length"]
-    texts = [format_prompt(tokenizer, p) for p in prompts]
-    p_ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
-    r_ids = tokenizer(responses, add_special_tokens=False)["input_ids"]
-    examples = []
-    for p, r in zip(p_ids, r_ids):
-        p = list(p) if not bos or p[:1] == bos else bos + list(p)  # a template may hold <s>
-        r = list(r) + [tokenizer.eos_token_id]
-        if len(p) >= L:
-            continue
-        p_labels = [IGNORE_INDEX] * len(p) if FORMAT["train_on_responses_only"] else p
-        examples.append({"input_ids": (p + r)[:L], "labels": (p_labels + r)[:L]})
-    if not examples:
-        raise SystemExit(f"Every row was truncated away: no response token fits in max_length = {L}. "
-                         "Raise FORMAT['max_length'], or shorten the prompts.")
-    if FORMAT["packing"]:  # whole examples, in order, into sequences of <= max_length tokens
-        packs = []
-        for ex in examples:
-            if not packs or len(packs[-1]["input_ids"]) + len(ex["input_ids"]) > L:
-                packs.append({"input_ids": [], "labels": []})
-            packs[-1]["input_ids"] += ex["input_ids"]
-            packs[-1]["labels"] += ex["labels"]
-        examples = packs
-    return datasets.Dataset.from_dict({
-        "input_ids": [e["input_ids"] for e in examples],
-        "attention_mask": [[1] * len(e["input_ids"]) for e in examples],
-        "labels": [e["labels"] for e in examples]})
 '''
 
 _LAUNCH = '''\
@@ -356,7 +242,11 @@ model = ll.load_adapter(model, "@PATH@/outputs/adapter")
 
 - Prompts are rendered and tokenized exactly as lora_lab does (`format_prompt`: the chat
   template with the generation prompt, else `DataSpec.template`; BOS once; labels -100 over the
-  prompt), so the adapter answers the same prompts the same way.
+  prompt), so the adapter answers the same prompts the same way.  The response ends as the chat
+  template ends the turn (ChatML: `answer<|im_end|>\n`), or with eos when there is no template.
+- Packing (`FORMAT["packing"]`) puts several examples in one row with `position_ids` that restart
+  at 0 for each and no `attention_mask`, so each example attends only to itself; the model runs
+  without a KV cache (`use_cache = False`).  The eval rows are never packed.
 - `train_trl.py` (if present) trains the same adapter with TRL's `SFTTrainer` on prompt-completion
   rows (`completion_only_loss`).  TRL tokenizes prompt and completion as one text and packs with
   its own strategy, so with a BPE tokenizer or packing its token ids can differ slightly from

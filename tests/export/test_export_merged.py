@@ -13,11 +13,11 @@ import warnings
 
 import pytest
 import torch
+from lora_testing import randomize_lora_b
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 import lora_lab as ll
-from lora_testing import randomize_lora_b
 from lora_lab.export.merged import MergedExport, export_merged
 
 pytestmark = pytest.mark.usefixtures("one_thread")

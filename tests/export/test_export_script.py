@@ -16,9 +16,9 @@ import pytest
 
 import lora_lab as ll
 from lora_lab.errors import LoraLabError
+from lora_lab.export.script import ExportedScript, export_script
 from lora_lab.hf.adapters.io import read_adapter_spec
 from lora_lab.hf.data.prepare import prepare_dataset
-from lora_lab.export.script import ExportedScript, export_script
 
 ACCELERATE = Path(sys.executable).with_name("accelerate")
 
@@ -107,9 +107,10 @@ def test_tokenized_rows_are_lora_labs(dspec, tmp_path):
     module = _import(out.file("train.py"), "exported_data")
     train_rows, eval_rows = module.load_rows()
     want = prepare_dataset(rows, tok, dspec)
-    got = module.tokenize(train_rows, tok)
+    got = module.tokenize(train_rows, tok, packing=module.FORMAT["packing"])
     assert got.to_dict() == want.train.to_dict()
-    assert module.tokenize(eval_rows, tok).to_dict() == want.eval.to_dict()
+    assert ("position_ids" in got.column_names) == dspec.packing  # packed rows: no attention_mask
+    assert module.tokenize(eval_rows, tok).to_dict() == want.eval.to_dict()  # eval: never packed
 
 
 def test_messages_rows_and_file_sources(tmp_path):
@@ -139,6 +140,8 @@ def test_bad_input_raises_with_a_fix(tmp_path):
         lambda: export_script(ll.AdapterSpec(), path=tmp_path / "f", data="builtin:nope"),
         lambda: export_script(ll.AdapterSpec(), path=tmp_path / "g", data="missing.jsonl"),
         lambda: export_script(ll.AdapterSpec(), model_id="builtin:huge", path=tmp_path / "h"),
+        lambda: export_script(ll.AdapterSpec(method="prompt"), None, None, ll.DataSpec(packing=True),
+                              path=tmp_path / "i"),
     ]
     afile = tmp_path / "a_file"
     afile.write_text("x")
@@ -164,10 +167,12 @@ def _check_adapter(adapter: Path, spec, quant=None):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("quant", [None, "nf4"])
-def test_exported_script_trains_in_a_fresh_process(quant, tmp_path):
+@pytest.mark.parametrize("quant, dspec", [(None, ll.DataSpec()), ("nf4", ll.DataSpec()),
+                                          (None, ll.DataSpec(packing=True, max_length=96))],
+                         ids=["fp32", "nf4", "packed"])
+def test_exported_script_trains_in_a_fresh_process(quant, dspec, tmp_path):
     spec = ll.AdapterSpec(r=4)
-    out = export_script(spec, quant, TRAIN, ll.DataSpec(), path=tmp_path / "x")
+    out = export_script(spec, quant, TRAIN, dspec, path=tmp_path / "x")
     script = str(out.file("train.py"))
     # lora_lab made unimportable: the script must not need it
     runner = ("import runpy, sys; sys.modules['lora_lab'] = None; sys.argv = [sys.argv[1]]; "
@@ -176,7 +181,8 @@ def test_exported_script_trains_in_a_fresh_process(quant, tmp_path):
     losses = _losses(log)
     assert len(losses) == TRAIN.steps and losses[-1] < 0.7 * losses[0], log
     assert "Memory estimate by lora_lab" in log and "peak RSS" in log and "eval_loss" in log
-    assert "rank 0 of 1" in log
+    trained = re.search(r"rank 0 of 1: \d+ steps, (\d+) tokens trained on here", log)
+    assert trained and 0 < int(trained[1]) <= TRAIN.steps * TRAIN.batch_size * dspec.max_length, log
     metrics = (out.file("outputs/metrics.jsonl")).read_text().splitlines()
     assert len(metrics) == TRAIN.steps + 1 and all("tokens_per_s" in m for m in metrics[:-1])
     _check_adapter(out.file("outputs/adapter"), spec, quant)
