@@ -132,13 +132,16 @@ def _materialise_random(target: Path) -> None:
             raise
 
 
-def resolve_builtin(name: str, dtype=None) -> Path:
+def resolve_builtin(name: str, dtype=None, *, config_only: bool = False) -> Path:
     """The local folder holding builtin model ``name`` (``"builtin:tiny"`` or ``"tiny"``).
 
-    ``dtype`` matters only for ``builtin:smollm2``, which is cached once per dtype (fp32 by default).
+    ``dtype`` matters only for ``builtin:smollm2``, which is cached once per dtype (fp32 by default);
+    with ``config_only`` any cached dtype will do (only its ``config.json`` will be read).
     """
     short = name[len(PREFIX):] if name.startswith(PREFIX) else name
     if short == "smollm2":
+        if config_only:
+            return smollm2.config_folder(cache_dir())
         return smollm2.smollm2_folder(cache_dir(), dtype)
     if short == "tiny" and (ASSETS / "tiny" / "config.json").exists():
         return ASSETS / "tiny"

@@ -42,7 +42,7 @@ def load_config(model):
         return base.config
     if isinstance(model, os.PathLike):
         model = os.fspath(model)
-    path = resolve_source(model)
+    path = resolve_source(model, config_only=True)
     try:
         return AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as exc:

@@ -39,11 +39,11 @@ def bnb_config(quant: QuantSpec, device: str):
     )
 
 
-def resolve_source(source, dtype=None) -> str:
-    """A builtin name becomes its local folder (``builtin:smollm2``'s in ``dtype``, converted once);
-    a folder or hub id is returned as is."""
+def resolve_source(source, dtype=None, *, config_only: bool = False) -> str:
+    """A builtin name becomes its local folder (``builtin:smollm2``'s in ``dtype``, converted once;
+    with ``config_only``, any dtype already cached); a folder or hub id is returned as is."""
     if is_builtin(source):
-        return str(resolve_builtin(source, dtype))
+        return str(resolve_builtin(source, dtype, config_only=config_only))
     if isinstance(source, os.PathLike):
         source = os.fspath(source)
     if not isinstance(source, str) or not source:

@@ -83,6 +83,16 @@ def _dtype_name(dtype) -> str:
     return name
 
 
+def config_folder(cache: Path) -> Path:
+    """A cached folder whose ``config.json`` describes SmolLM2 (any dtype: the shapes are the
+    same), so that planning memory or opening the designer converts nothing when one exists."""
+    for name in ("fp32", "bf16", "fp16"):
+        target = cache / "builtin" / f"smollm2-135m-instruct-{name}-{_VERSION}"
+        if (target / "config.json").exists() and (target / "model.safetensors").exists():
+            return target
+    return smollm2_folder(cache)
+
+
 def smollm2_folder(cache: Path, dtype=None) -> Path:
     """The cached safetensors folder of SmolLM2-135M-Instruct in ``dtype`` (default fp32).
 

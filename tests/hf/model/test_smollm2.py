@@ -112,3 +112,17 @@ def test_bf16_is_cached_in_its_own_folder(smollm2_dir):
     assert model.dtype == torch.bfloat16
     size = (folder / "model.safetensors").stat().st_size
     assert abs(size - (smollm2_dir / "model.safetensors").stat().st_size / 2) < 2**20
+
+
+def test_planning_reads_any_cached_copy_and_converts_nothing(monkeypatch, tmp_path, gguf_reader):
+    """With only the bf16 copy cached (as Binder's postBuild leaves it), estimate_memory reads its
+    config.json and writes no fp32 copy; the count is still the GGUF file's."""
+    bf16 = resolve_builtin("builtin:smollm2", torch.bfloat16)
+    cached = tmp_path / "builtin" / bf16.name
+    cached.mkdir(parents=True)
+    for f in bf16.iterdir():
+        (cached / f.name).symlink_to(f)
+    monkeypatch.setenv("LORA_LAB_CACHE", str(tmp_path))
+    est = ll.estimate_memory("builtin:smollm2", ll.AdapterSpec(r=8), device="cpu")
+    assert est.total_params == sum(int(t.n_elements) for t in gguf_reader.tensors)
+    assert [p.name for p in (tmp_path / "builtin").iterdir()] == [bf16.name]
