@@ -12,9 +12,16 @@ from __future__ import annotations
 import re
 
 import pytest
-
-from conftest import (FRONTENDS, close_page, open_notebook, plot_data, save_screenshot,
-                      wait_until, widget_problems, write_notebook)
+from conftest import (
+    FRONTENDS,
+    close_page,
+    open_notebook,
+    plot_data,
+    save_screenshot,
+    wait_until,
+    widget_problems,
+    write_notebook,
+)
 
 pytestmark = pytest.mark.browser
 
@@ -81,6 +88,13 @@ def text_of(page, scope: str, pattern: str) -> str:
         has_text=re.compile(pattern)).first.inner_text()
 
 
+def drawn(page, scope: str, n: int) -> list[dict] | None:
+    """The figures under ``scope`` once there are exactly ``n`` and plotly has drawn each (for
+    :func:`wait_until`), else None."""
+    plots = plot_data(page, scope)
+    return plots if len(plots) == n and all(p["svg"] for p in plots) else None
+
+
 def test_every_widget_renders_its_figures_without_errors(widgets_page):
     page = widgets_page
     for cls, (n_plots, filled) in WIDGETS.items():
@@ -88,10 +102,12 @@ def test_every_widget_renders_its_figures_without_errors(widgets_page):
         widget.wait_for(state="visible")
         box = widget.bounding_box()
         assert box and box["height"] > 100, f"{cls} is not drawn ({box})"
-        plots = wait_until(lambda: [p for p in plot_data(page, f".{cls}") if p["svg"]]
-                           if n_plots else [True], what=f"{cls}'s figures")
-        assert len(plots) == n_plots if n_plots else True
-        for p in (plots if n_plots else []):
+        if n_plots:
+            plots = wait_until(lambda: drawn(page, f".{cls}", n_plots), what=f"{cls}'s {n_plots} figures")
+        else:
+            plots = plot_data(page, f".{cls}")     # drawn (height checked above) and holds none
+        assert len(plots) == n_plots, (cls, plots)
+        for p in plots:
             assert p["height"] > 100 and (p["traces"] > 0 or not filled), (cls, p)
     no_problems(page)
     if page.frontend == "lab":
@@ -131,8 +147,19 @@ def test_designer_target_toggle_changes_the_memory_chart(widgets_page):
     box.uncheck()
     changed = wait_until(lambda: [c for c in plot_data(page, ".ll-designer")
                                   if c["y"] != chart["y"]], what="the memory chart to change")
-    assert changed[0]["title"] == chart["title"] or changed[0]["y"] != chart["y"]
-    assert trainable(page) < before
+    assert len(changed) == 1 and changed[0]["names"] == chart["names"]   # the same chart, redrawn
+    # fewer adapted layers: the adapter's bars shrink in the LoRA scenarios, full FT is untouched
+    term = chart["names"].index("adapter weights")
+    old_bars = dict(zip(chart["x"][term], chart["y"][term]))
+    new_bars = dict(zip(changed[0]["x"][term], changed[0]["y"][term]))
+    assert new_bars.keys() == old_bars.keys() and "full FT" in old_bars
+    assert new_bars["full FT"] == old_bars["full FT"]
+    # LoRA adds r·(in + out) per adapted layer: gate_proj (2048 → 8192) of 16 layers at r = 8 goes
+    # out of 7 modules whose sum per layer is 8 · 44032 (q, o 4096; k, v 2560; gate, up, down 10240)
+    gate = 16 * 8 * (2048 + 8192)
+    assert trainable(page) == before - gate, (before, trainable(page))
+    for s in ("LoRA", "QLoRA"):
+        assert new_bars[s] == pytest.approx(old_bars[s] * (before - gate) / before, rel=1e-9), s
     box.check()
     wait_until(lambda: plot_data(page, ".ll-designer")[0]["y"] == chart["y"],
                what="the chart to come back")
@@ -202,8 +229,9 @@ def test_a_reloaded_page_shows_the_current_figures(widgets_page, browser, jupyte
     try:
         for cls, plots in now.items():
             late.locator(f".{cls}").wait_for(state="visible")
-            seen = wait_until(lambda: [p for p in plot_data(late, f".{cls}") if p["svg"]],
-                              what=f"{cls}'s figures after the reload")
+            seen = wait_until(lambda: drawn(late, f".{cls}", len(plots)),
+                              what=f"{cls}'s {len(plots)} figures after the reload")
+            assert len(seen) == len(plots) > 0, (cls, len(seen), len(plots))
             for a, b in zip(seen, plots):
                 assert (a["x"], a["y"], a["z"], a["shapes"], a["title"]) == \
                     (b["x"], b["y"], b["z"], b["shapes"], b["title"]), f"{cls} is stale"

@@ -13,7 +13,23 @@ from lora_lab.train.loop import train
 from lora_lab.train.spectrum_probe import SpectrumProbe
 
 
-def test_probe_follows_the_events(lora_tiny):
+def test_probe_follows_the_events(lora_tiny, monkeypatch):
+    import time
+
+    from lora_lab.train import spectrum_probe
+
+    # overhead_s must be the time of the snapshots: each is slowed by a known 10 ms and timed on
+    # its own, from outside; overhead_s must be their sum, not 0 and not the time between events
+    real, timed = spectrum_probe.adapter_spectra, []
+
+    def slow_spectra(*args, **kw):
+        t0 = time.perf_counter()
+        time.sleep(0.01)
+        out = real(*args, **kw)
+        timed.append(time.perf_counter() - t0)
+        return out
+
+    monkeypatch.setattr(spectrum_probe, "adapter_spectra", slow_spectra)
     model, _ = lora_tiny
     probe = SpectrumProbe(model, every=2)
     control, seen = Control(), {}
@@ -36,7 +52,8 @@ def test_probe_follows_the_events(lora_tiny):
         torch.testing.assert_close(sp.values, seen[step][: len(sp)], rtol=1e-8, atol=1e-12)
     frame = probe.frame()
     assert len(frame) == 4 * len(probe.snapshots[0][1]) and set(frame["step"]) == {0, 2, 4, 5}
-    assert "4 snapshots" in repr(probe) and probe.overhead_s > 0
+    assert "4 snapshots" in repr(probe) and len(timed) == 4
+    assert sum(timed) <= probe.overhead_s < sum(timed) + 0.01, (probe.overhead_s, timed)
     with pytest.raises(LoraLabError, match="no module"):
         probe.evolution("nope")
     with pytest.raises(LoraLabError, match="every"):

@@ -8,9 +8,9 @@ import threading
 
 import pytest
 import torch
+from lora_testing import randomize_lora_b
 
 import lora_lab as ll
-from lora_testing import randomize_lora_b
 from lora_lab.hf.generate.stream import generate
 from lora_lab.ui.switchboard import BASE, AdapterSwitchboard
 
@@ -58,7 +58,23 @@ def loaded(tiny_llama, folders, **kw):
     return sb
 
 
-def test_switching_equals_each_adapter_alone_and_base_exactly(tiny_llama_dir, tiny_llama, folders):
+def test_switching_equals_each_adapter_alone_and_base_exactly(tiny_llama_dir, tiny_llama, folders,
+                                                             monkeypatch):
+    import time
+
+    from lora_lab.ui.switchboard import board
+
+    # switch_ms must time the switch itself: the switch is slowed by a known 20 ms here and timed
+    # on its own, from outside; switch_ms must be that time (not 0, not the table refresh around it)
+    real, timed = board.switch_adapter, []
+
+    def slow_switch(model, name):
+        t0 = time.perf_counter()
+        time.sleep(0.02)
+        real(model, name)
+        timed.append((time.perf_counter() - t0) * 1e3)
+
+    monkeypatch.setattr(board, "switch_adapter", slow_switch)
     base_logits = logits(tiny_llama[0])
     sb = loaded(tiny_llama, folders)
     t = sb.adapters.set_index("name")
@@ -68,8 +84,10 @@ def test_switching_equals_each_adapter_alone_and_base_exactly(tiny_llama_dir, ti
     assert t.at["alpha", "size_MB"] == round(t.at["alpha", "params"] * 4 / 2**20, 3)
     assert sb.active.options == (BASE, *NAMES) and "beta" in sb.table.value
     for name in ("alpha", "gamma", "beta", "alpha"):
+        timed.clear()
         sb.active.value = name
-        assert sb.error == "" and ll.active_adapter(sb.model) == name and sb.switch_ms > 0
+        assert sb.error == "" and ll.active_adapter(sb.model) == name and len(timed) == 1
+        assert timed[0] <= sb.switch_ms < timed[0] + 5, (sb.switch_ms, timed)
         assert f"{sb.switch_ms:.3f} ms" in sb.switch_label.value
         alone = ll.load_adapter(ll.load_model(tiny_llama_dir)[0], folders[name])
         torch.testing.assert_close(logits(sb.model), logits(alone), rtol=0, atol=1e-6)

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from peft import PeftModel
 from peft.tuners.lora import LoraLayer
 from safetensors.torch import load_file
 
@@ -47,10 +48,17 @@ def logits(model):
         return model(input_ids=IDS).logits
 
 
+def _peft_load(base, path, name):
+    """``path`` loaded onto ``base`` by peft alone (``PeftModel.from_pretrained``), no lora_lab code."""
+    return PeftModel.from_pretrained(base, str(path), adapter_name=name)
+
+
 def _two_models(model_dir, folders, first="first"):
-    """The same adapters loaded by lora_lab (fast path) and by peft's own load_adapter."""
+    """The first adapter loaded by lora_lab (``fast``, which later adapters join through lora_lab's
+    fast path) and by peft alone (``ref``, which later adapters join through peft's own
+    ``load_adapter``)."""
     fast = ll.load_adapter(ll.load_model(model_dir, device="cpu")[0], folders[first], name=first)
-    ref = ll.load_adapter(ll.load_model(model_dir, device="cpu")[0], folders[first], name=first)
+    ref = _peft_load(ll.load_model(model_dir, device="cpu")[0], folders[first], first)
     return fast, ref
 
 
@@ -70,7 +78,7 @@ def test_fast_path_equals_peft_for_every_adapter(tiny_llama_dir, folders):
     base = None
     for name in ["first", *PLAIN]:
         ll.set_adapter(fast, name)
-        ll.set_adapter(ref, name)
+        ref.set_adapter(name)               # peft's own switch
         assert fast.active_adapter == name
         got, want = logits(fast), logits(ref)
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
@@ -147,7 +155,8 @@ def test_bf16_model_keeps_peft_dtypes(tiny_llama_dir, folders):
                                                               dtype=torch.bfloat16)[0]
         return ll.load_adapter(model, path, name=name)
     fast = load(folders["first"], "first")
-    ref = load(folders["first"], "first")
+    ref = _peft_load(ll.load_model(tiny_llama_dir, device="cpu", dtype=torch.bfloat16)[0],
+                     folders["first"], "first")
     before = _counts()["fast"]
     fast = load(folders["rs_r2"], "rs", fast)
     assert _counts()["fast"] == before + 1
@@ -196,7 +205,7 @@ def test_fast_path_on_nf4_base_equals_peft(tiny_llama_dir, folders):
     def base():
         return ll.load_model(tiny_llama_dir, quant="nf4", device="cpu")[0]
     fast = ll.load_adapter(base(), folders["first"], name="first")
-    ref = ll.load_adapter(base(), folders["first"], name="first")
+    ref = _peft_load(base(), folders["first"], "first")
     before = _counts()["fast"]
     fast = ll.load_adapter(fast, folders["r8_a32"], name="r8")
     assert _counts()["fast"] == before + 1

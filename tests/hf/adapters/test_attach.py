@@ -3,10 +3,10 @@ peft cannot store are refused."""
 
 import pytest
 import torch
+from lora_testing import IDS
 
 import lora_lab as ll
 from lora_lab.errors import AdapterError, LoraLabError, TargetModuleError
-from lora_testing import IDS
 
 
 def test_attach_validates_against_the_model(tiny_llama):
@@ -40,11 +40,29 @@ def test_other_methods_attach_and_run(tiny_llama, spec):
 
 
 def test_qlora_nf4_trains_and_loss_falls(tiny_llama_nf4):
+    import bitsandbytes as bnb
+
     model, _ = tiny_llama_nf4
+    linears = list(ll.inspect_model(model)["name"])          # before peft wraps anything
     pm = ll.attach(model, ll.AdapterSpec(r=8))
+
     assert not pm.is_gradient_checkpointing  # a visible choice, off unless asked for
-    assert all(type(m).__name__ != "Linear" or not m.weight.requires_grad
-               for n, m in pm.named_modules() if "lora" not in n)
+    # every adaptable linear (inspect_model's rows: 7 per decoder layer) sits on a frozen
+    # bitsandbytes Linear4bit under its LoRA wrapper; nothing else is 4-bit: the LM head stays a
+    # frozen full-precision nn.Linear and the LoRA factors are trainable fp32 nn.Linear
+    want = {f"base_model.model.{n}.base_layer" for n in linears}
+    assert len(want) == 7 * model.config.num_hidden_layers
+    four_bit = {n for n, m in pm.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+    assert four_bit == want
+    assert all(not p.requires_grad for n, m in pm.named_modules() if n in four_bit
+               for p in m.parameters())
+    head = pm.base_model.model.lm_head
+    assert type(head) is torch.nn.Linear and head.weight.dtype == torch.float32
+    assert not head.weight.requires_grad
+    lora = {n: m for n, m in pm.named_modules() if ".lora_A." in n or ".lora_B." in n}
+    assert len(lora) == 2 * len(want)
+    assert all(type(m) is torch.nn.Linear and m.weight.requires_grad
+               and m.weight.dtype == torch.float32 for m in lora.values())
     opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=1e-2)
     x = torch.randint(4, 90, (4, 16), generator=torch.Generator().manual_seed(3))
     pm.train()

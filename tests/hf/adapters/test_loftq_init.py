@@ -53,14 +53,33 @@ def test_loftq_start_is_closer_to_the_full_precision_model(tiny_llama, tiny_llam
     assert err_loftq < 0.8 * err_plain, (err_loftq, err_plain)
 
 
+def _mean_loss(model, rows) -> float:
+    """Mean loss over ``rows`` (one forward each, eval mode): the same rows before and after."""
+    model.eval()
+    with torch.no_grad():
+        return sum(model(input_ids=torch.tensor([r["input_ids"]]),
+                         labels=torch.tensor([r["labels"]])).loss.item() for r in rows) / len(rows)
+
+
 def test_loftq_adapter_trains(tiny_llama_dir, tmp_path, one_thread):
     model, tok = ll.load_model(tiny_llama_dir, quant="nf4", device="cpu")
     model = ll.attach(model, ll.AdapterSpec(r=4, target_modules=("q_proj", "v_proj"), init="loftq"))
     data = ll.prepare_dataset(ll.builtin_task("upper", n=64, seed=0), tok)
-    res = ll.train(model, tok, data, spec=ll.TrainSpec(steps=12, lr=3e-3, batch_size=8,
-                                                      output_dir=str(tmp_path)))
-    losses = res.history[res.history.event == "step"]["loss"].tolist()
-    assert losses[-1] < losses[0], losses
+    rows = list(data.train)
+    before = _mean_loss(model, rows)
+    codes = {n: p.data.clone() for n, p in model.named_parameters()
+             if type(p).__name__ == "Params4bit"}
+    lora = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    ll.train(model, tok, data, spec=ll.TrainSpec(steps=12, lr=1e-2, batch_size=8,
+                                                 output_dir=str(tmp_path)))
+    # the loss on the same 58 training rows, not one noisy step against another: measured
+    # 4.597 -> 4.421 (a random tiny base learns "upper" slowly; single steps wander by ±0.03)
+    after = _mean_loss(model, rows)
+    assert after < before - 0.1, (before, after)
+    # what trained is the LoftQ adapter; the 4-bit base it corrects stayed as stored
+    assert len(codes) == 14 and all(torch.equal(p.data, codes[n]) for n, p in
+                                    model.named_parameters() if n in codes)
+    assert all(not torch.equal(p, lora[n]) for n, p in model.named_parameters() if n in lora)
 
 
 def test_loftq_needs_a_4bit_base(tiny_llama):

@@ -5,14 +5,14 @@ import threading
 
 import pytest
 import torch
+from lora_testing import randomize_lora_b
 
 import lora_lab as ll
-from lora_testing import randomize_lora_b
 from lora_lab.errors import AdapterError, SpecError
-from lora_lab.hf.data.prepare import encode_prompt
 from lora_lab.hf.adapters.switch import ACTIVE, switch_adapter
-from lora_lab.hf.generate.stream import generate, stream_generate
+from lora_lab.hf.data.prepare import encode_prompt
 from lora_lab.hf.generate.batch import generate_greedy
+from lora_lab.hf.generate.stream import generate, stream_generate
 
 PROMPT = "reverse abc"
 
@@ -33,8 +33,31 @@ def test_streamed_pieces_concatenate_to_the_greedy_output(tiny_llama):
     oracle = generate_greedy(model, tok, [encode_prompt(tok, PROMPT)], 20)[0]
     assert res.text == oracle and "".join(pieces) == res.text
     assert res.n_tokens == len(res.token_ids) > 0 and res.prompt_tokens == len(encode_prompt(tok, PROMPT))
-    assert res.finish_reason in ("eos", "length") and res.tokens_per_s > 0
+    assert res.finish_reason in ("eos", "length")
     assert "".join(stream_generate(model, tok, PROMPT, max_new_tokens=20)) == oracle
+
+
+def test_tokens_per_s_is_new_tokens_over_the_time_of_the_forwards(tiny_llama):
+    """Each forward is slowed by a known 10 ms: the rate must count the new tokens over a time that
+    holds every forward (so at most 1 / 10 ms per forward) and no more than the call's own wall time."""
+    import time
+
+    model, tok = tiny_llama
+    forwards = []
+
+    def slow(module, args):
+        forwards.append(1)
+        time.sleep(0.01)
+
+    model.register_forward_pre_hook(slow)
+    t0 = time.perf_counter()
+    res = generate(model, tok, PROMPT, max_new_tokens=12)
+    wall = time.perf_counter() - t0
+    assert res.n_tokens == len(res.token_ids) > 0 and len(forwards) >= res.n_tokens
+    assert len(forwards) * 0.01 <= res.seconds <= wall
+    assert res.tokens_per_s == pytest.approx(res.n_tokens / res.seconds)
+    assert res.n_tokens / wall <= res.tokens_per_s <= res.n_tokens / (len(forwards) * 0.01)
+    assert 0.01 <= res.first_token_s <= res.seconds
 
 
 def test_stopping_midway_returns_the_tokens_so_far(tiny_llama):

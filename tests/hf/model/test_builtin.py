@@ -9,10 +9,10 @@ import pytest
 import torch
 
 import lora_lab as ll
-from lora_lab.hf.model.builtin import builtin_card, builtin_names, resolve_builtin
 from lora_lab.hf.data.prepare import encode_prompt, prepare_dataset
-from lora_lab.hf.generate.batch import generate_greedy
 from lora_lab.hf.data.tasks import sample_examples
+from lora_lab.hf.generate.batch import generate_greedy
+from lora_lab.hf.model.builtin import builtin_card, builtin_names, resolve_builtin
 
 N_EVAL = 48
 
@@ -42,7 +42,9 @@ def test_tiny_loads_in_nf4_and_keeps_its_skills(tiny):
     assert isinstance(model.model.layers[0].self_attn.q_proj, bnb.nn.Linear4bit)
     data = ll.builtin_task("copy", n=N_EVAL, split="test")
     full, nf4 = ll.task_accuracy(tiny[0], tiny[1], data), ll.task_accuracy(model, tok, data)
-    assert full > 0.5 and nf4 > full - 0.25  # trained skill survives 4-bit weights
+    # the model card: copy 100% held out; measured 48/48 in fp32 and in NF4 (also 200/200 both):
+    # 4-bit weights keep the skill.  One miss is allowed for float differences between CPUs.
+    assert full == 1.0 and nf4 >= 1 - 1 / N_EVAL, (full, nf4)
 
 
 def test_pretrained_weights_know_their_skills_and_random_ones_do_not(tiny):
