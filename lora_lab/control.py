@@ -24,7 +24,8 @@ class TrainState:
     the tokens the loss is averaged over (labels ≠ -100); ``tokens`` is the total of non-padding
     tokens seen.  Memory is CUDA ``allocated``/``reserved`` on a GPU, else the process resident
     set (``rss_mb``).
-    ``eta_s`` extrapolates the mean step time over the steps left.
+    ``eta_s`` extrapolates the mean step time over the steps left.  ``loss_kind`` says which loss
+    runs: ``"full"`` (the model's own) or ``"chunked (C tokens)"`` (``TrainSpec.chunked_loss``).
     """
 
     event: str
@@ -46,6 +47,7 @@ class TrainState:
     cuda_reserved_mb: float | None = None
     checkpoint: str | None = None
     stop_reason: str | None = None
+    loss_kind: str | None = None
 
     def replace(self, **changes) -> "TrainState":
         values = {f.name: getattr(self, f.name) for f in fields(self)}

@@ -84,7 +84,9 @@ class AdapterSpec:
 
     def __post_init__(self):
         S = "AdapterSpec"
-        _check(self.method in METHODS, S, "method", self.method, f"choose one of {METHODS}")
+        _check(isinstance(self.method, str) and self.method in METHODS, S, "method", self.method,
+               f"choose one of {METHODS}", "pass method='lora' (DoRA and rsLoRA are LoRA with "
+               "use_dora=True or use_rslora=True)")
         _check(_is_int(self.r) and self.r >= 1, S, "r", self.r,
                "r must be an integer >= 1", "pass r=8 (a good default) or another positive integer")
         if self.alpha is None:
@@ -105,7 +107,8 @@ class AdapterSpec:
             _check(isinstance(tm, Sequence) and len(tm) > 0
                    and all(isinstance(t, str) and t for t in tm), S, "target_modules", tm,
                    "target_modules must be 'all-linear', a preset name or a non-empty list of names",
-                   f"pass 'all-linear' or names such as ('q_proj', 'v_proj'); presets: {list(PRESET_TARGETS)}")
+                   "pass 'all-linear' or names such as ('q_proj', 'v_proj'); presets: "
+                   f"{list(PRESET_TARGETS)}")
             tm = tuple(dict.fromkeys(tm))
         object.__setattr__(self, "target_modules", tm)
         if self.layers is not None:
@@ -114,10 +117,12 @@ class AdapterSpec:
                    self.layers, "layers must be None or a non-empty list of layer indices >= 0",
                    "pass layers=None to adapt every layer")
             object.__setattr__(self, "layers", tuple(sorted(set(layers))))
-        _check(self.init in INITS, S, "init", self.init, f"choose one of {INITS}")
-        _check(self.bias in BIASES, S, "bias", self.bias, f"choose one of {BIASES}")
+        _check(isinstance(self.init, str) and self.init in INITS, S, "init", self.init,
+               f"choose one of {INITS}", "pass init='default' (peft's Kaiming-uniform A, zero B)")
+        _check(isinstance(self.bias, str) and self.bias in BIASES, S, "bias", self.bias,
+               f"choose one of {BIASES}", "pass bias='none' (biases stay frozen)")
         _check(_is_int(self.num_virtual_tokens) and self.num_virtual_tokens >= 1, S,
-               "num_virtual_tokens", self.num_virtual_tokens, "must be an integer >= 1",
+               "num_virtual_tokens", self.num_virtual_tokens, "num_virtual_tokens must be an integer >= 1",
                "pass num_virtual_tokens=20")
         if self.method != "lora":
             for flag in ("use_dora", "use_rslora"):
@@ -235,7 +240,9 @@ class DataSpec:
                self.template, "template must contain '{prompt}'", "pass template='{prompt}\\n'")
         for col in ("prompt_column", "response_column", "messages_column"):
             _check(isinstance(getattr(self, col), str) and getattr(self, col), S, col,
-                   getattr(self, col), "must be a non-empty column name")
+                   getattr(self, col), f"{col} must be a non-empty column name",
+                   f"pass {col}={self.__dataclass_fields__[col].default!r}, or the name of the "
+                   "column in your dataset")
 
     def replace(self, **changes: Any) -> "DataSpec":
         return replace(self, **changes)
@@ -254,7 +261,10 @@ class TrainSpec:
     ``batch_size × grad_accum`` examples.  The learning rate warms up linearly for ``warmup_steps``
     then follows ``schedule``.  ``precision="auto"`` is fp32 on CPU, fp16 autocast on GPUs without
     bf16 (a T4) and bf16 where supported.  ``gradient_checkpointing`` trades about a third of the
-    speed for activation memory; it is off unless you turn it on.
+    speed for activation memory; it is off unless you turn it on.  ``chunked_loss`` computes the
+    LM head and the loss over chunks of ``loss_chunk_size`` tokens, recomputed in the backward, so
+    only one chunk's logits are ever held (``lora_lab.hf.training.chunked_loss``); ``"auto"`` turns
+    it on for vocabularies of 32k tokens or more.  It is off by default for now.
     """
 
     steps: int | None = 100
@@ -274,6 +284,8 @@ class TrainSpec:
     precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
     output_dir: str | None = None
     log_every: int = 1
+    chunked_loss: bool | Literal["auto"] = False
+    loss_chunk_size: int = 512
 
     def __post_init__(self):
         S = "TrainSpec"
@@ -287,25 +299,36 @@ class TrainSpec:
                    self.epochs, "epochs must be > 0", "pass epochs=1")
         for name in ("batch_size", "grad_accum", "log_every"):
             v = getattr(self, name)
-            _check(_is_int(v) and v >= 1, S, name, v, f"{name} must be an integer >= 1")
+            _check(_is_int(v) and v >= 1, S, name, v, f"{name} must be an integer >= 1",
+                   f"pass {name}={self.__dataclass_fields__[name].default!r} or another positive integer")
         _check(isinstance(self.lr, (int, float)) and 0 < self.lr < 1, S, "lr", self.lr,
                "lr must be in (0, 1)", "pass lr=2e-4 for LoRA (1e-3 on tiny models)")
-        _check(self.schedule in SCHEDULES, S, "schedule", self.schedule, f"choose one of {SCHEDULES}")
+        _check(self.schedule in SCHEDULES, S, "schedule", self.schedule, f"choose one of {SCHEDULES}",
+               "pass schedule='cosine'")
         _check(_is_int(self.warmup_steps) and self.warmup_steps >= 0, S, "warmup_steps",
-               self.warmup_steps, "warmup_steps must be an integer >= 0")
+               self.warmup_steps, "warmup_steps must be an integer >= 0",
+               "pass warmup_steps=0, or about 5% of steps")
         _check(isinstance(self.weight_decay, (int, float)) and self.weight_decay >= 0, S,
-               "weight_decay", self.weight_decay, "weight_decay must be >= 0")
+               "weight_decay", self.weight_decay, "weight_decay must be >= 0",
+               "pass weight_decay=0.0 (the LoRA default) or a small value such as 0.01")
         _check(self.max_grad_norm is None or (isinstance(self.max_grad_norm, (int, float))
                and self.max_grad_norm > 0), S, "max_grad_norm", self.max_grad_norm,
                "max_grad_norm must be None or > 0", "pass max_grad_norm=1.0")
         for name in ("eval_every", "save_every"):
             v = getattr(self, name)
             _check(v is None or (_is_int(v) and v >= 1), S, name, v,
-                   f"{name} must be None or an integer >= 1")
+                   f"{name} must be None or an integer >= 1",
+                   f"pass {name}=None or a number of optimizer steps such as 50")
         _check(self.optimizer in OPTIMIZERS, S, "optimizer", self.optimizer,
                f"choose one of {OPTIMIZERS}", "pass optimizer='adamw'")
         _check(self.precision in PRECISIONS, S, "precision", self.precision,
                f"choose one of {PRECISIONS}", "pass precision='auto'")
+        _check(isinstance(self.chunked_loss, bool) or self.chunked_loss == "auto", S, "chunked_loss",
+               self.chunked_loss,
+               "chunked_loss must be True, False or 'auto'", "pass chunked_loss='auto'")
+        _check(_is_int(self.loss_chunk_size) and self.loss_chunk_size >= 1, S, "loss_chunk_size",
+               self.loss_chunk_size, "loss_chunk_size must be a positive number of tokens",
+               "pass loss_chunk_size=512 (it need not divide the sequence length)")
 
     def replace(self, **changes: Any) -> "TrainSpec":
         return replace(self, **changes)

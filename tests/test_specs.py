@@ -5,21 +5,78 @@ import pytest
 import lora_lab as ll
 from lora_lab.errors import LoraLabError, SpecError
 
+# For every spec, every field: bad values, and the field the error must name.  Fields a spec does
+# not validate are listed in UNCHECKED with the reason, so that a new field shows up here.
+BAD = {
+    ll.AdapterSpec: [
+        (dict(method="adalora"), "method"), (dict(method="LoRA"), "method"), (dict(method=None), "method"),
+        (dict(r=0), "r"), (dict(r=2.5), "r"), (dict(r=True), "r"),
+        (dict(alpha=-1), "alpha"), (dict(alpha=float("nan")), "alpha"), (dict(alpha=True), "alpha"),
+        (dict(dropout=1.0), "dropout"), (dict(dropout=-0.1), "dropout"),
+        (dict(target_modules=[]), "target_modules"), (dict(target_modules=["q_proj", ""]), "target_modules"),
+        (dict(layers=[-1]), "layers"), (dict(layers=[]), "layers"),
+        (dict(init="xavier"), "init"), (dict(init=None), "init"), (dict(init=["pissa"]), "init"),
+        (dict(bias="some"), "bias"), (dict(bias=None), "bias"), (dict(bias=False), "bias"),
+        (dict(method="prefix", use_dora=True), "use_dora"),
+        (dict(method="ia3", use_rslora=True), "use_rslora"),
+        (dict(num_virtual_tokens=0), "num_virtual_tokens"),
+        (dict(num_virtual_tokens=2.0), "num_virtual_tokens"),
+        (dict(use_dora=True, init="pissa"), "init"), (dict(method="prompt", init="gaussian"), "init"),
+    ],
+    ll.QuantSpec: [
+        (dict(bits=3), "bits"), (dict(bits=4.0), "bits"),
+        (dict(quant_type="int4"), "quant_type"), (dict(quant_type=None), "quant_type"),
+        (dict(compute_dtype="float64"), "compute_dtype"),
+    ],
+    ll.DataSpec: [
+        (dict(max_length=1), "max_length"), (dict(max_length=64.0), "max_length"),
+        (dict(eval_fraction=1.0), "eval_fraction"), (dict(eval_fraction=-0.1), "eval_fraction"),
+        (dict(template="no placeholder"), "template"), (dict(template=None), "template"),
+        (dict(prompt_column=""), "prompt_column"), (dict(response_column=None), "response_column"),
+        (dict(messages_column=3), "messages_column"),
+    ],
+    ll.TrainSpec: [
+        (dict(steps=None, epochs=None), "steps"), (dict(steps=0), "steps"), (dict(steps=1.5), "steps"),
+        (dict(steps=None, epochs=0), "epochs"), (dict(batch_size=0), "batch_size"),
+        (dict(grad_accum=0), "grad_accum"), (dict(log_every=0), "log_every"),
+        (dict(lr=5), "lr"), (dict(lr=0), "lr"), (dict(schedule="step"), "schedule"),
+        (dict(warmup_steps=-1), "warmup_steps"), (dict(weight_decay=-0.1), "weight_decay"),
+        (dict(max_grad_norm=0), "max_grad_norm"), (dict(eval_every=0), "eval_every"),
+        (dict(save_every=1.5), "save_every"), (dict(optimizer="lion"), "optimizer"),
+        (dict(precision="fp8"), "precision"), (dict(chunked_loss="yes"), "chunked_loss"),
+        (dict(loss_chunk_size=0), "loss_chunk_size"), (dict(loss_chunk_size=2.5), "loss_chunk_size"),
+    ],
+}
+UNCHECKED = {   # any value is accepted: flags read for their truth, seeds, paths
+    ll.AdapterSpec: set(),
+    ll.QuantSpec: {"double_quant"},
+    ll.DataSpec: {"train_on_responses_only", "packing", "use_chat_template", "seed"},
+    ll.TrainSpec: {"seed", "gradient_checkpointing", "output_dir"},
+}
+CASES = [pytest.param(cls, kw, field, id=f"{cls.__name__}-{field}-{kw[field]!r}")
+         for cls, rows in BAD.items() for kw, field in rows]
 
-@pytest.mark.parametrize("kwargs, field", [
-    (dict(r=0), "r"), (dict(r=2.5), "r"), (dict(alpha=-1), "alpha"), (dict(dropout=1.0), "dropout"),
-    (dict(method="adalora"), "method"), (dict(target_modules=[]), "target_modules"),
-    (dict(layers=[-1]), "layers"), (dict(init="xavier"), "init"), (dict(bias="some"), "bias"),
-    (dict(method="prefix", use_dora=True), "use_dora"), (dict(num_virtual_tokens=0), "num_virtual_tokens"),
-    (dict(use_dora=True, init="pissa"), "init"),
-])
-def test_adapter_spec_rejects_bad_values(kwargs, field):
+
+@pytest.mark.parametrize("cls, kwargs, field", CASES)
+def test_every_field_error_names_the_field_the_value_and_a_fix(cls, kwargs, field):
     with pytest.raises(SpecError) as e:
-        ll.AdapterSpec(**kwargs)
-    assert e.value.field == field
-    msg = str(e.value)
-    assert f"AdapterSpec.{field}" in msg and "Fix:" in msg or "choose one of" in msg
-    assert isinstance(e.value, LoraLabError) and isinstance(e.value, ValueError)
+        cls(**kwargs)
+    err = e.value
+    assert err.field == field and err.spec == cls.__name__
+    assert isinstance(err, LoraLabError) and isinstance(err, ValueError)
+    msg = str(err)
+    assert f"{cls.__name__}.{field} = {kwargs[field]!r}" in msg, msg
+    assert isinstance(err.fix, str) and err.fix.strip(), f"no fix in: {msg}"
+    assert f"\n  Fix: {err.fix}" in msg, msg
+
+
+@pytest.mark.parametrize("cls", list(BAD))
+def test_every_field_of_every_spec_is_covered(cls):
+    """A field is either validated (and has bad values above) or listed as unchecked."""
+    fields = set(cls.__dataclass_fields__)
+    covered = {f for _, f in BAD[cls]}
+    assert covered | UNCHECKED[cls] == fields, sorted(fields ^ (covered | UNCHECKED[cls]))
+    assert not covered & UNCHECKED[cls]
 
 
 def test_adapter_spec_defaults_and_scaling():

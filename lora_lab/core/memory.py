@@ -77,6 +77,10 @@ Each term, in bytes (``c`` = bytes of the compute dtype: 2 for fp16/bf16, 4 for 
   the input gradient (``12``).  So ``T·V·max(c + 8, 12)``, for a loop that drops the model
   outputs before ``backward()`` as :func:`lora_lab.train` and ``transformers.Trainer`` do
   (holding them adds ``T·V·c``).  At V = 128k this dominates short-context LoRA.
+  With the **chunked loss** (``TrainSpec.chunked_loss``, :mod:`lora_lab.hf.training.chunked_loss`)
+  the head and the loss run over chunks of ``C`` tokens, each recomputed in the backward, so only
+  one chunk is ever alive: ``min(C, T)·V·max(c + 8, 12)``.  ``"auto"`` chooses it for
+  ``V ≥`` :data:`CHUNKED_LOSS_MIN_VOCAB`.
 * **allocator overhead** — the caching allocator rounds and fragments: ``reserved − allocated``,
   modelled as a fraction (default 10%) of the dynamic memory at the peak (the activations, logits
   and gradients, which each step allocates and frees).  On the CPU glibc's malloc keeps freed
@@ -111,7 +115,7 @@ __all__ = ["AMBIGUOUS_DEVICES", "CPU", "CPU_FRAGMENTATION", "CPU_RUNTIME", "CUDA
            "DEVICES", "GIB", "OPTIMIZERS", "Architecture", "QuantLayout", "QuantStorage",
            "TrainableLayout", "activation_bytes", "device_bytes", "four_bit_bytes", "int8_bytes",
            "layer_activation_bytes", "logits_bytes", "memory_terms", "optimizer_bytes_per_param",
-           "quant_storage", "verdict"]
+           "quant_storage", "verdict", "CHUNKED_LOSS_MIN_VOCAB", "DEFAULT_LOSS_CHUNK", "resolve_loss_chunk"]
 
 GIB = 2**30
 # Memory of each card in GiB (2**30 bytes), the unit of every size in this module and of a number
@@ -125,6 +129,8 @@ CUDA_CONTEXT = 0.45 * GIB               # CUDA runtime + cuBLAS + kernels (not i
 CPU_RUNTIME = 0.47 * GIB                # resident size of Python + torch + transformers + peft
 CPU_FRAGMENTATION = 0.45                # glibc heap kept after freeing, share of dynamic memory
 OPTIMIZERS = ("adamw", "adamw_fused", "adamw_8bit", "paged_adamw_8bit", "paged_adamw", "sgd")
+CHUNKED_LOSS_MIN_VOCAB = 32_000         # chunked_loss="auto" from this vocabulary on
+DEFAULT_LOSS_CHUNK = 512                # tokens per chunk of the chunked loss (TrainSpec's default)
 
 
 def device_bytes(device: str | float, system_ram: int | None = None) -> tuple[str, int]:
@@ -296,9 +302,19 @@ def activation_bytes(arch: Architecture, trainable: TrainableLayout, batch: int,
     return kept + shared, T * layer
 
 
-def logits_bytes(arch: Architecture, batch: int, seq: int, c: int) -> float:
-    """Worst moment of the loss: ``T·V·max(c + 8, 12)`` (see the module docstring)."""
-    return batch * seq * arch.vocab * max(c + 8, 12)
+def resolve_loss_chunk(chunked, vocab: int, chunk_size: int = DEFAULT_LOSS_CHUNK) -> int | None:
+    """Tokens per chunk of the loss that ``chunked`` (True, False or ``"auto"``) selects for a
+    ``vocab``-sized head: ``chunk_size``, or None for the full-vocabulary loss.  ``"auto"``: on
+    for ``vocab ≥`` :data:`CHUNKED_LOSS_MIN_VOCAB` (the rule of ``TrainSpec``)."""
+    on = vocab >= CHUNKED_LOSS_MIN_VOCAB if chunked == "auto" else bool(chunked)
+    return chunk_size if on else None
+
+
+def logits_bytes(arch: Architecture, batch: int, seq: int, c: int, chunk: int | None = None) -> float:
+    """Worst moment of the loss: ``T·V·max(c + 8, 12)``, or ``min(chunk, T)·V·max(c + 8, 12)``
+    for the chunked loss (see the module docstring)."""
+    tokens = batch * seq if chunk is None else min(chunk, batch * seq)
+    return tokens * arch.vocab * max(c + 8, 12)
 
 
 def memory_terms(*, arch: Architecture, total_params: int, unquantized_params: int,
@@ -306,7 +322,8 @@ def memory_terms(*, arch: Architecture, total_params: int, unquantized_params: i
                  batch: int = 1, seq: int = 512, checkpointing: bool = True,
                  optimizer: str = "adamw", compute_bytes: int = 2,
                  cuda_context: float = CUDA_CONTEXT, fragmentation: float = 0.10,
-                 padded: bool | None = None, grad_accum: int = 1) -> dict[str, float]:
+                 padded: bool | None = None, grad_accum: int = 1,
+                 loss_chunk: int | None = None) -> dict[str, float]:
     """Every term of the estimate, in bytes (see the module docstring for the formulas).
 
     ``total_params``: all parameters of the base.  ``unquantized_params``: those that stay in
@@ -315,6 +332,7 @@ def memory_terms(*, arch: Architecture, total_params: int, unquantized_params: i
     FT: 4 under a 16-bit ``compute_bytes`` means fp32 master weights).  ``padded``: batches carry an attention
     mask with padding (default: ``batch > 1``); ``False`` for packed or single sequences.
     ``grad_accum``: micro-batches per optimizer step; above 1 the gradients are held at the peak.
+    ``loss_chunk``: tokens per chunk of the chunked loss (None: the full-vocabulary loss).
     """
     c = compute_bytes
     pbytes = trainable.param_bytes                 # trained weights, their gradients and moments
@@ -329,7 +347,7 @@ def memory_terms(*, arch: Architecture, total_params: int, unquantized_params: i
     padded = batch > 1 if padded is None else bool(padded)
     acts, one_layer = activation_bytes(arch, trainable, batch, seq, checkpointing, c,
                                        padded=padded, fp32_stream=quant is not None)
-    logits = logits_bytes(arch, batch, seq + trainable.extra_tokens, c)
+    logits = logits_bytes(arch, batch, seq + trainable.extra_tokens, c, loss_chunk)
     if quant is not None:     # bitsandbytes dequantizes one weight at a time for its matmul
         acts += max((o * i for o, i in quant.shapes), default=0) * c
     acts += trainable.autocast_copies * c      # fp32 master weights: autocast's 16-bit copies

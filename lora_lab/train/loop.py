@@ -12,8 +12,10 @@ One optimizer step (``TrainSpec.grad_accum`` = K micro-batches of ``batch_size``
     lr = spec.lr · lr_factor(step)   # transformers' get_scheduler, step for step (0 at step 0 with warmup)
     optimizer.step(); optimizer.zero_grad()
 
-Why tokens and not micro-batches: :mod:`lora_lab.train.step`.  Weight decay skips biases and norm
-weights, and the schedule is transformers' (:mod:`lora_lab.train.optim`).  Each step is timed alone
+Why tokens and not micro-batches: :mod:`lora_lab.train.step`.  ``TrainSpec.chunked_loss`` swaps
+``model(batch).loss`` for the same loss computed over chunks of the logits, one chunk in memory
+(:mod:`lora_lab.hf.training.chunked_loss`).  Weight decay skips biases and norm weights, and the
+schedule is transformers' (:mod:`lora_lab.train.optim`).  Each step is timed alone
 (:class:`~lora_lab.train.measure.StepTimer`): tokens/s counts every non-padding token, supervised
 tokens/s only those the loss averages over.
 
@@ -50,6 +52,7 @@ import torch
 from ..errors import TrainingError
 from ..hf._peft import active_name, is_peft
 from ..hf.model.kbit import unpack_4bit_weights
+from ..hf.training.chunked_loss import use_chunked
 from ..specs import TrainSpec
 from .checkpoint import load_training_state, restore_rng_state, restore_trainable, rng_state, save_checkpoint
 from .data import Batches, eval_batches, resolve_data
@@ -57,7 +60,7 @@ from .events import Control, TrainState, emit, wait_while_paused
 from .history import History
 from .measure import StepTimer, memory_mb, peak_rss_mb
 from .optim import build_optimizer, lr_factor, resolve_precision
-from .step import NonFinite, accumulate, has_virtual_prefix, supervised_tokens
+from .step import NonFinite, accumulate, loss_kind, loss_sum
 
 __all__ = ["train", "TrainResult"]
 
@@ -162,7 +165,8 @@ class _Run:
         self.control = Control()
         self.run_dir, self.adapter = Path(run_dir), active_name(model)
         self.step, self.tokens, self.session_tokens, self.session_supervised = 0, 0, 0, 0
-        self.last: dict = {}
+        self.chunk = spec.loss_chunk_size if use_chunked(spec.chunked_loss, model) else None
+        self.last: dict = {"loss_kind": loss_kind(self.chunk)}
         self.checkpoint: str | None = None
         self.timer = StepTimer()
 
@@ -195,7 +199,7 @@ class _Run:
                     for n, t in self.batches(self.micro + k).items()} for k in range(spec.grad_accum)]
         try:
             acc = accumulate(self.model, batches, forward_kwargs=self.fwd, precision=self.precision,
-                             scaler=self.scaler, step=self.step + 1)
+                             scaler=self.scaler, step=self.step + 1, chunk_size=self.chunk)
         except NonFinite:
             self.optimizer.zero_grad(set_to_none=True)
             raise
@@ -237,11 +241,8 @@ class _Run:
         for batch in eval_batches(self.eval_rows, self.spec.batch_size, self.pad_id):
             batch = {n: t.to(self.device) for n, t in batch.items()}
             with self.precision.autocast():
-                out = self.model(**batch, **self.fwd)
-            n = supervised_tokens(batch["labels"], has_virtual_prefix(out, batch["labels"]))
-            if n:  # a batch with nothing supervised has loss 0/0
-                num, den = num + float(out.loss) * n, den + n
-            del out
+                summed, n = loss_sum(self.model, batch, self.fwd, self.chunk)
+            num, den = num + summed, den + n
         self.model.train()
         self.last["eval_loss"] = num / max(den, 1)
         return self.last["eval_loss"]
@@ -293,7 +294,7 @@ def _final(run: _Run) -> dict:
             "supervised_tokens_per_s": run.session_supervised / step_s, "elapsed_s": elapsed,
             "tokens": run.tokens, ("peak_cuda_allocated_mb" if cuda else "peak_rss_mb"): peak,
             "precision": run.precision.name, "optimizer": type(run.optimizer).__name__,
-            "gradient_checkpointing": _checkpointing_on(run.model)}
+            "gradient_checkpointing": _checkpointing_on(run.model), "loss_kind": loss_kind(run.chunk)}
 
 
 def _checkpointing_on(model) -> bool:

@@ -23,6 +23,11 @@ Prompt tuning prepends virtual tokens to the sequence (label -100); the last of 
 row's first label, so there every label ≠ -100 counts.  The loop sees this from the logits, which
 are then longer than the labels.  A micro-batch with no supervised token adds nothing (its mean would
 be 0/0 = NaN) and is skipped; a step with none at all has no loss (``None``) and no update.
+
+With ``chunk_size`` set (``TrainSpec.chunked_loss``) the loss of a micro-batch comes from
+:func:`lora_lab.hf.training.chunked_loss.chunked_causal_lm_loss` as the sum Σ_{t ∈ S_k} ℓ_t, never
+holding its full ``(B, T, V)`` logits, and micro-batch k adds ``Σ ℓ / N`` directly: the same
+objective and gradient.  (Prompt learning, which needs the virtual-prefix rule, is refused there.)
 """
 
 from __future__ import annotations
@@ -32,9 +37,11 @@ from dataclasses import dataclass
 
 import torch
 
+from ..hf.training.chunked_loss import chunked_causal_lm_loss
 from .data import batch_tokens
 
-__all__ = ["NonFinite", "Accumulated", "supervised_tokens", "has_virtual_prefix", "accumulate"]
+__all__ = ["NonFinite", "Accumulated", "supervised_tokens", "has_virtual_prefix", "accumulate", "loss_sum",
+           "loss_kind"]
 
 IGNORE_INDEX = -100
 
@@ -77,7 +84,7 @@ def has_virtual_prefix(output, labels: torch.Tensor) -> bool:
 
 
 def accumulate(model, batches: list[dict[str, torch.Tensor]], *, forward_kwargs: dict, precision,
-               scaler, step: int) -> Accumulated:
+               scaler, step: int, chunk_size: int | None = None) -> Accumulated:
     """Forward and backward every micro-batch of optimizer step ``step`` (1-based, for messages),
     weighting micro-batch k by n_k / N (see the module docstring).
 
@@ -85,7 +92,10 @@ def accumulate(model, batches: list[dict[str, torch.Tensor]], *, forward_kwargs:
     ``position_ids`` for packed rows; shape (B, T)),
     on the model's device.  ``precision`` gives the autocast context, ``scaler`` a ``GradScaler``
     or None.  Gradients accumulate in ``.grad``; raises :class:`NonFinite` on a NaN/inf loss.
+    ``chunk_size``: tokens per chunk of the chunked loss, or None for the model's own loss.
     """
+    if chunk_size is not None:
+        return _accumulate_chunked(model, batches, forward_kwargs, precision, scaler, step, chunk_size)
     tokens = sum(batch_tokens(b) for b in batches)
     total, n_step, virtual = 0.0, None, False
     for batch in batches:
@@ -109,3 +119,40 @@ def accumulate(model, batches: list[dict[str, torch.Tensor]], *, forward_kwargs:
         total += value * n / n_step
     n_step = n_step or 0
     return Accumulated(loss=total if n_step else None, tokens=tokens, supervised=n_step)
+
+
+def _accumulate_chunked(model, batches, forward_kwargs, precision, scaler, step: int,
+                        chunk_size: int) -> Accumulated:
+    """:func:`accumulate` with the chunked loss: micro-batch k backpropagates Σ_{t ∈ S_k} ℓ_t / N."""
+    tokens = sum(batch_tokens(b) for b in batches)
+    n_step = sum(supervised_tokens(b["labels"]) for b in batches)
+    total = 0.0
+    for batch in batches:
+        if supervised_tokens(batch["labels"]) == 0:
+            continue
+        with precision.autocast():
+            summed, _ = chunked_causal_lm_loss(model, batch, chunk_size=chunk_size, **forward_kwargs)
+        loss = summed / n_step  # this micro-batch's share of Σ ℓ / N
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise NonFinite(step, "loss", value * n_step / supervised_tokens(batch["labels"]))
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+        total += value
+    return Accumulated(loss=total if n_step else None, tokens=tokens, supervised=n_step)
+
+
+def loss_sum(model, batch: dict[str, torch.Tensor], forward_kwargs: dict,
+             chunk_size: int | None = None) -> tuple[float, int]:
+    """``(Σ ℓ, n)`` of one batch for evaluation (call under ``no_grad`` and autocast): the model's
+    mean times n, or the chunked sum when ``chunk_size`` is set.  n = 0: ``(0.0, 0)``."""
+    if chunk_size is not None:
+        summed, n = chunked_causal_lm_loss(model, batch, chunk_size=chunk_size, **forward_kwargs)
+        return float(summed), n
+    out = model(**batch, **forward_kwargs)
+    n = supervised_tokens(batch["labels"], has_virtual_prefix(out, batch["labels"]))
+    return (float(out.loss) * n if n else 0.0), n  # a batch with nothing supervised has loss 0/0
+
+
+def loss_kind(chunk_size: int | None) -> str:
+    """What the dashboard and ``TrainResult.final`` call the loss that ran."""
+    return "full" if chunk_size is None else f"chunked ({chunk_size} tokens)"

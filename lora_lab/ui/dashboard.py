@@ -10,7 +10,8 @@ Pass it to :func:`lora_lab.train` as a callback (or to ``transformers.Trainer`` 
 It shows train and eval loss (raw, smoothed, log-scale toggle), learning rate, grad norm, tokens/s,
 memory, a progress bar with ETA, and Stop / Pause-Resume / Save-now buttons.  The status line gives
 the last step's tokens/s (every non-padding token, prompts included) and, in brackets, its
-supervised tokens/s (only those the loss learns from).  Redraws are throttled (``redraw_every_s``,
+supervised tokens/s (only those the loss learns from), and which loss runs (``full`` or
+``chunked (C tokens)``: ``TrainSpec.chunked_loss``).  Redraws are throttled (``redraw_every_s``,
 default 2 a second) and long runs are thinned to ``max_points`` per trace, so plotting costs well
 under 3% of training time.  The figure stays after the run, and each run is
 kept: a second ``train(..., callbacks=[dash])`` overlays its curves on the first (resuming a run
@@ -263,7 +264,10 @@ class TrainingDashboard(widgets.VBox):
         if sup is not None:
             tps += (f" (<span title='tokens the loss is averaged over (labels ≠ -100) per second "
                     f"of the last step'>{sup:,.0f} supervised</span>)")
-        self.status.value = (f"{state.step}/{state.max_steps} · {loss}{ev}{tps} · "
+        kind = getattr(state, "loss_kind", None)
+        kind = (f" · <span title='which loss runs: full-vocabulary logits, or the LM head and "
+                f"loss over chunks of tokens (TrainSpec.chunked_loss)'>{kind} loss</span>") if kind else ""
+        self.status.value = (f"{state.step}/{state.max_steps} · {loss}{ev}{tps}{kind} · "
                              f"elapsed {_fmt_s(state.elapsed_s)} · ETA {_fmt_s(state.eta_s)} · "
                              f"<i>{what}</i>")
 

@@ -244,10 +244,13 @@ class AdapterDesigner(widgets.VBox):
         self._enable_controls()
         try:
             spec, quant = self.build()
-            est = estimate_from_facts(self._facts, spec, quant, batch_size=self.batch.value,
-                                      seq_len=self.seq_len.value,
-                                      gradient_checkpointing=self.checkpointing.value,
-                                      optimizer=self.optimizer.value, device=self._device_arg())
+            args = dict(batch_size=self.batch.value, seq_len=self.seq_len.value,
+                        gradient_checkpointing=self.checkpointing.value,
+                        optimizer=self.optimizer.value, device=self._device_arg())
+            est = estimate_from_facts(self._facts, spec, quant, **args)
+            # the other loss, for comparison: full-vocabulary logits vs the chunked loss
+            other = estimate_from_facts(self._facts, spec, quant, chunked_loss=est.loss_chunk is None,
+                                        **args)
         except LoraLabError as exc:
             self.error = str(exc)
             self.message.value = ("<div style='color:#b00020;white-space:pre-wrap'>⚠ "
@@ -256,7 +259,7 @@ class AdapterDesigner(widgets.VBox):
         self.error, self.message.value = "", ""
         self.spec, self.quant, self.estimate = spec, quant, est
         self.scaling_note.value = self._scaling_text(spec)
-        self.summary.value = self._summary(est, est.trainable[est.chosen])
+        self.summary.value = self._summary(est, est.trainable[est.chosen]) + self._loss_text(est, other)
         if hasattr(self, "live"):
             self._redraw(est)
 
@@ -279,6 +282,17 @@ class AdapterDesigner(widgets.VBox):
                 f"<b>adapter file</b> {est.adapter_file_bytes / 2**20:.2f} MiB<br>"
                 f"<b>{est.chosen}</b> on {est.device_text}: {est.verdict()}<br>{verdicts}"
                 f"{self._recipes(est)}{merge}")
+
+    @staticmethod
+    def _loss_text(est: MemoryEstimate, other: MemoryEstimate) -> str:
+        """Both losses side by side: the logits term and the need of the chosen scenario."""
+        parts = []
+        for e in sorted((est, other), key=lambda e: e.loss_chunk is None):
+            name = "full-vocabulary loss" if e.loss_chunk is None else f"chunked loss ({e.loss_chunk} tokens)"
+            mark = " (TrainSpec default)" if e is est else ""
+            parts.append(f"{name}{mark}: logits {e.scenarios[e.chosen]['logits'] / GIB:.2f} GiB, "
+                         f"need {e.need() / GIB:.1f} GiB <b>{e.verdict()}</b>")
+        return "<br><small><b>loss</b> " + " · ".join(parts) + "</small>"
 
     @staticmethod
     def _recipes(est: MemoryEstimate) -> str:

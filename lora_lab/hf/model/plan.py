@@ -99,6 +99,7 @@ class MemoryEstimate:
     precision: str = "bf16"
     grad_accum: int = 1
     recipes: dict = field(default_factory=dict, repr=False)   # scenario -> core.recipes.Recipe
+    loss_chunk: int | None = None     # tokens per chunk of the chunked loss; None: the full loss
 
     @property
     def breakdown(self) -> dict[str, float]:
@@ -261,7 +262,8 @@ def estimate_memory(model, adapter: AdapterSpec | None = None, quant=None,
                     gradient_checkpointing: bool = _TRAIN["gradient_checkpointing"],
                     optimizer: str = _TRAIN["optimizer"], device="T4", *,
                     padded: bool | None = None, precision: str = _TRAIN["precision"],
-                    grad_accum: int = _TRAIN["grad_accum"]) -> MemoryEstimate:
+                    grad_accum: int = _TRAIN["grad_accum"],
+                    chunked_loss=_TRAIN["chunked_loss"]) -> MemoryEstimate:
     """Estimate the memory of training ``adapter`` on ``model``, before loading anything.
 
     ``model``: a loaded model, a ``PretrainedConfig``, a local folder, a builtin name or a hub id
@@ -279,8 +281,12 @@ def estimate_memory(model, adapter: AdapterSpec | None = None, quant=None,
     under fp16 autocast (4 + 4 + 8 = 16 bytes/param for weights, gradients and AdamW), bf16 trains
     pure bf16 (2 + 2 + 4 = 8), fp32 trains fp32 (16); adapters are fp32 (16 per adapter param).
 
-    ``batch_size``, ``gradient_checkpointing``, ``optimizer``, ``precision`` and ``grad_accum``
-    default to :class:`~lora_lab.TrainSpec`'s defaults and ``seq_len`` to
+    ``chunked_loss``: True, False or ``"auto"`` (on for vocabularies ≥ 32k), as in
+    :class:`~lora_lab.TrainSpec`: the chunked loss holds one chunk of
+    ``TrainSpec.loss_chunk_size`` tokens of logits instead of all of them (``est.loss_chunk``).
+
+    ``batch_size``, ``gradient_checkpointing``, ``optimizer``, ``precision``, ``grad_accum`` and
+    ``chunked_loss`` default to :class:`~lora_lab.TrainSpec`'s defaults and ``seq_len`` to
     :class:`~lora_lab.DataSpec`'s ``max_length``, so the defaults estimate a default training run.
 
     Returns a :class:`MemoryEstimate` with full FT, the adapter on a 16-bit base and on the
@@ -296,7 +302,7 @@ def estimate_memory(model, adapter: AdapterSpec | None = None, quant=None,
                         "pass lora_lab.AdapterSpec(r=8)")
     return estimate_from_facts(model_facts(model), adapter, quant, batch_size, seq_len,
                                gradient_checkpointing, optimizer, device, padded=padded,
-                               precision=precision, grad_accum=grad_accum)
+                               precision=precision, grad_accum=grad_accum, chunked_loss=chunked_loss)
 
 
 def _attached_spec(model) -> AdapterSpec | None:
@@ -311,7 +317,8 @@ def estimate_from_facts(facts: ModelFacts, spec: AdapterSpec | None, quant=None,
                         gradient_checkpointing: bool = _TRAIN["gradient_checkpointing"],
                         optimizer: str = _TRAIN["optimizer"], device="T4", *,
                         padded: bool | None = None, precision: str = _TRAIN["precision"],
-                        grad_accum: int = _TRAIN["grad_accum"]) -> MemoryEstimate:
+                        grad_accum: int = _TRAIN["grad_accum"],
+                        chunked_loss=_TRAIN["chunked_loss"]) -> MemoryEstimate:
     """:func:`estimate_memory` on :class:`ModelFacts` already read (what a widget update calls);
     ``spec=None`` is full fine-tuning."""
     q = QuantSpec.parse(quant)
@@ -322,12 +329,16 @@ def estimate_from_facts(facts: ModelFacts, spec: AdapterSpec | None, quant=None,
                         "pass adapter=lora_lab.AdapterSpec(r=8) to train an adapter on the "
                         "quantized base (QLoRA), or quant=None for full fine-tuning")
     _check_args(batch_size, seq_len, optimizer, precision, grad_accum)
+    if not (isinstance(chunked_loss, bool) or chunked_loss == "auto"):
+        raise SpecError("estimate_memory", "chunked_loss", chunked_loss,
+                        "chunked_loss must be True, False or 'auto'", "pass chunked_loss='auto'")
     dev_label, dev_bytes = _device(device)
     prec = _precision(precision, q, dev_label)
     adapter = spec if spec is not None else AdapterSpec()
     count = count_adapter(facts, adapter)
     setup = {"batch": batch_size, "seq": seq_len, "checkpointing": gradient_checkpointing,
-             "optimizer": optimizer, "padded": padded, "grad_accum": grad_accum}
+             "optimizer": optimizer, "padded": padded, "grad_accum": grad_accum,
+             "loss_chunk": mem.resolve_loss_chunk(chunked_loss, facts.arch.vocab, _TRAIN["loss_chunk_size"])}
     est = _estimate(facts, adapter, q, count, setup, dev_label, dev_bytes, prec)
     return replace(est, chosen=FULL_FT) if spec is None else est
 
@@ -362,4 +373,5 @@ def _estimate(facts, spec, q, count, setup, dev_label, dev_bytes, prec):
         total_params=facts.total_params, adapter_file_bytes=count.params * 4, spec=spec, quant=q,
         batch_size=setup["batch"], seq_len=setup["seq"],
         gradient_checkpointing=bool(setup["checkpointing"]), optimizer=setup["optimizer"],
-        precision=prec[0], grad_accum=setup["grad_accum"], recipes=recipes)
+        precision=prec[0], grad_accum=setup["grad_accum"], recipes=recipes,
+        loss_chunk=setup["loss_chunk"])

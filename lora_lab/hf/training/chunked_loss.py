@@ -1,0 +1,170 @@
+"""A causal-LM loss that never holds the full-vocabulary logits: the LM head and the cross-entropy
+run over chunks of tokens, and each chunk is recomputed in the backward pass.
+
+The usual loss (transformers' ``ForCausalLMLoss``) computes, for a batch of B rows of T tokens::
+
+    h      = decoder(input_ids)                  (B, T, H)   final hidden states, after the norm
+    logits = lm_head(h).float()                  (B, T, V)   fp32, kept for the backward
+    loss   = Σ_t CE(logits[:, t], labels[:, t+1]) / n        labels ≠ -100 only; n of them
+
+so a step holds ``B·T·V`` logit values in 16-bit, their fp32 copy and the log-probs: about
+``12·B·T·V`` bytes, 12.6 GB for 4 × 2048 tokens of a 128k vocabulary (Llama 3), more than a 1B
+model's weights, activations and optimizer together.
+
+Here the ``N = B·(T-1)`` positions that have a next token are flattened and cut into chunks of
+``C`` tokens (the last one shorter).  For each chunk, under :func:`torch.utils.checkpoint.checkpoint`::
+
+    ℓ_chunk = Σ_{t ∈ chunk} CE(lm_head(h_t).float(), y_t)          (C, V) logits, freed at once
+
+The checkpoint keeps only the chunk's hidden states (a view of ``h``) and recomputes its logits
+when the backward reaches it, so at any moment at most one chunk's ``C·V`` logits (and their
+gradient) are alive: the extra peak is ``C·V·max(c + 8, 12)`` bytes (``c`` = bytes of the compute
+dtype, :func:`lora_lab.core.memory.logits_bytes`) instead of ``B·T·V·max(c + 8, 12)``.  The price
+is one more LM-head matmul per token (``2·H·V`` FLOPs) in the backward.
+
+The result is ``(Σ ℓ, n)``: the *sum* of the per-token losses and the number of supervised tokens,
+so that gradient accumulation can weight micro-batches by tokens exactly
+(:mod:`lora_lab.train.step`: ``loss_step = Σ ℓ / N_step``).  Same label shift as transformers (the
+label at t+1 for the logits at t), same ``ignore_index=-100``, same fp32 upcast, same autocast: the
+loss and gradients match ``model(**batch).loss`` to fp32 rounding (tested to 1e-5 relative).
+
+What it needs of the model: a causal LM whose logits are ``lm_head(decoder(...))`` — Llama,
+Mistral, Qwen, SmolLM, Phi-3 ... — with or without a peft wrapper (LoRA, DoRA, IA3: the adapters
+live inside the modules, so they run here too; an adapted or trainable ``lm_head`` is just another
+module called per chunk).  It refuses, with the reason, prompt-learning adapters (their virtual
+tokens are added by peft's forward, which this bypasses) and models that transform the logits
+after the head (Gemma 2/3's soft-capping, Cohere's ``logit_scale``, Granite's ``logits_scaling``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from ...core.memory import CHUNKED_LOSS_MIN_VOCAB, DEFAULT_LOSS_CHUNK
+from ...errors import TrainingError
+from .._peft import is_peft
+
+__all__ = ["DEFAULT_CHUNK_SIZE", "AUTO_MIN_VOCAB", "IGNORE_INDEX", "chunked_unsupported",
+           "chunked_causal_lm_loss", "check_chunk_size", "output_layer", "vocab_size",
+           "use_chunked"]
+
+IGNORE_INDEX = -100
+DEFAULT_CHUNK_SIZE = DEFAULT_LOSS_CHUNK
+"""Tokens per chunk.  At V = 128k one chunk costs 512·V·12 B ≈ 0.8 GB (fp16 compute) against
+12.6 GB for the full logits of 4 × 2048 tokens, and a (512 × H)·(H × V) matmul still keeps a GPU
+busy, so recomputing the head costs no more than its FLOPs."""
+AUTO_MIN_VOCAB = CHUNKED_LOSS_MIN_VOCAB
+"""``chunked_loss="auto"`` turns it on from this vocabulary size (Llama 2, Mistral: 32k; SmolLM2:
+49k; Qwen: 151k; Llama 3: 128k).  There the full logits cost ``12·V`` = 384 kB per token or more,
+several times a small model's per-token activations, while the recomputed head adds at most ~10%
+to a step.  Below it (GPT-2-sized toy vocabularies, lora_lab's builtin models) the logits are small
+and the plain loss is kept."""
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+
+
+def check_chunk_size(chunk_size) -> int:
+    """``chunk_size`` when it is a positive integer, else a :class:`TrainingError` with the fix."""
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise TrainingError(f"The loss chunk size must be a positive number of tokens, not "
+                            f"{chunk_size!r}.",
+                            f"pass loss_chunk_size={DEFAULT_CHUNK_SIZE} (any positive integer: "
+                            "it need not divide the sequence length; the last chunk is shorter)")
+    return chunk_size
+
+
+def _causal_lm(model):
+    """The transformers model under a peft wrapper (or ``model`` itself)."""
+    return model.get_base_model() if is_peft(model) else model
+
+
+def chunked_unsupported(model) -> str | None:
+    """Why the chunked loss cannot run on ``model`` (a sentence), or None when it can."""
+    config = getattr(model, "active_peft_config", None)
+    if getattr(config, "is_prompt_learning", False):
+        return (f"its {config.peft_type.value if hasattr(config.peft_type, 'value') else config.peft_type} "
+                "adapter adds virtual tokens in peft's forward, which the chunked loss bypasses")
+    lm = _causal_lm(model)
+    cfg = getattr(lm, "config", None)
+    for name in _LOGIT_TRANSFORMS:
+        value = getattr(cfg, name, None)
+        if value not in (None, 1, 1.0):
+            return f"{type(lm).__name__} transforms its logits after the LM head ({name}={value})"
+    get_head, get_decoder = getattr(lm, "get_output_embeddings", None), getattr(lm, "get_decoder", None)
+    head = get_head() if callable(get_head) else None
+    decoder = get_decoder() if callable(get_decoder) else None
+    if head is None or decoder is None or decoder is lm:
+        return (f"{type(lm).__name__} does not expose its output layer and decoder "
+                "(get_output_embeddings() and get_decoder())")
+    return None
+
+
+def output_layer(model):
+    """``(decoder, lm_head)`` of a causal LM (peft-wrapped or not), or a :class:`TrainingError`."""
+    why = chunked_unsupported(model)
+    if why is not None:
+        raise TrainingError(f"The chunked loss cannot run on this model: {why}.",
+                            "train with TrainSpec(chunked_loss=False) (the full-vocabulary loss)")
+    lm = _causal_lm(model)
+    return lm.get_decoder(), lm.get_output_embeddings()
+
+
+def vocab_size(model) -> int | None:
+    """The number of logits per token (the LM head's outputs), or None when there is no head."""
+    get_head = getattr(_causal_lm(model), "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    weight = getattr(head, "weight", None)
+    if weight is not None and weight.dim() == 2:
+        return int(weight.shape[0])
+    return getattr(getattr(model, "config", None), "vocab_size", None)
+
+
+def use_chunked(setting, model) -> bool:
+    """Resolve ``TrainSpec.chunked_loss`` for ``model``: True/False as given (True on a model that
+    cannot refuses with the reason); ``"auto"``: on when the vocabulary is ≥ :data:`AUTO_MIN_VOCAB`
+    and the model supports it."""
+    if setting == "auto":
+        return (vocab_size(model) or 0) >= AUTO_MIN_VOCAB and chunked_unsupported(model) is None
+    if setting:
+        output_layer(model)  # raises with the reason
+    return bool(setting)
+
+
+def _chunk_loss(head, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Σ CE over one chunk: hidden (C, H), targets (C,) → a scalar; the (C, V) logits die here."""
+    logits = head(hidden).float()
+    return F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def chunked_causal_lm_loss(model, batch: dict, *, chunk_size: int = DEFAULT_CHUNK_SIZE,
+                           **forward_kwargs) -> tuple[torch.Tensor, int]:
+    """``(Σ ℓ, n)`` of a causal-LM batch, one chunk of ``chunk_size`` tokens of logits at a time.
+
+    ``batch``: ``input_ids`` and ``labels`` (B, T), plus ``attention_mask`` or ``position_ids``
+    (packed rows), passed to the decoder as the model's own forward would.  ``Σ ℓ``: a fp32 scalar,
+    the summed cross-entropy over the n supervised tokens (``labels[:, 1:] != -100``); divide it
+    by n (or by the step's N) for the mean.  Under autocast the head runs in the autocast dtype
+    and the loss in fp32, as in transformers.  With gradients enabled each chunk is checkpointed
+    (module docstring); without (evaluation), chunks are simply computed one after another.
+    """
+    chunk_size = check_chunk_size(chunk_size)
+    decoder, head = output_layer(model)
+    labels = batch["labels"]
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    hidden = decoder(**inputs, **forward_kwargs).last_hidden_state             # (B, T, H)
+    hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])                      # (N, H), N = B·(T-1)
+    targets = labels[:, 1:].reshape(-1).to(hidden.device)                      # (N,): next tokens
+    n = int((targets != IGNORE_INDEX).sum())
+    total = hidden.new_zeros((), dtype=torch.float32)
+    grad = torch.is_grad_enabled()
+    for start in range(0, targets.numel(), chunk_size):
+        h, y = hidden[start:start + chunk_size], targets[start:start + chunk_size]
+        if not bool((y != IGNORE_INDEX).any()):
+            continue  # nothing supervised in this chunk: its loss and gradient are 0
+        if grad:
+            part = checkpoint(_chunk_loss, head, h, y, use_reentrant=False)
+        else:
+            part = _chunk_loss(head, h, y)
+        total = total + part
+    return total, n

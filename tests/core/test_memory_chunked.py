@@ -1,0 +1,55 @@
+"""The planner's chunked-loss term: one chunk of logits instead of all, the rule of
+``TrainSpec(chunked_loss="auto")``, and both numbers in the designer."""
+
+from __future__ import annotations
+
+import pytest
+from transformers import LlamaConfig
+
+import lora_lab as ll
+from lora_lab.core import memory as mem
+from lora_lab.errors import SpecError
+
+ARCH = mem.Architecture(hidden=2048, intermediate=8192, layers=16, heads=32, kv_heads=8, head_dim=64,
+                        vocab=128_256, tied_embeddings=True)
+LLAMA_1B = LlamaConfig(vocab_size=128_256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                       num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=True)
+
+
+def test_logits_term_is_one_chunk():
+    assert mem.logits_bytes(ARCH, 4, 2048, 2) == 4 * 2048 * 128_256 * 12
+    assert mem.logits_bytes(ARCH, 4, 2048, 2, chunk=512) == 512 * 128_256 * 12
+    assert mem.logits_bytes(ARCH, 1, 100, 4, chunk=512) == mem.logits_bytes(ARCH, 1, 100, 4)  # T < C
+
+
+def test_auto_rule_and_defaults_match_trainspec():
+    spec = ll.TrainSpec()
+    assert spec.chunked_loss is False and spec.loss_chunk_size == mem.DEFAULT_LOSS_CHUNK
+    from lora_lab.hf.training.chunked_loss import AUTO_MIN_VOCAB, DEFAULT_CHUNK_SIZE
+    assert (AUTO_MIN_VOCAB, DEFAULT_CHUNK_SIZE) == (mem.CHUNKED_LOSS_MIN_VOCAB, mem.DEFAULT_LOSS_CHUNK)
+    assert mem.resolve_loss_chunk("auto", 128_256) == 512
+    assert mem.resolve_loss_chunk("auto", 31_999) is None
+    assert mem.resolve_loss_chunk(True, 100, 64) == 64 and mem.resolve_loss_chunk(False, 10**6) is None
+
+
+def test_estimate_memory_models_the_chunked_loss():
+    """Llama-3.2-1B LoRA, 4 × 2048 on a T4: the logits drop from 11.7 GiB to 0.73 GiB."""
+    kw = dict(adapter=ll.AdapterSpec(r=16), batch_size=4, seq_len=2048, device="T4")
+    full = ll.estimate_memory(LLAMA_1B, chunked_loss=False, **kw)
+    chunked = ll.estimate_memory(LLAMA_1B, chunked_loss=True, **kw)
+    auto = ll.estimate_memory(LLAMA_1B, chunked_loss="auto", **kw)
+    assert ll.estimate_memory(LLAMA_1B, **kw).loss_chunk is None  # TrainSpec's default: off
+    assert full.loss_chunk is None and chunked.loss_chunk == auto.loss_chunk == 512
+    lf, lc = full.scenarios[full.chosen]["logits"], chunked.scenarios[chunked.chosen]["logits"]
+    assert lf == 4 * 2048 * 128_256 * 12 and lc == 512 * 128_256 * 12
+    assert full.need() - chunked.need() == pytest.approx((lf - lc) * 1.10, rel=1e-9)  # + 10% allocator
+    with pytest.raises(SpecError, match="chunked_loss"):
+        ll.estimate_memory(LLAMA_1B, chunked_loss="yes", **kw)
+
+
+def test_designer_shows_both_losses():
+    from lora_lab.ui.designer import AdapterDesigner
+
+    d = AdapterDesigner(LLAMA_1B, static=True)
+    text = d.summary.value
+    assert "full-vocabulary loss (TrainSpec default)" in text and "chunked loss (512 tokens):" in text
