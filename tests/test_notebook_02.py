@@ -3,10 +3,11 @@
 Bounds measured with RANKS=(1, 8), STEPS=300, SEED=0 on CPU (subtract, 200 held-out rows):
 accuracy r=1 0.105, r=8 0.405; r=8 compressed to its median k90 (3) 0.255; median φ(1, 1) between
 the r=1 and r=8 adapters 0.036 against a random baseline of 1/128 = 0.0078.  About 45 s.
+Re-measured 2026-12 with the paper's φ (LoRA §7.2, singular vectors of A): accuracy r=1 0.08, r=8
+0.51, compressed 0.34; median φ(1, 1) 0.039 from A, 0.042 ordered by ΔW; φ(1, 8) 0.144 from both.
 """
 
 import pytest
-
 from notebook_runner import run_notebook
 
 
@@ -15,7 +16,7 @@ def test_choosing_rank_notebook_measures_rank(tmp_path):
     values, nb = run_notebook(
         "02_choosing_rank.ipynb", {"RANKS": (1, 8), "STEPS": 300}, cwd=tmp_path,
         probe=("sweep_table_rows", "acc_by_rank", "acc_high", "acc_compressed", "K",
-               "phi_top", "phi_random"))
+               "phi_top", "phi_random", "phi_top_delta", "phi_full", "phi_full_delta"))
     errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs
               if o.output_type == "error"]
     assert not errors, errors
@@ -32,3 +33,6 @@ def test_choosing_rank_notebook_measures_rank(tmp_path):
     # subspace similarity of the top directions: a valid φ, well above two random directions
     assert 0 < values["phi_top"] <= 1, values
     assert values["phi_top"] > 2 * values["phi_random"], values
+    assert 0 < values["phi_top_delta"] <= 1, values
+    # at full rank (φ(r_low, r_high)) A's and ΔW's singular vectors span the same space: equal φ
+    assert abs(values["phi_full"] - values["phi_full_delta"]) < 1e-6, values

@@ -25,12 +25,18 @@ Metrics on a spectrum σ₁ ≥ σ₂ ≥ … ≥ 0 (all in :class:`Spectrum`):
 * energy at k: Σ_{i ≤ k} σ_i² / Σ σ_i², the share of ‖ΔW‖²_F kept by the best rank-k truncation
   (Eckart–Young), so the truncation's relative error is √(1 − energy(k)).
 
-Subspace similarity and amplification (LoRA paper §7.2 and §7.3) are here too; the randomized SVD
-for deltas that are not low-rank is in :mod:`lora_lab.core.randomized`.
+Subspace similarity and amplification (LoRA paper §7.2 and §7.3) are here too.
+
+DoRA (Liu et al. 2024, §4) is the exception to "ΔW = s·B·A": its layer computes
+W' = m · (W + s·B·A) / ‖W + s·B·A‖_c with a learned magnitude m, so the true update W' − W is in
+general full rank and its spectrum must be computed densely (:func:`dora_delta`,
+:meth:`Spectrum.from_matrix`).  The randomized SVD for other deltas that are not low-rank is in
+:mod:`lora_lab.core.randomized`.
 """
 
 from __future__ import annotations
 
+import html
 import math
 from dataclasses import dataclass, field
 
@@ -41,6 +47,8 @@ __all__ = [
     "Amplification",
     "lowrank_svd",
     "lowrank_svdvals",
+    "dora_delta",
+    "singular_directions",
     "effective_rank",
     "stable_rank",
     "energy_at",
@@ -88,6 +96,34 @@ def lowrank_svdvals(B: torch.Tensor, A: torch.Tensor, scale: float = 1.0, *,
     """
     _, core, _ = _core(B, A, scale, dtype)
     return torch.linalg.svdvals(core)
+
+
+def dora_delta(W: torch.Tensor, B: torch.Tensor, A: torch.Tensor, scale: float,
+               magnitude: torch.Tensor, *, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """The true update W' − W (out × in, dense) of a DoRA layer.
+
+    DoRA (Liu et al. 2024, §4) splits the weight into a magnitude and a direction:
+
+        W' = m · (W + s·B·A) / ‖W + s·B·A‖_c
+
+    W: (out × in) base weight, B: (out × r), A: (r × in), m: (out,) the learned magnitude.  ‖·‖_c is
+    the norm of each weight vector of one output feature (a column in the paper's d × k layout, a row
+    of peft's out × in weight: ``torch.linalg.norm(W + s·B·A, dim=1)``).  With g = m / ‖W + s·B·A‖_c:
+
+        W' − W = (g − 1) ⊙ W + g ⊙ s·B·A        (⊙: row i scaled by g_i)
+
+    which is computed in this form (in ``dtype``, float64 by default), not as a difference of two
+    nearly equal matrices.  At init m = ‖W‖_c and B = 0, so g = 1 and the update is 0; once m moves,
+    (g − 1) ⊙ W = diag(g − 1) · W carries the rank of W: the update is full rank, not rank r, and
+    s·B·A alone can be far from it.  Cost O(out · in · r); its spectrum needs a dense SVD.
+    """
+    if tuple(W.shape) != (B.shape[0], A.shape[1]) or magnitude.numel() != W.shape[0]:
+        raise ValueError(f"dora_delta needs W: (out × in), B: (out × r), A: (r × in), m: (out,); got "
+                         f"W {tuple(W.shape)}, B {tuple(B.shape)}, A {tuple(A.shape)}, "
+                         f"m {tuple(magnitude.shape)}.  Pass the base weight as (out × in).")
+    W, lora = W.to(dtype), float(scale) * (B.to(dtype) @ A.to(dtype))
+    g = magnitude.to(dtype).flatten() / torch.linalg.norm(W + lora, dim=1)     # (out,)
+    return (g - 1)[:, None] * W + g[:, None] * lora
 
 
 # ----------------------------------------------------------------------------- metrics on σ
@@ -152,12 +188,15 @@ class Spectrum:
     """Singular values of one weight update ΔW (m × n), with the usual rank metrics.
 
     ``values``: float64 CPU tensor, descending.  ``shape``: (m, n) of ΔW.  ``name``: optional label.
-    Build with :meth:`from_factors` (LoRA factors) or :meth:`from_values`.
+    ``note``: what ΔW is when it is not the plain s·B·A (e.g. ``"DoRA: true ΔW incl. magnitude (full
+    rank)"``); every repr and figure shows it.  Build with :meth:`from_factors` (LoRA factors),
+    :meth:`from_matrix` (a dense ΔW, e.g. :func:`dora_delta`) or :meth:`from_values`.
     """
 
     values: torch.Tensor
     shape: tuple[int, int]
     name: str = ""
+    note: str = ""
     effective_rank: float = field(init=False)
     stable_rank: float = field(init=False)
     cumulative_energy: torch.Tensor = field(init=False, repr=False)
@@ -176,8 +215,17 @@ class Spectrum:
         return cls(lowrank_svdvals(B, A, scale), (B.shape[0], A.shape[1]), name)
 
     @classmethod
-    def from_values(cls, values, shape, name: str = "") -> "Spectrum":
-        return cls(torch.as_tensor(values), tuple(shape), name)
+    def from_matrix(cls, delta: torch.Tensor, name: str = "", note: str = "") -> "Spectrum":
+        """Spectrum of a dense ΔW (m × n): ``torch.linalg.svdvals`` in float64, all min(m, n)
+        values.  O(m · n · min(m, n)): for updates with no low-rank factors, such as DoRA's."""
+        if delta.ndim != 2:
+            raise ValueError(f"from_matrix needs a 2-D ΔW; got shape {tuple(delta.shape)}.")
+        values = torch.linalg.svdvals(delta.detach().to(torch.float64))
+        return cls(values, tuple(delta.shape), name, note)
+
+    @classmethod
+    def from_values(cls, values, shape, name: str = "", note: str = "") -> "Spectrum":
+        return cls(torch.as_tensor(values), tuple(shape), name, note)
 
     @property
     def top(self) -> float:
@@ -218,9 +266,10 @@ class Spectrum:
     def __repr__(self) -> str:
         m, n = self.shape
         label = f"{self.name}: " if self.name else ""
+        note = f", {self.note}" if self.note else ""
         return (f"Spectrum({label}{m}×{n}, {len(self.values)} values, σ₁={self.top:.4g}, "
                 f"effective rank {self.effective_rank:.2f}, stable rank {self.stable_rank:.2f}, "
-                f"k90={self.rank_for_energy(0.9)}, k99={self.rank_for_energy(0.99)})")
+                f"k90={self.rank_for_energy(0.9)}, k99={self.rank_for_energy(0.99)}{note})")
 
     def _repr_html_(self) -> str:
         s = self.values[: 64]
@@ -237,6 +286,8 @@ class Spectrum:
                  f"{self.rank_for_energy(0.9)} / {self.rank_for_energy(0.99)}")]
         body = "".join(f"<tr><td>{k}</td><td>{v}</td></tr>" for k, v in rows)
         title = f"<b>Spectrum {self.name}</b>" if self.name else "<b>Spectrum</b>"
+        if self.note:
+            title += f" <i>({html.escape(self.note)})</i>"
         return f"<div>{title}<br>{svg}<table>{body}</table></div>"
 
 
@@ -247,14 +298,38 @@ def _orthonormal_columns(U: torch.Tensor, name: str) -> torch.Tensor:
     return U.to(torch.float64)
 
 
+def singular_directions(M: torch.Tensor, side: str = "right", *,
+                        dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """M's singular vectors as orthonormal columns, sorted by M's own singular values, descending.
+
+    M: (p × q).  ``side="right"``: V (q × k), the columns of Vᵀ's rows; ``"left"``: U (p × k).
+    Directions whose σ is at rounding level (σ ≤ max(p, q) · eps · σ₁, eps of M's dtype: numpy's
+    matrix_rank rule) are dropped, so k is M's numerical rank (0 for a zero M).
+
+    The LoRA paper's subspace similarity (§7.2) takes these of the factor A (r × in), ``side="right"``:
+    U_A = the right-singular unitary matrix of A, columns ordered by A's singular values.
+    """
+    if M.ndim != 2 or side not in ("right", "left"):
+        raise ValueError(f"singular_directions needs a 2-D matrix and side 'right' or 'left'; got "
+                         f"shape {tuple(M.shape)}, side={side!r}.")
+    U, S, Vh = torch.linalg.svd(M.detach().to(dtype), full_matrices=False)
+    eps = torch.finfo(M.dtype).eps if M.dtype.is_floating_point else torch.finfo(dtype).eps
+    keep = int((S > S[0] * max(M.shape) * eps).sum()) if S.numel() and S[0] > 0 else 0
+    return Vh[:keep].T if side == "right" else U[:, :keep]
+
+
 def subspace_similarity_grid(U1: torch.Tensor, U2: torch.Tensor) -> torch.Tensor:
     """φ(U1, U2, i, j) for all i ≤ k1, j ≤ k2 (LoRA paper §7.2, figures 3 and 4).
 
-    U1: (d × k1), U2: (d × k2), orthonormal columns sorted by singular value (e.g. the right
-    singular vectors ``Vh.T`` of two adapters' ΔW for the same module).  Returns a (k1 × k2) float64
-    grid with grid[i-1, j-1] = ‖U1[:, :i]ᵀ U2[:, :j]‖²_F / min(i, j), in [0, 1]: 1 when one span
-    contains the other, about max(i, j) / d for random subspaces.  One k1 × k2 product plus a 2-D
-    cumulative sum, so O(d · k1 · k2).
+    U1: (d × k1), U2: (d × k2), orthonormal columns sorted by singular value.  The paper's φ takes
+    U = the right singular vectors of each adapter's A (r × in), ordered by A's singular values:
+    ``singular_directions(A)``.  The right singular vectors of ΔW = s·B·A (``Vh.T`` of
+    :func:`lowrank_svd`) span the same space when B has full column rank, so φ(r1, r2) agrees, but
+    they are ordered by ΔW's singular values, so φ(i, j) below full rank differs.
+
+    Returns a (k1 × k2) float64 grid with grid[i-1, j-1] = ‖U1[:, :i]ᵀ U2[:, :j]‖²_F / min(i, j),
+    in [0, 1]: 1 when one span contains the other, about max(i, j) / d for random subspaces.  One
+    k1 × k2 product plus a 2-D cumulative sum, so O(d · k1 · k2).
     """
     U1, U2 = _orthonormal_columns(U1, "U1"), _orthonormal_columns(U2, "U2")
     if U1.shape[0] != U2.shape[0]:

@@ -27,6 +27,10 @@ module); a slider move reads precomputed arrays (:class:`lora_lab.core.rank_cut.
 one batched figure update (under 50 ms for a 224-module 7B-shaped adapter, see
 ``benchmarks/rank_explorer.py``).
 Refusals (a rank the adapter cannot be cut to, a DoRA adapter, a name already taken) show inline.
+
+DoRA adapters (Liu et al. 2024, §4: W' = m · (W + s·B·A) / ‖W + s·B·A‖_c) are explored through
+their true update W' − W, learned magnitude included: it is full rank, so "energy at k" says how
+much of it a rank-k update could hold.  Every view says so (summary, heatmap and spectrum titles).
 """
 
 from __future__ import annotations
@@ -41,10 +45,15 @@ import traitlets
 
 from ..core.rank_cut import CutGrid, diagonal_phi
 from ..errors import AdapterError, LoraLabError
-from ..hf.spectra.analysis import (AdapterComparison, AdapterSpectra, adapter_spectra,
-                                   compare_adapters)
+from ..hf.spectra.analysis import (
+    DORA_NOTE,
+    AdapterComparison,
+    AdapterSpectra,
+    adapter_spectra,
+    compare_adapters,
+)
 from ..hf.spectra.compress import compress_adapter
-from ..viz.spectrum import METRIC_LABELS, phi_figure, spectrum_figure
+from ..viz.spectrum import METRIC_LABELS, phi_figure, spectrum_figure, with_notes
 from ..viz.sweep import cut_heatmap
 from .figure import LiveFigure
 
@@ -55,6 +64,8 @@ TABLE_METRICS = ("effective_rank", "stable_rank", "k90", "k99", "top_sigma")
 PHI_METRICS = ("phi_top", "phi_mean")
 _LABELS = {**METRIC_LABELS, "phi_at_k": "φ(k, k) between the two adapters"}
 FIG_WIDTH, FIG_HEIGHT = 560, 440
+_DORA_HINT = (": the learned magnitude makes each layer's real update W' − W full rank, so a rank-k "
+              "cut cannot hold all of it, and compress_adapter refuses DoRA.")
 
 
 @dataclass(frozen=True, eq=False)
@@ -223,7 +234,9 @@ class RankExplorer(widgets.VBox):
         return self._table[metric].to_numpy(float)
 
     def _label(self, metric: str, k: int) -> str:
-        return _LABELS[metric] + (f" (k={k})" if metric in K_METRICS else "")
+        label = _LABELS[metric] + (f" (k={k})" if metric in K_METRICS else "")
+        phi = metric == "phi_at_k" or metric in PHI_METRICS
+        return with_notes(label, self.comparison.notes if phi else self.spectra.notes)
 
     # ------------------------------------------------------------------ figures
     def _heatmap_figure(self, k: int):
@@ -233,7 +246,8 @@ class RankExplorer(widgets.VBox):
 
     def _detail_title(self, k: int) -> str:
         s = self.spectra[self.module.value]
-        return f"{self.module.value} — rank {k} keeps {s.energy_at(k):.1%} of the energy"
+        return with_notes(f"{self.module.value} — rank {k} keeps {s.energy_at(k):.1%} of the energy",
+                          [s.note])
 
     def _detail_figure(self, k: int):
         fig = spectrum_figure(self.spectra[self.module.value], k)
@@ -289,12 +303,14 @@ class RankExplorer(widgets.VBox):
         if not self.cut.frob2.any():
             return ("<b>ΔW = 0 in every module</b>: the adapter is untrained (peft starts with "
                     "B = 0), so there is nothing to cut yet.  Train it first (lora_lab.train).")
+        dora = "".join(f"<br><b>{html.escape(n, quote=False)}</b>"
+                       + (_DORA_HINT if n == DORA_NOTE else "") for n in self.spectra.notes)
         return (f"<b>rank {k}</b> of r = {self.cut.max_rank} keeps <b>{self.energy_kept:.1%}</b> "
                 f"of the adapter's ‖ΔW‖² (per module: min {energies.min():.1%}, median "
                 f"{np.median(energies):.1%}) · estimated ΔW error √(1 − energy): median "
                 f"<b>{self.relative_error:.3g}</b>, max {errors.max():.3g} · LoRA parameters "
                 f"<b>{self.parameters:,}</b> of {self._full_params:,} "
-                f"({self.parameters / max(self._full_params, 1):.0%})")
+                f"({self.parameters / max(self._full_params, 1):.0%}){dora}")
 
     # ------------------------------------------------------------------ actions
     def _show(self, text: str) -> None:

@@ -7,6 +7,8 @@
 * :func:`spectrum_evolution_figure` — how σ_i and the effective rank move over training steps.
 
 Arrays are passed to plotly as numpy arrays (cheaper to serialise and update than lists).
+A spectrum that is not of the plain ΔW = s·B·A carries a note (for DoRA, "DoRA: true ΔW = W' − W
+incl. magnitude (full rank)"), and every figure drawn from it puts the note in its title.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ __all__ = [
     "spectrum_evolution_figure",
     "spectrum_figure",
     "spectrum_heatmap",
+    "with_notes",
 ]
 
 CELL_TEXT_MAX_ROWS = 16
@@ -49,11 +52,28 @@ def _np(x) -> np.ndarray:
     return np.asarray(x.detach().cpu() if hasattr(x, "detach") else x, dtype=float)
 
 
+def with_notes(title: str, notes) -> str:
+    """``title`` followed by each note in brackets, unless the title already says it."""
+    extra = [n for n in dict.fromkeys(notes) if n and n not in title]
+    return title + "".join(f" [{n}]" for n in extra)
+
+
+def _table_notes(source, frame: pd.DataFrame) -> list:
+    """The result's own ``notes`` (AdapterSpectra, AdapterComparison), or from a bare table's
+    ``dora`` column."""
+    if hasattr(source, "notes"):
+        return list(source.notes)
+    if "dora" in frame.columns and frame["dora"].fillna(False).astype(bool).any():
+        return ["DoRA modules included"]
+    return []
+
+
 def spectrum_figure(spectrum, k: int | None = None, title: str | None = None) -> go.Figure:
     """σ_i (bars, log y) and cumulative energy Σ_{j ≤ i} σ_j² / Σ σ_j² (line, right axis, 0–1).
 
     ``spectrum``: a :class:`~lora_lab.core.spectrum.Spectrum`.  ``k`` draws a cut at rank k and puts
-    the energy kept there in the title.  Zero singular values are left out of the log axis.
+    the energy kept there in the title.  Zero singular values are left out of the log axis.  The
+    spectrum's ``note`` (e.g. DoRA's true ΔW) is always in the title.
     """
     sigma = spectrum.numpy()
     index = np.arange(1, len(sigma) + 1)
@@ -67,7 +87,8 @@ def spectrum_figure(spectrum, k: int | None = None, title: str | None = None) ->
         fig.add_vline(x=k + 0.5, line_dash="dash", line_color="grey")
         head += f" — rank {k} keeps {spectrum.energy_at(k):.1%} of the energy"
     fig.update_layout(
-        title=head, xaxis={"title": "i (singular value index)"},
+        title=with_notes(head, [getattr(spectrum, "note", "")]),
+        xaxis={"title": "i (singular value index)"},
         yaxis={"title": "σ_i", "type": "log"},
         yaxis2={"title": "energy", "overlaying": "y", "side": "right", "range": [0, 1.05]},
         legend={"orientation": "h", "y": -0.2}, bargap=0.1)
@@ -122,7 +143,8 @@ def spectrum_heatmap(source, metric: str = "effective_rank", k: int | None = Non
         colorbar={"title": label}, text=np.round(z, 3) if cell_text else None,
         texttemplate="%{text}" if cell_text else None,
         hovertemplate="layer %{y}, %{x}: %{z:.4g}<extra></extra>"))
-    fig.update_layout(title=title or label, xaxis_title="module type",
+    fig.update_layout(title=with_notes(title or label, _table_notes(source, frame)),
+                      xaxis_title="module type",
                       yaxis={"title": "layer", "autorange": "reversed"})
     return fig
 
@@ -152,7 +174,8 @@ def phi_figure(grid, title: str | None = None, labels: tuple[str, str] = ("adapt
 def spectrum_evolution_figure(snapshots, top: int = 8, title: str | None = None) -> go.Figure:
     """σ_1..σ_top over training steps (log y) and the effective rank (right axis).
 
-    ``snapshots``: a sequence of ``(step, Spectrum)`` pairs, e.g. from a spectrum probe.
+    ``snapshots``: a sequence of ``(step, Spectrum)`` pairs, e.g. from a spectrum probe.  The
+    spectra's notes (e.g. DoRA's true ΔW) go in the title.
     """
     snapshots = sorted(snapshots, key=lambda pair: pair[0])
     steps = np.array([s for s, _ in snapshots], dtype=float)
@@ -164,7 +187,8 @@ def spectrum_evolution_figure(snapshots, top: int = 8, title: str | None = None)
     fig.add_scatter(x=steps, y=np.array([sp.effective_rank for _, sp in snapshots]),
                     mode="lines+markers", name="effective rank", yaxis="y2",
                     line={"color": "black", "dash": "dot"})
-    fig.update_layout(title=title or "spectrum over training", xaxis_title="step",
+    notes = [getattr(sp, "note", "") for _, sp in snapshots]
+    fig.update_layout(title=with_notes(title or "spectrum over training", notes), xaxis_title="step",
                       yaxis={"title": "σ_i", "type": "log"},
                       yaxis2={"title": "effective rank", "overlaying": "y", "side": "right",
                               "rangemode": "tozero"},

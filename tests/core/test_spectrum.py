@@ -8,9 +8,20 @@ import pytest
 import torch
 
 from lora_lab.core.randomized import randomized_svd, randomized_svdvals
-from lora_lab.core.spectrum import (Spectrum, amplification_factor, effective_rank, energy_at,
-                                    lowrank_svd, lowrank_svdvals, rank_for_energy, stable_rank,
-                                    subspace_similarity, subspace_similarity_grid)
+from lora_lab.core.spectrum import (
+    Spectrum,
+    amplification_factor,
+    dora_delta,
+    effective_rank,
+    energy_at,
+    lowrank_svd,
+    lowrank_svdvals,
+    rank_for_energy,
+    singular_directions,
+    stable_rank,
+    subspace_similarity,
+    subspace_similarity_grid,
+)
 
 
 def dense_svdvals(B, A, scale=1.0):
@@ -39,7 +50,8 @@ def test_rank_deficient_factors():
     assert torch.all(got[3:] < 1e-10 * got[0]) and got[2] > 1e-3 * got[0]
     assert Spectrum.from_factors(B, A).numerical_rank == 3
     # A with a zero row, and an all-zero B (a freshly initialised LoRA adapter)
-    A0 = A.clone(); A0[5] = 0
+    A0 = A.clone()
+    A0[5] = 0
     torch.testing.assert_close(lowrank_svdvals(torch.randn(50, 8), A0)[7], torch.tensor(0.0,
                                dtype=torch.float64), atol=1e-9, rtol=0)
     zero = Spectrum.from_factors(torch.zeros(50, 8), A)
@@ -168,3 +180,90 @@ def test_randomized_svd_matches_dense_on_decaying_spectrum():
     assert float((M - cut).norm()) == pytest.approx(best, rel=1e-4)
     with pytest.raises(ValueError, match="k = 0"):
         randomized_svd(M, 0)
+
+
+# ----------------------------------------------------------------------------- LoRA §7.2: φ of A
+def test_singular_directions_are_svd_columns_in_the_matrix_order():
+    gen = torch.Generator().manual_seed(3)
+    A = torch.randn(5, 40, generator=gen)
+    U, S, Vh = torch.linalg.svd(A.double(), full_matrices=False)
+    V = singular_directions(A)
+    assert V.shape == (40, 5) and V.dtype == torch.float64
+    torch.testing.assert_close(V.T @ V, torch.eye(5, dtype=torch.float64))
+    torch.testing.assert_close((V.T @ Vh.T).abs(), torch.eye(5, dtype=torch.float64))  # up to sign
+    left = singular_directions(A.T, "left")                 # the same vectors, up to sign
+    torch.testing.assert_close((left.T @ V).abs(), torch.eye(5, dtype=torch.float64))
+    deficient = torch.cat([A[:3], A[:2] * 2.0])            # rank 3: two rounding-level directions
+    assert singular_directions(deficient).shape == (40, 3)
+    assert singular_directions(torch.zeros(4, 10)).shape == (10, 0)
+    with pytest.raises(ValueError, match="side"):
+        singular_directions(A, "up")
+
+
+def _paper_phi(A1, A2):
+    """LoRA §7.2 written out: U_A = right singular vectors of A (torch.linalg.svd, A's order)."""
+    V1 = torch.linalg.svd(A1.double(), full_matrices=False).Vh.T
+    V2 = torch.linalg.svd(A2.double(), full_matrices=False).Vh.T
+    return torch.tensor([[float(torch.linalg.matrix_norm(V1[:, :i].T @ V2[:, :j]) ** 2 / min(i, j))
+                          for j in range(1, V2.shape[1] + 1)] for i in range(1, V1.shape[1] + 1)],
+                        dtype=torch.float64)
+
+
+def test_paper_phi_of_A_differs_from_delta_phi_below_full_rank():
+    # A = D_a Vᵀ and B = U D_b: A orders V's columns by d_a, ΔW = U (D_b D_a) Vᵀ by d_b · d_a,
+    # which reverses the order here.  A second adapter with the same V in A's order:
+    gen = torch.Generator().manual_seed(0)
+    V = torch.linalg.qr(torch.randn(50, 4, generator=gen, dtype=torch.float64)).Q
+    U = torch.linalg.qr(torch.randn(30, 4, generator=gen, dtype=torch.float64)).Q
+    A1 = torch.diag(torch.tensor([4.0, 3, 2, 1], dtype=torch.float64)) @ V.T
+    B1 = U @ torch.diag(torch.tensor([0.1, 0.5, 2, 8], dtype=torch.float64))    # σ(ΔW): 8, 4, 1.5, 0.4
+    A2, B2 = A1[:2].clone(), U[:, :2].clone()                                     # rank 2, same order
+    paper = subspace_similarity_grid(singular_directions(A1), singular_directions(A2))
+    torch.testing.assert_close(paper, _paper_phi(A1, A2))
+    delta = subspace_similarity_grid(lowrank_svd(B1, A1)[2].T, lowrank_svd(B2, A2)[2].T)
+    assert float(paper[0, 0]) == pytest.approx(1.0)      # A's top direction is A2's top direction
+    assert float(delta[0, 0]) == pytest.approx(0.0, abs=1e-12)  # ΔW's top one is A's weakest
+    # at full rank of the first adapter both see the same span: rotation invariant, equal
+    torch.testing.assert_close(paper[3], delta[3])
+    assert float(paper[3, 1]) == pytest.approx(1.0)
+
+
+def test_paper_phi_on_random_factors_agrees_only_at_full_rank():
+    gen = torch.Generator().manual_seed(1)
+    r1, r2, d = 3, 6, 64
+    A1, A2 = torch.randn(r1, d, generator=gen), torch.randn(r2, d, generator=gen)
+    A2[:2] += 3 * A1[:2]                                   # shared directions, so φ is not ~random
+    B1, B2 = torch.randn(32, r1, generator=gen), torch.randn(32, r2, generator=gen)
+    paper = subspace_similarity_grid(singular_directions(A1), singular_directions(A2))
+    torch.testing.assert_close(paper, _paper_phi(A1, A2))
+    delta = subspace_similarity_grid(lowrank_svd(B1, A1, 2.0)[2].T, lowrank_svd(B2, A2, 0.5)[2].T)
+    assert float(paper[r1 - 1, r2 - 1]) == pytest.approx(float(delta[r1 - 1, r2 - 1]), abs=1e-9)
+    assert float((paper - delta).abs().max()) > 0.05       # below full rank the orders differ
+
+
+# ----------------------------------------------------------------------------- DoRA
+def test_dora_delta_is_merged_minus_base_and_full_rank():
+    gen = torch.Generator().manual_seed(2)
+    W, B, A = torch.randn(24, 16, generator=gen), torch.randn(24, 2, generator=gen), \
+        torch.randn(2, 16, generator=gen)
+    m = torch.linalg.norm(W, dim=1) * (1 + 0.1 * torch.randn(24, generator=gen))
+    d = dora_delta(W, B, A, 0.5, m)
+    V = W.double() + 0.5 * B.double() @ A.double()
+    merged = m.double()[:, None] * V / torch.linalg.norm(V, dim=1, keepdim=True)  # DoRA §4
+    torch.testing.assert_close(d, merged - W.double())
+    assert Spectrum.from_matrix(d).numerical_rank == 16                # not rank 2
+    rel = float((d - 0.5 * B.double() @ A.double()).norm() / d.norm())
+    assert rel > 0.1
+    # at init (m = ‖W‖_c, B = 0) DoRA changes nothing
+    W64 = W.double()
+    assert float(dora_delta(W64, torch.zeros(24, 2), A, 0.5, torch.linalg.norm(W64, dim=1)).abs().max()) \
+        < 1e-12
+    with pytest.raises(ValueError, match="out × in"):
+        dora_delta(W.T, B, A, 0.5, m)
+
+
+def test_spectrum_note_is_shown():
+    sp = Spectrum.from_matrix(torch.randn(6, 4), "q", note="DoRA: true ΔW")
+    assert len(sp) == 4 and sp.shape == (6, 4)
+    assert "DoRA: true ΔW" in repr(sp) and "DoRA: true ΔW" in sp._repr_html_()
+    assert "DoRA" not in repr(Spectrum.from_values([2.0, 1.0], (3, 3), "q"))

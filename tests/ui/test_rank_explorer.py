@@ -142,3 +142,27 @@ def test_spectra_only_and_bad_source(tiny_llama):
     model = ll.attach(model, ll.AdapterSpec(r=4, target_modules=("q_proj",)), name="fresh")
     fresh = RankExplorer(model, adapter="fresh")             # B = 0: ΔW = 0, said so
     assert "untrained" in fresh.summary.value and fresh.energy_kept == 1.0
+
+
+def test_dora_adapter_views_say_true_delta(tiny_llama):
+    """A DoRA adapter is explored through its true ΔW = W' − W (full rank), and every view says so."""
+    from lora_lab.hf.spectra.analysis import DORA_NOTE
+
+    model = ll.attach(tiny_llama[0], ll.AdapterSpec(r=4, target_modules=("q_proj",), use_dora=True))
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+    ex = RankExplorer(model, rank=4)
+    name = ex.module.value
+    true = next(f for f in lora_factors(model, with_base=True) if f.name == name).true_delta()
+    s2 = torch.linalg.svdvals(true) ** 2
+    assert ex.energy_kept < 1.0 and len(ex.spectra[name]) == min(true.shape)   # rank 4 is not all
+    assert ex.spectra[name].energy_at(4) == pytest.approx(float(s2[:4].sum() / s2.sum()))
+    assert DORA_NOTE in ex.summary.value
+    assert DORA_NOTE in ex.detail.figure.layout.title.text
+    assert DORA_NOTE in ex.live.figure.layout.title.text
+    ex.metric.value = "effective_rank"
+    assert DORA_NOTE in ex.live.figure.layout.title.text
+    assert ex.compress() is None and "full rank" in ex.error                  # refused, says why

@@ -68,10 +68,13 @@ def _peft_lora_config(model: nn.Module, adapter: str):
 def _refuse(cfg, factors: list, adapter: str, rank: int, new_name: str, model) -> None:
     if getattr(cfg, "use_dora", False) or any(f.use_dora for f in factors):
         raise AdapterError(
-            f"Adapter {adapter!r} is a DoRA adapter: its learned magnitude rescales the columns of "
-            "W + ΔW, so cutting ΔW = s·B·A alone does not give an equivalent lower-rank adapter.",
-            "merge it (lora_lab.merged_copy) and analyse W_merged − W with "
-            "lora_lab.core.randomized.randomized_svd, or compress a plain LoRA adapter")
+            f"Adapter {adapter!r} is a DoRA adapter (Liu et al. 2024, §4): W' = m · (W + s·B·A) / "
+            "‖W + s·B·A‖_c, so its learned magnitude m rescales every output row of W + s·B·A and "
+            "its true update W' − W is full rank and depends on W.  Cutting s·B·A to a lower rank "
+            "does not cut that update, so no lower-rank adapter is equivalent to it.",
+            "see its true spectrum with lora_lab.adapter_spectra(model) (marked DoRA); to deploy "
+            "it, merge it (lora_lab.merged_copy); for a smaller adapter, retrain plain LoRA at the "
+            "rank you pick")
     r_max = max(f.A.shape[0] for f in factors)
     if not isinstance(rank, int) or isinstance(rank, bool) or not 1 <= rank < r_max:
         raise AdapterError(f"compress_adapter got rank={rank!r}, but adapter {adapter!r} has "
@@ -142,7 +145,9 @@ def compress_adapter(model: nn.Module, rank: int, adapter: str | None = None,
     rsLoRA kept).  The new adapter is a plain peft LoRA adapter (``r = rank``): it saves, loads and
     trains as usual.  The active adapter is not changed: switch with ``model.set_adapter(new_name)``.
     Adapters initialised with PiSSA/OLoRA are cut relative to the residual base now in memory.
-    Refused: DoRA adapters, ``rank`` ≥ the current r, merged models.
+    Refused: DoRA adapters (their true update W' − W includes the learned magnitude and is full
+    rank, so truncating s·B·A is not a rank-k version of it), ``rank`` ≥ the current r, merged
+    models.
     """
     adapter = active_name(model, adapter)
     cfg = _peft_lora_config(model, adapter)
