@@ -113,6 +113,7 @@ def spectrum_summary(spectra, adapter_dir, base: str) -> str:
              f"{sorted(set(round(s, 6) for s in t['scaling']))}",
              f"effective rank  min {eff.min():.2f}, median {eff.median():.2f}, max {eff.max():.2f}",
              f"k90 / k99       median {t['k90'].median():g} / {t['k99'].median():g}",
+             *(f"note            {n}" for n in spectra.notes),
              "", "cutting every ΔW to rank k (best rank-k approximation, Eckart–Young):",
              cut_frame(spectra).to_string(index=False, float_format=lambda v: f"{v:.4g}")]
     return "\n".join(lines)

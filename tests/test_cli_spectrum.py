@@ -48,3 +48,14 @@ def test_spectrum_errors_without_traceback(tmp_path, capsys):
     assert main(["spectrum", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "no adapter_config.json" in err and "Traceback" not in err
+
+
+def test_spectrum_of_a_dora_adapter_says_what_it_shows(tiny_llama, tmp_path, capsys):
+    model = ll.attach(tiny_llama[0], ll.AdapterSpec(r=4, target_modules="attention-qv", use_dora=True))
+    randomize_lora_b(model, seed=0, scale=0.05)
+    path = ll.save_adapter(model, tmp_path / "dora")
+    notes = ll.adapter_spectra(model).notes
+    assert notes and all("DoRA" in n for n in notes)
+    assert main(["spectrum", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert any(line.startswith("note") and "DoRA" in line for line in out.splitlines()), out[:2000]
