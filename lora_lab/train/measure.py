@@ -41,7 +41,18 @@ def rss_mb() -> float | None:
 
 
 def peak_rss_mb() -> float | None:
-    """The peak resident set size of this process so far, in MiB."""
+    """The peak resident set size of this process so far, in MiB.
+
+    On Linux, ``VmHWM`` from ``/proc/self/status``: ``getrusage``'s ``ru_maxrss`` keeps the peak of
+    the process this one was exec'd from, so a run started from a large parent would report its
+    parent's peak."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
     try:
         import resource
 

@@ -3,7 +3,8 @@ against the planner's logits term (``lora_lab.core.memory.logits_bytes``).
 
 A tiny Llama (hidden 64, 1 layer) with a 64k vocabulary, LoRA, fp32, 4 × 256 tokens: the logits
 are everything.  Full loss: 1024 · 65,536 · 12 B = 805 MB of logits; chunked (128 tokens): 101 MB.
-Measured: the peak resident size of one forward + backward above the resident size before it.
+Measured: the peak resident size of one forward + backward (VmHWM, reset just before) above the
+resident size before it.
 """
 
 from __future__ import annotations
@@ -33,6 +34,12 @@ shapes = []
 model.get_base_model().lm_head.register_forward_hook(lambda m, i, o: shapes.append(o.numel()))
 def rss():
     return int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize()
+def high_water():  # VmHWM: this process's own peak since the reset below
+    line = next(l for l in open("/proc/self/status") if l.startswith("VmHWM:"))
+    return int(line.split()[1]) * 1024
+# getrusage's ru_maxrss would not do: Linux carries the parent's peak across exec, so a child of a
+# 2 GB pytest process reports 2 GB.  Writing 5 to clear_refs resets VmHWM to the current RSS.
+open("/proc/self/clear_refs", "w").write("5")
 before = rss()
 if chunked:
     total, n = chunked_causal_lm_loss(model, batch, chunk_size=CHUNK, use_cache=False)
@@ -40,7 +47,7 @@ if chunked:
 else:
     loss = model(**batch, use_cache=False).loss
 loss.backward()
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+peak = high_water()
 print(json.dumps({"extra": peak - before, "loss": float(loss), "largest_logits": max(shapes)}))
 """
 
