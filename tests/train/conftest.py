@@ -30,6 +30,19 @@ def token_rows(tokenizer, n: int = 16) -> list[dict]:
     return rows
 
 
+def response_rows(tok, lengths) -> list[dict]:
+    """Tokenized rows "question i → response" with the prompt masked (-100) and a random response
+    of ``lengths[i]`` tokens: rows whose supervised-token counts differ."""
+    rows = []
+    for i, n in enumerate(lengths):
+        prompt = tok(f"question {i}: say something")["input_ids"]
+        g = torch.Generator().manual_seed(i)
+        response = torch.randint(10, len(tok) - 1, (n,), generator=g).tolist()
+        rows.append({"input_ids": prompt + response, "attention_mask": [1] * (len(prompt) + n),
+                     "labels": [-100] * len(prompt) + response})
+    return rows
+
+
 @pytest.fixture
 def lora_tiny(tiny_llama):
     model, tok = tiny_llama

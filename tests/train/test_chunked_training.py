@@ -14,14 +14,9 @@ RESPONSES = (1, 3, 12, 20, 5, 9)
 
 
 def _rows(tok) -> list[dict]:
-    rows = []
-    for i, n in enumerate(RESPONSES):
-        prompt = tok(f"question {i}: say something")["input_ids"]
-        g = torch.Generator().manual_seed(i)
-        response = torch.randint(10, len(tok) - 1, (n,), generator=g).tolist()
-        rows.append({"input_ids": prompt + response, "attention_mask": [1] * (len(prompt) + n),
-                     "labels": [-100] * len(prompt) + response})
-    return rows
+    from conftest import response_rows  # tests/train/conftest.py
+
+    return response_rows(tok, RESPONSES)
 
 
 def _run(tmp_path, name, chunked, **spec):

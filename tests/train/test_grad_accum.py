@@ -24,14 +24,9 @@ RESPONSES = (1, 2, 20, 40)  # supervised tokens per row (before the shift drops 
 
 def _rows(tok) -> list[dict]:
     """Rows "prompt → response" with the prompt masked (-100): responses of RESPONSES tokens."""
-    rows = []
-    for i, n in enumerate(RESPONSES):
-        prompt = tok(f"question {i}: say something")["input_ids"]
-        g = torch.Generator().manual_seed(i)
-        response = torch.randint(10, len(tok) - 1, (n,), generator=g).tolist()
-        rows.append({"input_ids": prompt + response, "attention_mask": [1] * (len(prompt) + n),
-                     "labels": [-100] * len(prompt) + response})
-    return rows
+    from conftest import response_rows  # tests/train/conftest.py
+
+    return response_rows(tok, RESPONSES)
 
 
 def _model(tiny_llama_dir):
