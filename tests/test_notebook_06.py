@@ -29,7 +29,8 @@ PUBLISHED_B = {"Llama-3.2-1B": 1.24, "Llama-3.1-8B": 8.03, "Llama-3.1-70B": 70.6
 PARAMS = dict(SEQ_LEN=1024, BATCH=2, RANK=16, DEVICES=("T4", "L4", "A100-80GB"), OPTIMIZER="adamw",
               CHECKPOINTING=True)
 PROBES = ("needs", "verdicts", "params", "qlora65_need", "qlora65_verdicts", "dq_saving_gb",
-          "logits_share_128k", "logits_gib_128k", "crossovers", "ckpt_saving", "designer_need")
+          "logits_share_128k", "logits_gib_128k", "crossovers", "ckpt_saving", "designer_need",
+          "t4_longest")
 
 
 def _config(h, i, L, a, kv, V, tied):
@@ -136,3 +137,19 @@ def test_memory_planning_notebook_matches_estimate_memory(tmp_path):
     assert c["batch 1, checkpointing off"] < c["batch 1, checkpointing on"]
     assert c["batch 4, checkpointing on"] < c["batch 1, checkpointing on"]
     assert min(values["ckpt_saving"].values()) > 5, values["ckpt_saving"]
+
+    # the longest sequence on the first device (T4), full vs chunked loss: it fits, 256 more does not
+    spec = ll.AdapterSpec(r=PARAMS["RANK"], target_modules="all-linear")
+    cfg1b = _config(*SHAPES["Llama-3.2-1B"])
+
+    def fits(batch, seq, chunked):
+        est = ll.estimate_memory(cfg1b, spec, batch_size=batch, seq_len=seq, device=PARAMS["DEVICES"][0],
+                                 gradient_checkpointing=True, chunked_loss=chunked)
+        return est.need("LoRA") <= est.device_bytes
+
+    for batch in (1, 4):
+        got = values["t4_longest"][f"batch {batch}"]
+        full, chunked = got["full-vocabulary loss"], got["chunked loss (512 tokens)"]
+        assert 0 < full < chunked, got
+        for seq, on in ((full, False), (chunked, True)):
+            assert fits(batch, seq, on) and not fits(batch, seq + 256, on), (batch, seq, on)

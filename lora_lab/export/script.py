@@ -15,7 +15,9 @@ installed).  The scripts import torch, transformers, peft, datasets (and trl), n
 Every choice is written out literally in the script's settings block: the peft config is the one
 :func:`~lora_lab.hf.adapters.peft_config.to_peft_config` builds, field by field; the data rules
 are those of :func:`lora_lab.prepare_dataset`; the memory estimate is :func:`lora_lab.estimate_memory`'s,
-computed here and embedded as text.
+computed here and embedded as text.  ``TrainSpec.chunked_loss`` is honoured by ``train.py``: its
+Trainer's ``compute_loss`` runs the chunked loss of :mod:`lora_lab.hf.training.chunked_loss`, written
+into the script (``templates_loss.LOSS``); ``train_trl.py`` keeps TRL's own loss.
 """
 
 from __future__ import annotations
@@ -28,22 +30,20 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .._version import __version__
-from ..errors import DataError, LoraLabError, ModelLoadError, SpecError
+from ..errors import LoraLabError, ModelLoadError, SpecError
 from ..hf.adapters.peft_config import to_peft_config
-from ..hf.data.prepare import prompts_responses
-from ..hf.data.sources import DATA_SUFFIXES, FILE_TYPES, load_columns
 from ..hf.model.builtin import is_builtin, resolve_builtin
 from ..specs import AdapterSpec, DataSpec, QuantSpec, TrainSpec
 from . import launch as L
 from . import templates as T
 from . import templates_data as TD
+from .data_files import export_data as _data
+from .templates_loss import LOSS
 
 __all__ = ["export_script", "ExportedScript"]
 
 TRAINER_IMPORT = "from transformers import PrinterCallback, Trainer, TrainingArguments"
 TRL_IMPORT = "from transformers import PrinterCallback\nfrom trl import SFTConfig, SFTTrainer"
-DEFAULT_TASK = "builtin:next"  # the data when none is given: the easiest builtin task
-TASK_ROWS = 1000
 
 
 @dataclass(frozen=True)
@@ -103,6 +103,12 @@ def _check_specs(adapter_spec, quant_spec, train_spec, data_spec):
                         f"a packed row keeps its examples apart through position_ids, which peft's "
                         f"{adapter_spec.method} tuning drops or shifts (its virtual tokens come first)",
                         "pass DataSpec(packing=False), or a LoRA or IA3 adapter")
+    if train.chunked_loss is True and adapter_spec.method in ("prompt", "prefix"):
+        raise SpecError("TrainSpec", "chunked_loss", True,
+                        f"the chunked loss runs the decoder and the LM head itself, past peft's "
+                        f"{adapter_spec.method} tuning forward that adds the virtual tokens",
+                        "pass TrainSpec(chunked_loss=False) (or 'auto', which keeps the full loss "
+                        "for prompt learning)")
     if quant is not None and adapter_spec.init in ("pissa", "olora"):
         raise SpecError("AdapterSpec", "init", adapter_spec.init,
                         f"{adapter_spec.init} rewrites the base weights, which a quantized base "
@@ -142,61 +148,6 @@ def _model(model_id) -> tuple[str, str, str]:
         path = str(Path(resolved).resolve())
         return repr(path), f"the local folder {path}", path
     return repr(resolved), f"the hub model {resolved}", resolved
-
-
-def _rows_of(cols: dict) -> list[dict]:
-    return [dict(zip(cols, values)) for values in zip(*cols.values())]
-
-
-def _write_jsonl(path: Path, cols: dict) -> int:
-    rows = _rows_of(cols)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    return len(rows)
-
-
-def _data(data, spec: DataSpec, folder: Path) -> tuple[dict, str, list[str]]:
-    """(the DATA settings, a description, files written) for any source lora_lab reads."""
-    from ..hf.data.prepare import split_columns
-    from ..hf.data.tasks import builtin_task
-
-    if data is None:
-        data = DEFAULT_TASK
-    if isinstance(data, str) and data.startswith("builtin:"):
-        data = builtin_task(data[len("builtin:"):], n=TASK_ROWS, seed=spec.seed)
-    elif isinstance(data, (str, os.PathLike)):
-        path = Path(data).expanduser()
-        if path.is_file() and path.suffix.lower() not in FILE_TYPES:
-            raise DataError(f"{path} has the extension {path.suffix!r}; the exported script reads "
-                            f"{', '.join(FILE_TYPES)} files.", "convert the file, or pass its rows")
-        if path.exists():
-            prompts_responses(load_columns(str(path))[0], spec, "train")  # the columns exist
-            return {"source": str(path.resolve()), "train": None, "eval": None}, \
-                f"the {'file' if path.is_file() else 'folder'} {path.resolve()}", []
-        if isinstance(data, os.PathLike) or path.suffix.lower() in DATA_SUFFIXES \
-                or str(data).startswith((".", "/", "~")):
-            raise DataError(f"The file {str(data)!r} does not exist.",
-                            f"check the path (current folder: {os.getcwd()})")
-        return {"source": str(data), "train": None, "eval": None}, f"the hub dataset {data}", []
-    train, ev = load_columns(data)
-    prompts_responses(train, spec, "train")
-    if spec.eval_fraction == 0:
-        ev = None
-    elif ev is None:
-        train, ev = split_columns(train, spec.eval_fraction, spec.seed)  # the split lora_lab makes
-    n = _write_jsonl(folder / "data" / "train.jsonl", train)
-    files = ["data/train.jsonl"]
-    stale = folder / "data" / "eval.jsonl"
-    if ev is not None:
-        n_ev = _write_jsonl(stale, ev)
-        files.append("data/eval.jsonl")
-    else:
-        n_ev = 0
-        stale.unlink(missing_ok=True)
-    return ({"source": None, "train": "data/train.jsonl", "eval": "data/eval.jsonl" if ev else None},
-            f"{n} train and {n_ev} eval rows written to data/", files)
 
 
 def _literal(value) -> str:
@@ -249,14 +200,16 @@ def _estimate(source, spec, quant, train: TrainSpec, data: DataSpec, device) -> 
                               seq_len=data.max_length,
                               gradient_checkpointing=train.gradient_checkpointing,
                               optimizer=train.optimizer, precision=train.precision,
-                              grad_accum=train.grad_accum, device=device)
+                              grad_accum=train.grad_accum, device=device,
+                              chunked_loss=train.chunked_loss, loss_chunk_size=train.loss_chunk_size)
     except ModelLoadError as exc:
         return f"(no memory estimate: lora_lab could not read the model's config: {exc.problem})"
     need = est.need() / 2**30
     return (f"Memory estimate by lora_lab at export time: {est.chosen} on {est.device} needs "
             f"{need:.2f} GiB ({est.verdict()}),\n"
             f"batch {est.batch_size} x {est.seq_len} tokens, "
-            f"gradient checkpointing {'on' if est.gradient_checkpointing else 'off'}.\n"
+            f"gradient checkpointing {'on' if est.gradient_checkpointing else 'off'}, "
+            f"{'chunked loss' if est.loss_chunk else 'full-vocabulary loss'}.\n"
             f"GiB per term:\n{est.table().round(3).to_string()}")
 
 
@@ -324,6 +277,20 @@ def _commands(folder: str, trl: bool) -> tuple[tuple[str, str], ...]:
     return tuple(cmds)
 
 
+_TRAINER_CLASS = "class CountingTrainer(TokenCounting, Trainer):"
+
+
+def _trainer_main() -> str:
+    """``train.py``'s main: the chunked loss (:data:`templates_loss.LOSS`, the rule of
+    :mod:`lora_lab.hf.training.chunked_loss`) and a Trainer that runs it when TRAIN says so."""
+    from ..core.memory import CHUNKED_LOSS_MIN_VOCAB
+
+    assert _TRAINER_CLASS in L.TRAINER_MAIN
+    main = L.TRAINER_MAIN.replace(_TRAINER_CLASS,
+                                  "class CountingTrainer(ChunkedLoss, TokenCounting, Trainer):")
+    return LOSS.replace("@MIN_VOCAB@", f"{CHUNKED_LOSS_MIN_VOCAB:_}") + main
+
+
 def _script(name: str, title: str, settings: str, main: str, main_import: str) -> str:
     head = (T.HEAD.replace("@TITLE@", title).replace("@VERSION@", __version__)
             .replace("@NAME@", name).replace("@MAIN_IMPORT@", main_import)
@@ -359,7 +326,7 @@ def export_script(adapter_spec: AdapterSpec, quant_spec=None, train_spec: TrainS
     settings = _settings(model_expr, model_note, quant, adapter_spec, data_cfg, dspec, train,
                          estimate)
     scripts = {"train.py": _script("train.py", "LoRA training with transformers.Trainer", settings,
-                                   L.TRAINER_MAIN, TRAINER_IMPORT)}
+                                   _trainer_main(), TRAINER_IMPORT)}
     if trl:
         scripts["train_trl.py"] = _script("train_trl.py", "LoRA training with TRL's SFTTrainer",
                                           settings, L.TRL_MAIN, TRL_IMPORT)

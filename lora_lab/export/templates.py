@@ -1,7 +1,8 @@
 '''The text of the scripts that :func:`lora_lab.export.script.export_script` writes.
 
 Each script is ``HEAD + settings (generated) + COMMON + templates_data.DATA + launch.RUN`` followed
-by ``launch.TRAINER_MAIN`` (``train.py``) or ``launch.TRL_MAIN`` (``train_trl.py``); the accelerate
+by ``LOSS + launch.TRAINER_MAIN`` (``train.py``, whose Trainer gets the ``ChunkedLoss`` mixin) or
+``launch.TRL_MAIN`` (``train_trl.py``, TRL's own loss); the accelerate
 configs (``ACCELERATE``) and ``README`` are here too.  The code here is never run by lora_lab
 itself; it is text, run by the user with ``python`` or ``accelerate launch`` where lora_lab need not
 be installed, so it imports only torch, transformers, peft, bitsandbytes (through transformers),

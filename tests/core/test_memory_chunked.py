@@ -24,7 +24,7 @@ def test_logits_term_is_one_chunk():
 
 def test_auto_rule_and_defaults_match_trainspec():
     spec = ll.TrainSpec()
-    assert spec.chunked_loss is False and spec.loss_chunk_size == mem.DEFAULT_LOSS_CHUNK
+    assert spec.chunked_loss == "auto" and spec.loss_chunk_size == mem.DEFAULT_LOSS_CHUNK
     from lora_lab.hf.training.chunked_loss import AUTO_MIN_VOCAB, DEFAULT_CHUNK_SIZE
     assert (AUTO_MIN_VOCAB, DEFAULT_CHUNK_SIZE) == (mem.CHUNKED_LOSS_MIN_VOCAB, mem.DEFAULT_LOSS_CHUNK)
     assert mem.resolve_loss_chunk("auto", 128_256) == 512
@@ -38,7 +38,7 @@ def test_estimate_memory_models_the_chunked_loss():
     full = ll.estimate_memory(LLAMA_1B, chunked_loss=False, **kw)
     chunked = ll.estimate_memory(LLAMA_1B, chunked_loss=True, **kw)
     auto = ll.estimate_memory(LLAMA_1B, chunked_loss="auto", **kw)
-    assert ll.estimate_memory(LLAMA_1B, **kw).loss_chunk is None  # TrainSpec's default: off
+    assert ll.estimate_memory(LLAMA_1B, **kw).loss_chunk == 512  # TrainSpec's default: "auto"
     assert full.loss_chunk is None and chunked.loss_chunk == auto.loss_chunk == 512
     lf, lc = full.scenarios[full.chosen]["logits"], chunked.scenarios[chunked.chosen]["logits"]
     assert lf == 4 * 2048 * 128_256 * 12 and lc == 512 * 128_256 * 12
@@ -52,4 +52,4 @@ def test_designer_shows_both_losses():
 
     d = AdapterDesigner(LLAMA_1B, static=True)
     text = d.summary.value
-    assert "full-vocabulary loss (TrainSpec default)" in text and "chunked loss (512 tokens):" in text
+    assert "chunked loss (512 tokens) (TrainSpec default)" in text and "full-vocabulary loss:" in text

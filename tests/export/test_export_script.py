@@ -129,6 +129,53 @@ def test_messages_rows_and_file_sources(tmp_path):
     assert module.tokenize(eval_rows, tok).to_dict() == want.eval.to_dict()
 
 
+# ----------------------------------------------------------------------------- the chunked loss
+def _grads(model) -> dict:
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _rel(a, b) -> float:
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_exported_chunked_loss_is_transformers_loss(tied, tmp_path):
+    """train.py's Trainer with TrainSpec(chunked_loss=True): its compute_loss (chunks of 7 tokens,
+    which divide nothing) gives transformers' own loss and gradients, fp32, within 1e-5."""
+    import torch
+
+    out = export_script(ll.AdapterSpec(r=4, target_modules="all-linear"), None,
+                        TRAIN.replace(chunked_loss=True, loss_chunk_size=7), path=tmp_path / "x")
+    assert "chunked loss" in out.estimate
+    module = _import(out.file("train.py"), f"exported_chunked_{tied}")
+    trainer = module.build_trainer("cpu", tmp_path / "out")
+    model = trainer.model
+    if tied:  # the LM head shares the embedding's weight, as in Llama 3.2 and SmolLM2
+        model.get_base_model().lm_head.weight = model.get_base_model().model.embed_tokens.weight
+    with torch.no_grad():  # B = 0 at init: make every LoRA gradient non-trivial
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.05)
+    assert trainer.use_chunked_loss(model)
+    batch = next(iter(trainer.get_train_dataloader()))
+    batch = {k: v.to(model.device) for k, v in batch.items()}
+    assert (batch["labels"] == -100).any() and (batch["attention_mask"] == 0).any()
+    model.zero_grad(set_to_none=True)
+    full = model(**batch).loss
+    full.backward()
+    g_full = _grads(model)
+    model.zero_grad(set_to_none=True)
+    n_items = (batch["labels"][:, 1:] != -100).sum()
+    chunked = trainer.compute_loss(model, dict(batch), num_items_in_batch=n_items)
+    chunked.backward()
+    g_chunked = _grads(model)
+    assert abs(float(chunked.detach()) - float(full.detach())) <= 1e-5 * float(full.detach())
+    assert len(g_full) > 0 and max(_rel(g_chunked[k], g_full[k]) for k in g_full) < 1e-5
+    auto = module.build_trainer("cpu", tmp_path / "out2")
+    module.TRAIN["chunked_loss"] = "auto"     # the builtin's 100-token vocabulary: the full loss
+    assert not auto.use_chunked_loss(auto.model)
+
+
 # ----------------------------------------------------------------------------- bad input
 def test_bad_input_raises_with_a_fix(tmp_path):
     cases = [
@@ -142,6 +189,8 @@ def test_bad_input_raises_with_a_fix(tmp_path):
         lambda: export_script(ll.AdapterSpec(), model_id="builtin:huge", path=tmp_path / "h"),
         lambda: export_script(ll.AdapterSpec(method="prompt"), None, None, ll.DataSpec(packing=True),
                               path=tmp_path / "i"),
+        lambda: export_script(ll.AdapterSpec(method="prefix"), None, TRAIN.replace(chunked_loss=True),
+                              path=tmp_path / "j"),
     ]
     afile = tmp_path / "a_file"
     afile.write_text("x")
@@ -167,17 +216,21 @@ def _check_adapter(adapter: Path, spec, quant=None):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("quant, dspec", [(None, ll.DataSpec()), ("nf4", ll.DataSpec()),
-                                          (None, ll.DataSpec(packing=True, max_length=96))],
-                         ids=["fp32", "nf4", "packed"])
-def test_exported_script_trains_in_a_fresh_process(quant, dspec, tmp_path):
+@pytest.mark.parametrize("quant, dspec, train", [
+    (None, ll.DataSpec(), TRAIN), ("nf4", ll.DataSpec(), TRAIN),
+    (None, ll.DataSpec(packing=True, max_length=96), TRAIN),
+    ("nf4", ll.DataSpec(), TRAIN.replace(chunked_loss=True, loss_chunk_size=100))],
+    ids=["fp32", "nf4", "packed", "nf4-chunked"])
+def test_exported_script_trains_in_a_fresh_process(quant, dspec, train, tmp_path):
     spec = ll.AdapterSpec(r=4)
-    out = export_script(spec, quant, TRAIN, dspec, path=tmp_path / "x")
+    out = export_script(spec, quant, train, dspec, path=tmp_path / "x")
     script = str(out.file("train.py"))
     # lora_lab made unimportable: the script must not need it
     runner = ("import runpy, sys; sys.modules['lora_lab'] = None; sys.argv = [sys.argv[1]]; "
               "runpy.run_path(sys.argv[0], run_name='__main__')")
     log = _run([sys.executable, "-c", runner, script], tmp_path)
+    # the builtin's 100-token vocabulary: "auto" (the default) keeps the full loss
+    assert ("loss: chunked, 100 tokens" if train.chunked_loss is True else "loss: full-vocabulary") in log
     losses = _losses(log)
     assert len(losses) == TRAIN.steps and losses[-1] < 0.7 * losses[0], log
     assert "Memory estimate by lora_lab" in log and "peak RSS" in log and "eval_loss" in log
@@ -191,7 +244,8 @@ def test_exported_script_trains_in_a_fresh_process(quant, dspec, tmp_path):
 @pytest.mark.slow
 def test_accelerate_two_cpu_processes_train_with_ddp(tmp_path):
     spec = ll.AdapterSpec(r=4)
-    out = export_script(spec, None, TRAIN.replace(steps=6, batch_size=4), path=tmp_path / "x")
+    out = export_script(spec, None, TRAIN.replace(steps=6, batch_size=4, chunked_loss=True),
+                        path=tmp_path / "x")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -205,6 +259,7 @@ def test_accelerate_two_cpu_processes_train_with_ddp(tmp_path):
     assert sorted(r for r, *_ in ends) == ["0", "1"] and all(int(t) > 0 for _, _, t, _ in ends)
     assert len({c for *_, c in ends}) == 1  # DDP: the same weights on both processes
     assert len(_losses(log)) == 6
+    assert "loss: full-vocabulary (the chunked loss does not run under DDP/FSDP)" in log
     _check_adapter(out.file("outputs/adapter"), spec)
 
 

@@ -263,7 +263,8 @@ def estimate_memory(model, adapter: AdapterSpec | None = None, quant=None,
                     optimizer: str = _TRAIN["optimizer"], device="T4", *,
                     padded: bool | None = None, precision: str = _TRAIN["precision"],
                     grad_accum: int = _TRAIN["grad_accum"],
-                    chunked_loss=_TRAIN["chunked_loss"]) -> MemoryEstimate:
+                    chunked_loss=_TRAIN["chunked_loss"],
+                    loss_chunk_size: int = _TRAIN["loss_chunk_size"]) -> MemoryEstimate:
     """Estimate the memory of training ``adapter`` on ``model``, before loading anything.
 
     ``model``: a loaded model, a ``PretrainedConfig``, a local folder, a builtin name or a hub id
@@ -282,8 +283,8 @@ def estimate_memory(model, adapter: AdapterSpec | None = None, quant=None,
     pure bf16 (2 + 2 + 4 = 8), fp32 trains fp32 (16); adapters are fp32 (16 per adapter param).
 
     ``chunked_loss``: True, False or ``"auto"`` (on for vocabularies ≥ 32k), as in
-    :class:`~lora_lab.TrainSpec`: the chunked loss holds one chunk of
-    ``TrainSpec.loss_chunk_size`` tokens of logits instead of all of them (``est.loss_chunk``).
+    :class:`~lora_lab.TrainSpec`: the chunked loss holds one chunk of ``loss_chunk_size`` tokens
+    of logits instead of all of them (``est.loss_chunk``; ``min(C, B·T)·V·max(c + 8, 12)`` bytes).
 
     ``batch_size``, ``gradient_checkpointing``, ``optimizer``, ``precision``, ``grad_accum`` and
     ``chunked_loss`` default to :class:`~lora_lab.TrainSpec`'s defaults and ``seq_len`` to
@@ -302,7 +303,8 @@ def estimate_memory(model, adapter: AdapterSpec | None = None, quant=None,
                         "pass lora_lab.AdapterSpec(r=8)")
     return estimate_from_facts(model_facts(model), adapter, quant, batch_size, seq_len,
                                gradient_checkpointing, optimizer, device, padded=padded,
-                               precision=precision, grad_accum=grad_accum, chunked_loss=chunked_loss)
+                               precision=precision, grad_accum=grad_accum, chunked_loss=chunked_loss,
+                               loss_chunk_size=loss_chunk_size)
 
 
 def _attached_spec(model) -> AdapterSpec | None:
@@ -318,7 +320,8 @@ def estimate_from_facts(facts: ModelFacts, spec: AdapterSpec | None, quant=None,
                         optimizer: str = _TRAIN["optimizer"], device="T4", *,
                         padded: bool | None = None, precision: str = _TRAIN["precision"],
                         grad_accum: int = _TRAIN["grad_accum"],
-                        chunked_loss=_TRAIN["chunked_loss"]) -> MemoryEstimate:
+                        chunked_loss=_TRAIN["chunked_loss"],
+                        loss_chunk_size: int = _TRAIN["loss_chunk_size"]) -> MemoryEstimate:
     """:func:`estimate_memory` on :class:`ModelFacts` already read (what a widget update calls);
     ``spec=None`` is full fine-tuning."""
     q = QuantSpec.parse(quant)
@@ -332,13 +335,18 @@ def estimate_from_facts(facts: ModelFacts, spec: AdapterSpec | None, quant=None,
     if not (isinstance(chunked_loss, bool) or chunked_loss == "auto"):
         raise SpecError("estimate_memory", "chunked_loss", chunked_loss,
                         "chunked_loss must be True, False or 'auto'", "pass chunked_loss='auto'")
+    if isinstance(loss_chunk_size, bool) or not isinstance(loss_chunk_size, int) or loss_chunk_size < 1:
+        raise SpecError("estimate_memory", "loss_chunk_size", loss_chunk_size,
+                        "loss_chunk_size must be a positive number of tokens",
+                        f"pass loss_chunk_size={_TRAIN['loss_chunk_size']} (it need not divide the "
+                        "sequence length)")
     dev_label, dev_bytes = _device(device)
     prec = _precision(precision, q, dev_label)
     adapter = spec if spec is not None else AdapterSpec()
     count = count_adapter(facts, adapter)
     setup = {"batch": batch_size, "seq": seq_len, "checkpointing": gradient_checkpointing,
              "optimizer": optimizer, "padded": padded, "grad_accum": grad_accum,
-             "loss_chunk": mem.resolve_loss_chunk(chunked_loss, facts.arch.vocab, _TRAIN["loss_chunk_size"])}
+             "loss_chunk": mem.resolve_loss_chunk(chunked_loss, facts.arch.vocab, loss_chunk_size)}
     est = _estimate(facts, adapter, q, count, setup, dev_label, dev_bytes, prec)
     return replace(est, chosen=FULL_FT) if spec is None else est
 

@@ -1,5 +1,5 @@
 """A causal-LM loss that never holds the full-vocabulary logits: the LM head and the cross-entropy
-run over chunks of tokens, and each chunk is recomputed in the backward pass.
+run over chunks of tokens, one chunk of logits alive at a time.
 
 The usual loss (transformers' ``ForCausalLMLoss``) computes, for a batch of B rows of T tokens::
 
@@ -16,11 +16,20 @@ Here the ``N = B·(T-1)`` positions that have a next token are flattened and cut
 
     ℓ_chunk = Σ_{t ∈ chunk} CE(lm_head(h_t).float(), y_t)          (C, V) logits, freed at once
 
-The checkpoint keeps only the chunk's hidden states (a view of ``h``) and recomputes its logits
-when the backward reaches it, so at any moment at most one chunk's ``C·V`` logits (and their
-gradient) are alive: the extra peak is ``C·V·max(c + 8, 12)`` bytes (``c`` = bytes of the compute
-dtype, :func:`lora_lab.core.memory.logits_bytes`) instead of ``B·T·V·max(c + 8, 12)``.  The price
-is one more LM-head matmul per token (``2·H·V`` FLOPs) in the backward.
+At any moment at most one chunk's ``C·V`` logits (and their gradient) are alive: the extra peak
+is ``C·V·max(c + 8, 12)`` bytes (``c`` = bytes of the compute dtype,
+:func:`lora_lab.core.memory.logits_bytes`) instead of ``B·T·V·max(c + 8, 12)``.  Two ways:
+
+- **frozen head** (LoRA/QLoRA without ``lm_head`` among the targets: the usual case): the chunk's
+  gradient ``∂ℓ_chunk/∂h`` (C, H) is computed in the forward pass, right after its loss, and kept
+  (N·H values in all, the size of ``h``); the backward only scales it by the incoming gradient
+  (ℓ is linear in each ``ℓ_chunk``).  The same two head matmuls per token as the full loss
+  (logits, then the gradient to ``h``), so no recomputation (Liger's fused linear cross-entropy
+  does the same);
+- **trainable head** (``lm_head`` adapted, or trained): each chunk runs under
+  :func:`torch.utils.checkpoint.checkpoint`, which keeps only the chunk's hidden states and
+  recomputes its logits when the backward reaches it, so the head's weights get their gradients
+  in the backward as usual.  The price is one more head matmul per token (``2·H·V`` FLOPs).
 
 The result is ``(Σ ℓ, n)``: the *sum* of the per-token losses and the number of supervised tokens,
 so that gradient accumulation can weight micro-batches by tokens exactly
@@ -46,21 +55,23 @@ from ...core.memory import CHUNKED_LOSS_MIN_VOCAB, DEFAULT_LOSS_CHUNK
 from ...errors import TrainingError
 from .._peft import is_peft
 
-__all__ = ["DEFAULT_CHUNK_SIZE", "AUTO_MIN_VOCAB", "IGNORE_INDEX", "chunked_unsupported",
-           "chunked_causal_lm_loss", "check_chunk_size", "output_layer", "vocab_size",
-           "use_chunked"]
+__all__ = ["DEFAULT_CHUNK_SIZE", "AUTO_MIN_VOCAB", "IGNORE_INDEX", "ChunkedLossMixin",
+           "chunked_unsupported", "chunked_causal_lm_loss", "check_chunk_size", "output_layer",
+           "vocab_size", "use_chunked"]
 
 IGNORE_INDEX = -100
 DEFAULT_CHUNK_SIZE = DEFAULT_LOSS_CHUNK
 """Tokens per chunk.  At V = 128k one chunk costs 512·V·12 B ≈ 0.8 GB (fp16 compute) against
 12.6 GB for the full logits of 4 × 2048 tokens, and a (512 × H)·(H × V) matmul still keeps a GPU
-busy, so recomputing the head costs no more than its FLOPs."""
+busy, so cutting the head into chunks costs no more than its FLOPs."""
 AUTO_MIN_VOCAB = CHUNKED_LOSS_MIN_VOCAB
 """``chunked_loss="auto"`` turns it on from this vocabulary size (Llama 2, Mistral: 32k; SmolLM2:
 49k; Qwen: 151k; Llama 3: 128k).  There the full logits cost ``12·V`` = 384 kB per token or more,
-several times a small model's per-token activations, while the recomputed head adds at most ~10%
-to a step.  Below it (GPT-2-sized toy vocabularies, lora_lab's builtin models) the logits are small
-and the plain loss is kept."""
+several times a small model's per-token activations.  With a frozen head (LoRA, QLoRA) the chunked
+loss runs the same head matmuls as the full loss and fewer passes over the logits, so it is no
+slower (``benchmarks/loss_memory.py``, measured on a CPU: see the README).  Below it (GPT-2-sized toy
+vocabularies, lora_lab's builtin models) the logits are small and the plain loss is kept: there is
+nothing to save, and a trainable head's chunks would be recomputed (one more head matmul)."""
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
 
 
@@ -137,6 +148,57 @@ def _chunk_loss(head, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tens
     return F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
 
 
+class _FrozenHeadLoss(torch.autograd.Function):
+    """``Σ_chunks ℓ_chunk`` with ``∂/∂h`` computed chunk by chunk in the forward (a frozen head).
+
+    forward(hidden (N, H), targets (N,), head, chunk_size) → the fp32 sum; backward(g) → g·∂Σℓ/∂h.
+    Autocast applies inside as it does around it, so the head runs in the autocast dtype."""
+
+    @staticmethod
+    def forward(ctx, hidden, targets, head, chunk_size):
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad = torch.zeros_like(hidden)                                   # (N, H)
+        for start in range(0, targets.numel(), chunk_size):
+            y = targets[start:start + chunk_size]
+            if not bool((y != IGNORE_INDEX).any()):
+                continue  # nothing supervised in this chunk: its loss and gradient are 0
+            part, g = _chunk_loss_and_grad(head, hidden[start:start + chunk_size], y)
+            grad[start:start + chunk_size] = g
+            total += part
+        ctx.save_for_backward(grad)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_total.to(grad.dtype), None, None, None
+
+
+def _chunk_loss_and_grad(head, hidden: torch.Tensor, targets: torch.Tensor):
+    """``(Σ CE, ∂ΣCE/∂hidden)`` of one chunk, hidden (C, H), targets (C,), for a frozen head.
+
+    ``z = head(h).float()`` (C, V); ``ℓ_t = logsumexp(z_t) − z_t[y_t]``; ``∂ℓ_t/∂z_t = softmax(z_t)
+    − onehot(y_t)`` (zero rows where ``y_t = -100``), written over ``z`` in place, then taken back
+    through the head by autograd (``grad_outputs``): one (C, V) fp32 buffer instead of the
+    log-probs, their gradient and the logits' gradient."""
+    with torch.enable_grad():
+        h = hidden.detach().requires_grad_()
+        out = head(h)                                          # (C, V), the compute dtype
+    z = out.detach().float()  # fp32 (the same storage in fp32: a Linear's backward never reads its output)
+    valid = targets != IGNORE_INDEX
+    safe = torch.where(valid, targets, 0)[:, None]             # (C, 1)
+    lse = torch.logsumexp(z, dim=-1)                           # (C,)
+    part = ((lse - z.gather(1, safe).squeeze(1)) * valid).sum()
+    z.sub_(lse[:, None]).exp_().mul_(valid[:, None])           # softmax, 0 on ignored rows
+    z.scatter_add_(1, safe, -valid[:, None].to(z.dtype))       # − onehot(y)
+    (g,) = torch.autograd.grad(out, h, grad_outputs=z.to(out.dtype))
+    return part, g
+
+
+def _head_trainable(head) -> bool:
+    return any(p.requires_grad for p in head.parameters())
+
+
 def chunked_causal_lm_loss(model, batch: dict, *, chunk_size: int = DEFAULT_CHUNK_SIZE,
                            **forward_kwargs) -> tuple[torch.Tensor, int]:
     """``(Σ ℓ, n)`` of a causal-LM batch, one chunk of ``chunk_size`` tokens of logits at a time.
@@ -145,8 +207,9 @@ def chunked_causal_lm_loss(model, batch: dict, *, chunk_size: int = DEFAULT_CHUN
     (packed rows), passed to the decoder as the model's own forward would.  ``Σ ℓ``: a fp32 scalar,
     the summed cross-entropy over the n supervised tokens (``labels[:, 1:] != -100``); divide it
     by n (or by the step's N) for the mean.  Under autocast the head runs in the autocast dtype
-    and the loss in fp32, as in transformers.  With gradients enabled each chunk is checkpointed
-    (module docstring); without (evaluation), chunks are simply computed one after another.
+    and the loss in fp32, as in transformers.  With gradients enabled, a frozen head's chunks give
+    their gradients in the forward and a trainable head's chunks are checkpointed (module
+    docstring); without (evaluation), chunks are simply computed one after another.
     """
     chunk_size = check_chunk_size(chunk_size)
     decoder, head = output_layer(model)
@@ -156,8 +219,10 @@ def chunked_causal_lm_loss(model, batch: dict, *, chunk_size: int = DEFAULT_CHUN
     hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])                      # (N, H), N = B·(T-1)
     targets = labels[:, 1:].reshape(-1).to(hidden.device)                      # (N,): next tokens
     n = int((targets != IGNORE_INDEX).sum())
-    total = hidden.new_zeros((), dtype=torch.float32)
     grad = torch.is_grad_enabled()
+    if grad and hidden.requires_grad and not _head_trainable(head):
+        return _FrozenHeadLoss.apply(hidden, targets, head, chunk_size), n
+    total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, targets.numel(), chunk_size):
         h, y = hidden[start:start + chunk_size], targets[start:start + chunk_size]
         if not bool((y != IGNORE_INDEX).any()):
@@ -168,3 +233,53 @@ def chunked_causal_lm_loss(model, batch: dict, *, chunk_size: int = DEFAULT_CHUN
             part = _chunk_loss(head, h, y)
         total = total + part
     return total, n
+
+
+class ChunkedLossMixin:
+    """Put before ``transformers.Trainer`` (or TRL's ``SFTTrainer``) to train with the chunked loss::
+
+        from transformers import Trainer
+        from lora_lab.hf.training.chunked_loss import ChunkedLossMixin
+
+        class MyTrainer(ChunkedLossMixin, Trainer):
+            chunked_loss = "auto"          # True, False or "auto", as in TrainSpec
+            loss_chunk_size = 512
+
+        trainer = MyTrainer(model, args, ..., callbacks=[lora_lab.LiveCallback(dash)])
+
+    ``compute_loss`` then returns the Trainer's own loss, computed one chunk of logits at a time:
+    with ``num_items_in_batch`` (the supervised tokens of the whole accumulated step, which the
+    Trainer passes to models that take loss kwargs: every causal LM in transformers)
+    ``Σ ℓ / num_items_in_batch``, which the Trainer treats as already scaled for gradient
+    accumulation; else the micro-batch mean ``Σ ℓ / n``, which it divides by the accumulation
+    steps — the two rules of ``Trainer.compute_loss``.  The head runs under the accelerator's
+    autocast (fp16/bf16), as the model's own forward does there.
+
+    The full loss is kept (the parent's ``compute_loss``) for evaluation (``return_outputs``: the
+    Trainer wants the logits), label smoothing or a ``compute_loss_func``, when ``chunked_loss``
+    resolves to off for the model, and under DDP/FSDP wrappers: the chunks call the decoder and
+    the head directly, which would skip the wrapper's gradient synchronisation.
+    """
+
+    chunked_loss: bool | str = True
+    loss_chunk_size: int = DEFAULT_CHUNK_SIZE
+
+    def _chunked_for(self, model) -> bool:
+        inner = self.accelerator.unwrap_model(model)
+        if inner is not model or not use_chunked(self.chunked_loss, inner):
+            return False
+        check_chunk_size(self.loss_chunk_size)
+        return True
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        plain = (return_outputs or "labels" not in inputs or self.label_smoother is not None
+                 or self.compute_loss_func is not None or not self._chunked_for(model))
+        if plain:
+            return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                        num_items_in_batch=num_items_in_batch)
+        with self.accelerator.autocast():
+            total, n = chunked_causal_lm_loss(model, inputs, chunk_size=self.loss_chunk_size,
+                                              use_cache=False)
+        if self.model_accepts_loss_kwargs and num_items_in_batch is not None:
+            return total / num_items_in_batch
+        return total / max(n, 1)

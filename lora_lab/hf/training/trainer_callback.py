@@ -6,7 +6,18 @@
     trainer = Trainer(model, args, train_dataset=..., callbacks=[lora_lab.LiveCallback(dash)])
     trainer.train()
 
-It works the same with TRL's ``SFTTrainer`` (a ``Trainer`` subclass).  Trainer events are translated
+It works the same with TRL's ``SFTTrainer`` (a ``Trainer`` subclass).  To train with lora_lab's
+chunked loss (one chunk of logits at a time, the same loss and gradients), put
+:class:`lora_lab.hf.training.chunked_loss.ChunkedLossMixin` before the Trainer class::
+
+    from lora_lab.hf.training.chunked_loss import ChunkedLossMixin
+
+    class MyTrainer(ChunkedLossMixin, Trainer):
+        chunked_loss, loss_chunk_size = "auto", 512     # as in TrainSpec
+
+    trainer = MyTrainer(model, args, train_dataset=..., callbacks=[lora_lab.LiveCallback(dash)])
+
+Trainer events are translated
 to lora_lab's (:mod:`lora_lab.train.events`)::
 
     on_train_begin → begin      on_log (loss) → step      on_log (eval_loss) → eval

@@ -158,7 +158,7 @@ def test_estimate_within_15_percent_of_a_measured_step():
                       num_attention_heads=16, num_key_value_heads=4, vocab_size=32000)
     spec = ll.AdapterSpec(r=16)
     est = estimate_memory(cfg, spec, batch_size=4, seq_len=512, gradient_checkpointing=False,
-                          padded=False)                # no attention mask below
+                          padded=False, chunked_loss=False)  # no attention mask below; the HF loss
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).cuda()
     model = ll.attach(model, spec)

@@ -140,12 +140,22 @@ def test_qlora_nf4_base(tiny_llama_nf4, one_thread):
     _assert_same(model, _batch(vocab), 16)
 
 
-def test_only_one_chunk_of_logits_at_a_time(one_thread):
-    """A hook on lm_head sees (chunk, V) outputs only, in the forward and in the recomputation."""
-    model, batch, chunk = _lora(_tiny(True)), _batch(), 8
+@pytest.mark.parametrize("head", ["frozen", "lora"])
+def test_only_one_chunk_of_logits_at_a_time(one_thread, head):
+    """A hook on lm_head sees (chunk, V) outputs only.  A frozen head runs once per chunk (its
+    gradient is taken in the forward: as many head matmuls as the full loss); an adapted head's
+    chunks are recomputed once in the backward."""
+    import peft
+
+    if head == "frozen":
+        model = _lora(_tiny(True))
+    else:
+        model = peft.get_peft_model(_tiny(False), peft.LoraConfig(
+            r=4, target_modules=["q_proj", "v_proj", "lm_head"]))
+    batch, chunk = _batch(), 8
     shapes = []
-    head = model.get_base_model().get_output_embeddings()
-    handle = head.register_forward_hook(lambda m, i, o: shapes.append(tuple(o.shape)))
+    base_head = model.get_base_model().get_output_embeddings()
+    handle = base_head.register_forward_hook(lambda m, i, o: shapes.append(tuple(o.shape)))
     try:
         total, n = chunked_causal_lm_loss(model, batch, chunk_size=chunk, use_cache=False)
         forward_calls = len(shapes)
@@ -153,7 +163,7 @@ def test_only_one_chunk_of_logits_at_a_time(one_thread):
     finally:
         handle.remove()
     assert max(s[0] for s in shapes) == chunk and all(s[-1] == VOCAB for s in shapes)
-    assert len(shapes) == 2 * forward_calls  # each chunk recomputed once in the backward
+    assert len(shapes) == (1 if head == "frozen" else 2) * forward_calls
     assert forward_calls <= -(-B * (T - 1) // chunk)
 
 
@@ -181,8 +191,10 @@ def test_model_without_reachable_head_refused():
             raise AssertionError("not called")
 
     assert "output layer" in chunked_unsupported(NoHead())
-    with pytest.raises(TrainingError, match="output layer"):
+    with pytest.raises(TrainingError, match="output layer") as info:
         chunked_causal_lm_loss(NoHead(), _batch())
+    assert "chunked_loss=False" in info.value.fix and "Fix:" in str(info.value)
+    assert use_chunked("auto", NoHead()) is False          # "auto" keeps the full loss there
 
 
 def test_auto_rule_by_vocabulary(one_thread):
