@@ -54,9 +54,12 @@ def info_lines() -> list[str]:
     from lora_lab.hf.model import smollm2
     from lora_lab.hf.model.builtin import builtin_names
     from lora_lab.hf.model.device import (
+        CPU_BF16_MIN_HIDDEN,
         bf16_supported,
+        cpu_bf16_native,
         default_compute_dtype,
         default_device,
+        default_train_precision,
         four_bit_check,
     )
 
@@ -65,13 +68,23 @@ def info_lines() -> list[str]:
     lines += [f"{p:<13} {_version(p)}" for p in PACKAGES]
     gpu = torch.cuda.get_device_name(0) if dev == "cuda" else "none"
     lines += [f"device        {dev} (GPU: {gpu})",
-              f"bf16          {'yes' if bf16_supported(dev) else 'no'}",
+              f"GPU bf16      {'yes' if bf16_supported(dev) else 'no'}",
+              f"CPU bf16      {'native' if cpu_bf16_native() else 'no (emulated: fp32 is faster)'}",
+              f"training      precision='auto' trains in {_auto_training(dev, default_train_precision)}"
+              + (f" (fp32 below hidden size {CPU_BF16_MIN_HIDDEN})" if dev == "cpu" and cpu_bf16_native()
+                 else ""),
               f"compute dtype {str(default_compute_dtype(dev)).replace('torch.', '')}",
               f"4-bit (bnb)   {four_bit_check()}",
               f"models        {', '.join(builtin_names())}"]
     if not smollm2.available():
         lines.append(f"              (builtin:smollm2, a real chat model: {smollm2.INSTALL})")
     return lines
+
+
+def _auto_training(dev: str, rule) -> str:
+    """``"bf16 autocast"``, ``"fp16 autocast"`` or ``"fp32"``: TrainSpec(precision="auto") here."""
+    picked = rule(dev, None)
+    return picked if picked == "fp32" else f"{picked} autocast"
 
 
 # ----------------------------------------------------------------------------- spectrum

@@ -26,6 +26,8 @@ class TrainState:
     set (``rss_mb``).
     ``eta_s`` extrapolates the mean step time over the steps left.  ``loss_kind`` says which loss
     runs: ``"full"`` (the model's own) or ``"chunked (C tokens)"`` (``TrainSpec.chunked_loss``).
+    ``precision`` says what the matrix products run in: ``"fp32"``, ``"bf16 autocast"`` or
+    ``"fp16 autocast"`` (``TrainSpec.precision``; "auto" picks bf16 autocast on a bf16 CPU or GPU).
     """
 
     event: str
@@ -48,6 +50,7 @@ class TrainState:
     checkpoint: str | None = None
     stop_reason: str | None = None
     loss_kind: str | None = None
+    precision: str | None = None
 
     def replace(self, **changes) -> "TrainState":
         values = {f.name: getattr(self, f.name) for f in fields(self)}

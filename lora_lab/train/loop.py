@@ -51,6 +51,7 @@ import torch
 
 from ..errors import TrainingError
 from ..hf._peft import active_name, is_peft
+from ..hf.model.device import hidden_size_of, train_precision_choice
 from ..hf.model.kbit import unpack_4bit_weights
 from ..hf.training.chunked_loss import use_chunked
 from ..specs import TrainSpec
@@ -60,7 +61,7 @@ from .events import Control, TrainState, emit, wait_while_paused
 from .history import History
 from .measure import StepTimer, memory_mb, peak_rss_mb
 from .optim import build_optimizer, lr_factor, resolve_precision
-from .step import NonFinite, accumulate, loss_kind, loss_sum
+from .step import NonFinite, accumulate, loss_kind, loss_sum, precision_label
 
 __all__ = ["train", "TrainResult"]
 
@@ -71,7 +72,8 @@ class TrainResult:
 
     ``history``: one row per logged step and evaluation (see :mod:`lora_lab.train.history`).
     ``final``: the last loss and eval loss, tokens/s and supervised tokens/s over the time spent in
-    training steps (evaluations and saves excluded), elapsed wall seconds, peak memory.
+    training steps (evaluations and saves excluded), elapsed wall seconds, peak memory, ``precision``
+    (the matrix products': ``"fp32"``, ``"bf16 autocast"``; hf/model/device.py has "auto"'s rule).
     ``adapter_path``: the last checkpoint (a peft adapter folder, loadable by ``load_adapter``).
     ``stop_reason``: ``"completed"``, ``"stopped: <why>"``, ``"interrupted"``, ``"non-finite"`` or
     ``"error"``.
@@ -151,7 +153,8 @@ class _Run:
     def __init__(self, model, tokenizer, spec, train_rows, eval_rows, callbacks, run_dir):
         self.model, self.spec, self.eval_rows = model, spec, eval_rows
         self.device = _device(model)
-        self.precision = resolve_precision(spec.precision, self.device)
+        choice = train_precision_choice(spec.precision, self.device.type, hidden_size_of(model))  # CPU "auto"
+        self.precision = resolve_precision(choice, self.device)
         pad = tokenizer.pad_token_id
         self.pad_id = int(tokenizer.eos_token_id if pad is None else pad)
         self.batches = Batches(train_rows, spec.batch_size, spec.seed, self.pad_id)
@@ -166,7 +169,7 @@ class _Run:
         self.run_dir, self.adapter = Path(run_dir), active_name(model)
         self.step, self.tokens, self.session_tokens, self.session_supervised = 0, 0, 0, 0
         self.chunk = spec.loss_chunk_size if use_chunked(spec.chunked_loss, model) else None
-        self.last: dict = {"loss_kind": loss_kind(self.chunk)}
+        self.last: dict = {"loss_kind": loss_kind(self.chunk), "precision": precision_label(self.precision)}
         self.checkpoint: str | None = None
         self.timer = StepTimer()
 
@@ -293,7 +296,7 @@ def _final(run: _Run) -> dict:
             "tokens_per_s": run.session_tokens / step_s,
             "supervised_tokens_per_s": run.session_supervised / step_s, "elapsed_s": elapsed,
             "tokens": run.tokens, ("peak_cuda_allocated_mb" if cuda else "peak_rss_mb"): peak,
-            "precision": run.precision.name, "optimizer": type(run.optimizer).__name__,
+            "precision": precision_label(run.precision), "optimizer": type(run.optimizer).__name__,
             "gradient_checkpointing": _checkpointing_on(run.model), "loss_kind": loss_kind(run.chunk)}
 
 

@@ -41,7 +41,7 @@ from ..hf.training.chunked_loss import chunked_causal_lm_loss
 from .data import batch_tokens
 
 __all__ = ["NonFinite", "Accumulated", "supervised_tokens", "has_virtual_prefix", "accumulate", "loss_sum",
-           "loss_kind"]
+           "loss_kind", "precision_label"]
 
 IGNORE_INDEX = -100
 
@@ -156,3 +156,10 @@ def loss_sum(model, batch: dict[str, torch.Tensor], forward_kwargs: dict,
 def loss_kind(chunk_size: int | None) -> str:
     """What the dashboard and ``TrainResult.final`` call the loss that ran."""
     return "full" if chunk_size is None else f"chunked ({chunk_size} tokens)"
+
+
+def precision_label(precision) -> str:
+    """What the matrix products of a run compute in, for ``TrainState.precision`` and
+    ``TrainResult.final``: ``"fp32"``, ``"bf16 autocast"`` or ``"fp16 autocast"`` (the adapter's
+    weights, gradients and optimizer state are fp32 in every case)."""
+    return precision.name if precision.dtype is None else f"{precision.name} autocast"

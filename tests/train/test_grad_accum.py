@@ -80,6 +80,7 @@ def _one_step(tiny_llama_dir, rows, tmp_path, **kw):
     model, tok = _model(tiny_llama_dir)
     rec = _Grads(model)
     spec = ll.TrainSpec(steps=1, lr=1e-3, schedule="constant", max_grad_norm=None, seed=3,
+                        precision="fp32",  # exact fp32 math against the full batch (1e-6)
                         output_dir=str(tmp_path / f"run-{kw['batch_size']}x{kw['grad_accum']}"), **kw)
     res = train(model, tok, rows, spec=spec)
     return res.loss.iloc[0], rec.grads
@@ -138,7 +139,7 @@ def test_prompt_tuning_counts_the_label_its_last_virtual_token_predicts(tiny_lla
         model = ll.attach(model, ll.AdapterSpec(method="prompt", num_virtual_tokens=3))
         rec = _Grads(model)
         spec = ll.TrainSpec(steps=1, batch_size=batch_size, grad_accum=grad_accum, lr=1e-3,
-                            max_grad_norm=None, output_dir=str(tmp_path / f"p{batch_size}"))
+                            max_grad_norm=None, precision="fp32", output_dir=str(tmp_path / f"p{batch_size}"))
         return train(model, tok, rows, spec=spec).loss.iloc[0], rec.grads
 
     loss4, grad4 = one_step(4, 1)

@@ -18,7 +18,7 @@ import lora_lab as ll
 def _train(model, tok, data, tmp_path, steps, batch_size):
     torch.manual_seed(0)
     spec = ll.TrainSpec(steps=steps, batch_size=batch_size, lr=3e-3, warmup_steps=0, seed=0,
-                        output_dir=str(tmp_path))
+                        precision="fp32", output_dir=str(tmp_path))  # exact fp32 oracle
     return ll.train(model, tok, data, spec=spec)
 
 

@@ -23,13 +23,18 @@ from .lm_head import keep_head_input_contiguous
 __all__ = ["load_model", "bnb_config", "resolve_source", "base_source", "quiet_progress"]
 
 
-def bnb_config(quant: QuantSpec, device: str):
-    """The ``transformers.BitsAndBytesConfig`` for ``quant`` on ``device``."""
+def bnb_config(quant: QuantSpec, device: str, dtype: torch.dtype | None = None):
+    """The ``transformers.BitsAndBytesConfig`` for ``quant`` on ``device``.
+
+    The 4-bit layers' compute dtype (what a block is dequantized to before its matrix product) is
+    ``quant.compute_dtype`` when given, else ``dtype`` (the dtype the model's unquantized parts load
+    in: bf16 on a bf16 CPU with ``load_model(dtype="auto")``), else the device's default (fp32 on a
+    CPU, bf16 or fp16 on a GPU)."""
     from transformers import BitsAndBytesConfig
 
     if quant.bits == 8:
         return BitsAndBytesConfig(load_in_8bit=True)
-    compute = as_dtype(quant.compute_dtype) or default_compute_dtype(device)
+    compute = as_dtype(quant.compute_dtype) or dtype or default_compute_dtype(device)
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type=quant.quant_type,
@@ -83,6 +88,22 @@ def quiet_progress():
             hf_logging.enable_progress_bar()
 
 
+def _is_auto(dtype) -> bool:
+    return isinstance(dtype, str) and dtype.lower() == "auto"
+
+
+def _hidden_size(source) -> int | None:
+    """``hidden_size`` from ``source``'s config.json (None when it has none), read without the
+    weights: ``dtype="auto"`` picks bf16 on a CPU only for models wide enough to gain from it."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(resolve_source(source, config_only=True))
+    except (OSError, ValueError):  # offline hub id, custom code: decide by the chip alone
+        return None
+    return getattr(config, "hidden_size", None)
+
+
 def load_model(source, quant=None, *, device: str | None = None, dtype=None,
                trust_remote_code: bool = False):
     """Load ``(model, tokenizer)``.
@@ -95,8 +116,13 @@ def load_model(source, quant=None, *, device: str | None = None, dtype=None,
     quant: ``None`` (full precision), a :class:`~lora_lab.QuantSpec`, or ``"nf4"``, ``"fp4"``,
         ``"int8"``.
     device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``; ``None`` picks CUDA when there is one.
-    dtype: weight dtype of the unquantized parts; ``None`` means the device default
-        (fp32 on CPU, bf16/fp16 on GPU).
+    dtype: weight dtype of the unquantized parts (``"fp32"``, ``"bf16"``, ``"fp16"``, a
+        ``torch.dtype``); ``None`` means the device default (fp32 on CPU, bf16/fp16 on GPU);
+        ``"auto"`` is bf16 on a CPU with native bf16 (AVX512-BF16, AMX, Arm BF16) for a model of
+        hidden size >= 512 (half the memory of the frozen base, and what
+        ``TrainSpec(precision="auto")`` computes in there), else the device default.  With
+        ``quant`` and no ``QuantSpec.compute_dtype``, the 4-bit layers compute in this dtype
+        too (:func:`bnb_config`).
     trust_remote_code: off unless you trust the repository's Python code.
 
     The tokenizer always has a pad token (the EOS token when the model defines none).
@@ -108,13 +134,15 @@ def load_model(source, quant=None, *, device: str | None = None, dtype=None,
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ModelLoadError(f"device={device!r} was asked for, but no CUDA GPU is visible.",
                              "pass device='cpu' (or None to choose automatically)")
-    dtype = as_dtype(dtype) or default_compute_dtype(device)
+    asked = dtype
+    dtype = as_dtype(dtype, device, _hidden_size(source) if _is_auto(dtype) else None) \
+        or default_compute_dtype(device)
     # builtin:smollm2 is read from the folder cached in `dtype` (a quantized load too: a bf16 source
     # halves the memory its quantization passes through), so nothing is converted at load time.
     path = resolve_source(source, dtype)
     kwargs = dict(dtype=dtype, trust_remote_code=trust_remote_code, device_map=device)
     if quant is not None:
-        kwargs["quantization_config"] = bnb_config(quant, device)
+        kwargs["quantization_config"] = bnb_config(quant, device, dtype if asked is not None else None)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
         with quiet_progress():

@@ -1,0 +1,200 @@
+"""CPU training speed: fp32 against ``precision="auto"`` (bf16 autocast where the chip has native bf16),
+measured against the chip's own matrix-product throughput in the same run (issue 22).
+
+1. **The chip's limit**: ``--n``² × ``--n``² matrix products (2048 by default) in fp32 and in bf16, best
+   of ``--matmul-reps``; FLOP/s = 2n³ / seconds.  On a CPU with AVX512-BF16 or AMX, oneDNN runs bf16
+   GEMMs at about twice fp32's rate; elsewhere bf16 is emulated and slower.
+2. **Training**: ``lora_lab.train`` with LoRA r=8 on all linear layers (and QLoRA: an NF4 base) of
+   ``builtin:tiny`` and ``builtin:smollm2``, on rows of ``--batch`` × ``--seq`` random token ids, in
+   three setups per model:
+
+   * ``fp32``:     ``load_model(dtype="fp32")`` + ``TrainSpec(precision="fp32")`` (lora_lab before issue 22);
+   * ``autocast``: the fp32 base + ``precision="bf16"`` (bf16 autocast, each weight converted to
+     bf16 as it is multiplied: what a notebook that loads with the default dtype gets);
+   * ``bf16``:     ``load_model(dtype="bf16")`` + ``precision="bf16"``: a bf16 frozen base (half the
+     memory; the 4-bit layers compute in bf16) and bf16 autocast; the adapter stays fp32.
+
+   ``auto`` is whichever of these ``load_model(dtype="auto")`` + ``precision="auto"`` picks for the
+   model on this chip (``bf16`` for SmolLM2 on a bf16 CPU, ``fp32`` for ``builtin:tiny``, whose
+   hidden size 128 is below the 512 where bf16 starts to pay: hf/model/device.py).
+   Tokens/s is counted over the steps after ``--warmup``, per second of wall time and per second of
+   process CPU time × torch threads (the second moves less when other jobs share the machine).  The
+   setups are interleaved ``--repeats`` times and the medians are reported.
+3. **Fraction of the chip**: training FLOP/s over the matrix-product FLOP/s in the precision used.
+   FLOPs per token (Chowdhery et al. 2022, PaLM, appendix B, with a frozen base)::
+
+       4·N_frozen + 6·N_adapter + 12·L·T·d
+
+   N_frozen: weights of the frozen linear layers (the tied LM head included; forward 2N, backward
+   2N for the input gradient, none for the frozen weight itself); N_adapter: the trainable
+   parameters (6N, as for full training); 12·L·T·d: attention scores and their weighted sum over T
+   positions (forward 4·T·d per layer, backward twice that).
+
+Targets (issue 22, on a bf16 CPU): ``auto`` ≥ 1.5× ``fp32`` tokens/s on the real model, and training
+reaching ≥ 60% of the chip's matrix throughput in the precision used.  On a machine shared with
+other jobs the wall-clock numbers drop; compare only ratios from the same run.
+
+    python benchmarks/cpu_speed.py [--quick] [--models builtin:tiny builtin:smollm2] [--no-qlora]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+
+import lora_lab as ll
+from lora_lab.hf.model.device import cpu_bf16_native
+
+SETUPS = {"fp32": ("fp32", "fp32"), "autocast": ("fp32", "bf16"), "bf16": ("bf16", "bf16")}
+
+
+def auto_setup(model_name: str) -> str:
+    """The setup ``dtype="auto"`` + ``precision="auto"`` amounts to for ``model_name`` here."""
+    from lora_lab.hf.model.device import default_train_precision
+    from lora_lab.hf.model.loading import _hidden_size
+
+    return "bf16" if default_train_precision("cpu", _hidden_size(model_name)) == "bf16" else "fp32"
+
+
+def matmul_gflops(dtype: torch.dtype, n: int, reps: int) -> float:
+    """Best-of-``reps`` GFLOP/s of an n×n @ n×n product in ``dtype`` (2n³ FLOPs each)."""
+    g = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(n, n, generator=g).to(dtype) for _ in range(2))
+    a @ b  # warm-up: oneDNN picks and caches its kernel
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best / 1e9
+
+
+class _Clock(ll.Callback):
+    """Wall and process-CPU time at the end of each optimizer step."""
+
+    def __init__(self):
+        self.times: list[tuple[float, float]] = []
+
+    def on_step(self, state, control):
+        self.times.append((time.perf_counter(), time.process_time()))
+
+
+def flops_per_token(model, seq: int) -> float:
+    """4·N_frozen + 6·N_adapter + 12·L·T·d (module docstring)."""
+    frozen = adapter = 0
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            n = module.in_features * module.out_features
+            if module.weight.requires_grad:
+                adapter += n
+            else:
+                frozen += n
+    adapter += sum(p.numel() for p in model.parameters() if p.requires_grad) - adapter  # non-linear
+    cfg = model.config
+    return 4 * frozen + 6 * adapter + 12 * cfg.num_hidden_layers * seq * cfg.hidden_size
+
+
+def rows(vocab: int, n: int, seq: int) -> list[dict]:
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(4, vocab, (n, seq), generator=g).tolist()
+    return [{"input_ids": x, "attention_mask": [1] * seq, "labels": list(x)} for x in ids]
+
+
+def run_setup(name: str, quant, setup: str, args) -> dict:
+    """Load, attach, train ``warmup + steps`` steps; tokens/s (wall and CPU) and the run's precision."""
+    dtype, precision = SETUPS[setup]
+    model, tok = ll.load_model(name, quant, device="cpu", dtype=dtype)
+    torch.manual_seed(0)
+    model = ll.attach(model, ll.AdapterSpec(r=8, target_modules="all-linear"))
+    steps = args.warmup + args.steps
+    clock = _Clock()
+    with tempfile.TemporaryDirectory() as out:
+        spec = ll.TrainSpec(steps=steps, batch_size=args.batch, lr=1e-4, precision=precision,
+                            output_dir=out, schedule="constant")
+        res = ll.train(model, tok, rows(model.config.vocab_size, steps * args.batch, args.seq), None,
+                       spec, callbacks=[clock])
+    t = clock.times
+    tokens = args.steps * args.batch * args.seq
+    wall = tokens / (t[-1][0] - t[args.warmup - 1][0])
+    cpu = tokens / ((t[-1][1] - t[args.warmup - 1][1]) / torch.get_num_threads())
+    return {"wall": wall, "cpu": cpu, "precision": res.final["precision"], "loss": res.final["loss"],
+            "flops_per_token": flops_per_token(model, args.seq)}
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", nargs="+", default=["builtin:tiny", "builtin:smollm2"])
+    ap.add_argument("--no-qlora", action="store_true")
+    ap.add_argument("--steps", type=int, default=None, help="measured steps (after warmup)")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq", type=int, default=64)
+    ap.add_argument("--n", type=int, default=2048, help="matrix size of the matmul probe")
+    ap.add_argument("--matmul-reps", type=int, default=10)
+    ap.add_argument("--quick", action="store_true", help="fewer steps and one repeat (a smoke run)")
+    args = ap.parse_args(argv)
+    args.steps = args.steps or (3 if args.quick else 6)
+    args.repeats = args.repeats or (1 if args.quick else 2)
+
+    native = cpu_bf16_native()
+    chip = {"fp32": matmul_gflops(torch.float32, args.n, args.matmul_reps),
+            "bf16": matmul_gflops(torch.bfloat16, args.n, args.matmul_reps)}
+    print(f"CPU native bf16: {native}; {args.n}² matmul: fp32 {chip['fp32']:.0f} GFLOP/s, "
+          f"bf16 {chip['bf16']:.0f} GFLOP/s ({chip['bf16'] / chip['fp32']:.2f}×)", flush=True)
+
+    configs = [(m, q) for m in args.models for q in ((None,) if args.no_qlora else (None, "nf4"))]
+    results: dict = {}
+    for _ in range(args.repeats):
+        for model_name, quant in configs:
+            for setup in SETUPS:
+                if quant and setup == "autocast":
+                    continue  # a 4-bit base has no fp32 weights to autocast; "auto" covers it
+                r = run_setup(model_name, quant, setup, args)
+                results.setdefault((model_name, quant, setup), []).append(r)
+                print(f"  {model_name:16} {quant or 'lora':5} {setup:9} {r['precision']:14} "
+                      f"{r['wall']:7.0f} tokens/s wall, {r['cpu']:7.0f} per CPU-s  (loss {r['loss']:.3f})",
+                      flush=True)
+
+    print("\n| model | base | setup | precision | tokens/s (wall) | per CPU-s | × fp32 | GFLOP/s | "
+          "of chip |\n|---|---|---|---|---|---|---|---|---|")
+    ratios, extra = {}, {"chip_gflops": chip, "cpu_bf16_native": native, "batch": args.batch,
+                         "seq": args.seq, "steps": args.steps, "repeats": args.repeats}
+    for (model_name, quant, setup), runs in results.items():
+        wall = statistics.median(r["wall"] for r in runs)
+        cpu = statistics.median(r["cpu"] for r in runs)
+        base = statistics.median(r["wall"] for r in results[(model_name, quant, "fp32")])
+        prec = runs[0]["precision"]
+        gflops = wall * runs[0]["flops_per_token"] / 1e9
+        frac = gflops / chip["bf16" if prec.startswith("bf16") else "fp32"]
+        short = model_name.split(":")[-1]
+        key = f"{short}_{quant or 'lora'}_{setup}"
+        if setup != "fp32":
+            ratios[f"{key}_vs_fp32"] = round(wall / base, 3)
+        ratios[f"{key}_chip_fraction"] = round(frac, 3)
+        if setup == auto_setup(model_name):
+            ratios[f"{short}_{quant or 'lora'}_auto_vs_fp32"] = round(wall / base, 3)
+            ratios[f"{short}_{quant or 'lora'}_auto_chip_fraction"] = round(frac, 3)
+            extra[f"{short}_{quant or 'lora'}_auto_is"] = setup
+        extra[f"{key}_tokens_per_s"] = round(wall, 1)
+        extra[f"{key}_tokens_per_cpu_s"] = round(cpu, 1)
+        print(f"| {model_name} | {quant or 'fp32/bf16'} | {setup} | {prec} | {wall:,.0f} | {cpu:,.0f} | "
+              f"{wall / base:.2f} | {gflops:.0f} | {frac:.0%} |")
+    targets = {}
+    if native and "builtin:smollm2" in args.models:
+        targets = {"smollm2_lora_auto_vs_fp32": ">= 1.5", "smollm2_lora_auto_chip_fraction": ">= 0.6"}
+    try:
+        from _report import report
+    except ImportError:  # run from elsewhere than benchmarks/
+        sys.path.insert(0, __file__.rsplit("/", 1)[0])
+        from _report import report
+    return report("cpu_speed", ratios, targets, quick=args.quick, extra=extra)
+
+
+if __name__ == "__main__":
+    main()
