@@ -62,8 +62,11 @@ Each term, in bytes (``c`` = bytes of the compute dtype: 2 for fp16/bf16, 4 for 
     and up each cast their fp32 input separately: ``+ 2·4h + c·(6h + i)`` instead; and autocast's
     16-bit copy of every linear weight (``c·N_lin``, LM head included) lives to the forward's end;
   - each LoRA module keeps its (cast) input and ``A·x``: ``+ c·(in + r)``; with dropout a mask
-    and the dropped input: ``+ (1 + c)·in``; DoRA also keeps the base output and the LoRA output
-    in fp32: ``+ (c + 8)·out``.
+    and the dropped input: ``+ (1 + c)·in``; DoRA also keeps the base output and the LoRA output,
+    both linear outputs in ``c`` under autocast: ``+ 2c·out`` (peft 0.21, counted with
+    ``saved_tensors_hooks``: tests/core/test_memory.py).  Without autocast (a 16-bit base, fp32
+    adapters) peft casts the adapter input to fp32, which keeps ``4·(in + r)`` and a fp32 LoRA
+    output: more than modelled here.
 
   Without checkpointing: ``T·L·layer``.  With gradient checkpointing only each layer's input is
   kept (``T·L·c·h``; ``T·L·4h`` where the residual stream is fp32: a prepared k-bit base, fp32
@@ -278,8 +281,8 @@ def _adapter_activation_bytes(t: TrainableLayout, c: int, layers: int) -> float:
         total += c * (fin + r)
         if t.dropout:
             total += (1 + c) * fin
-        if t.dora:
-            total += (c + 8) * fout
+        if t.dora:                          # base output and LoRA output, autocast to c
+            total += 2 * c * fout
     return total / max(layers, 1)
 
 

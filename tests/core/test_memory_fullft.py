@@ -167,22 +167,26 @@ LLAMA32_3B = dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=28
                   num_attention_heads=24, num_key_value_heads=8, head_dim=128, vocab_size=128256,
                   tie_word_embeddings=True)
 PEFT_ALLOCATED_AFTER_STEP = 26_065e6         # "mem allocated avg" (after each step), mean of 20
-PEFT_RESERVED_MAX = 37_241_225_216           # "accelerator_memory_max" (34.68 GiB)
+PEFT_RESERVED_STEP = 33_573_390_254         # "accelerator_memory_reserved_99th" (31.27 GiB)
 
 
 def test_llama_3_2_3b_full_ft_in_bf16_is_near_peft_s_measurement():
     """Weights + gradients + AdamW of pure bf16 (8 bytes/param) are 98.6% of what peft found
-    allocated after each step (gradients still held); the estimated reserved peak is within 5% of
-    peft's maximum reserved.  On a T4 the same three terms double."""
+    allocated after each step (gradients still held).  The estimated reserved peak is 14% above
+    the training step's (the 99th percentile of reserved after each step): the planner pads every
+    row to 768 tokens, MetaMathQA's are shorter (tests/core/test_memory_published.py solves for
+    the row length: 578).  peft's "max reserved" (34.68 GiB) also covers generation with batch 50,
+    which the planner does not plan, so it is not the oracle.  On a T4 the same three terms
+    double."""
     cfg = LlamaConfig(**LLAMA32_3B)
     est = estimate_memory(cfg, None, batch_size=4, seq_len=768, gradient_checkpointing=False,
-                          device=48)                 # a number of GiB: bf16, like the L40S
+                          device=48, chunked_loss=False)   # bf16 like the L40S; the HF loss
     t = est.breakdown
     assert est.total_params == 3_212_749_824          # peft's num_total_params
     wgo = t["base_weights"] + t["gradients_total"] + t["optimizer_states"]
     assert wgo == 8 * est.total_params
     assert wgo / PEFT_ALLOCATED_AFTER_STEP == pytest.approx(0.986, abs=0.005)
-    assert est.peak_reserved() / PEFT_RESERVED_MAX == pytest.approx(1.0, abs=0.05)
+    assert est.peak_reserved() / PEFT_RESERVED_STEP == pytest.approx(1.14, abs=0.02)
     t4 = estimate_memory(cfg, None, batch_size=4, seq_len=768, gradient_checkpointing=False,
-                         device="T4").breakdown
+                         device="T4", chunked_loss=False).breakdown
     assert t4["base_weights"] + t4["gradients_total"] + t4["optimizer_states"] == 2 * wgo
