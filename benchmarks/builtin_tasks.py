@@ -4,10 +4,14 @@ For each task (easiest first) and each rank r, attach a fresh LoRA (all linear l
 train it for a fixed number of steps on the task's ``"train"`` split, and measure exact-match
 accuracy by greedy generation on the ``"test"`` split, plus the held-out pretraining skills
 (``pretrain-eval``) to show forgetting.  The base model's accuracy is the baseline of each row.
-Prints one markdown table.
+Accuracy is over ``--n-test`` (200) test prompts per task, ``builtin_task(task, n=200,
+split="test")``: drawn with replacement from the held-out prompts, so a task with few distinct
+prompts repeats some (``next`` has 21 distinct ones among its 200).  Prints one markdown table,
+then the JSON line of ``benchmarks/_report.py`` (every accuracy; no target: this is a measurement).
 
     python benchmarks/builtin_tasks.py                  # full grid: 36 runs of ~15-20 s on a quiet CPU
     python benchmarks/builtin_tasks.py --ranks 1 8 32 --steps 200 --tasks upper reverse
+    python benchmarks/builtin_tasks.py --quick          # upper at r=8, 150 steps, 50 test prompts
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 import argparse
 import time
 
+import _report
 import torch
 
 import lora_lab as ll
@@ -84,10 +89,15 @@ def main(argv=None) -> None:
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--lr", type=float, default=3e-3)
-    ap.add_argument("--threads", type=int, default=2, help="torch threads (1 is faster on a busy CPU)")
-    ap.add_argument("--n-test", type=int, default=200)
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads: 2, or 1 with --quick (1 is faster on a busy CPU)")
+    ap.add_argument("--n-test", type=int, default=200, help="test prompts per task (200)")
     ap.add_argument("--quant", action="store_true", help="print the per-layer NF4 table and stop")
+    ap.add_argument("--quick", action="store_true", help="upper at r=8, 150 steps, 50 test prompts")
     args = ap.parse_args(argv)
+    if args.quick:
+        args.tasks, args.ranks, args.steps, args.n_test = ["upper"], [8], 150, 50
+    args.threads = args.threads or (1 if args.quick else 2)
     torch.set_num_threads(args.threads)
     if args.quant:
         print(quant_structure())
@@ -102,16 +112,22 @@ def main(argv=None) -> None:
              f"in brackets: train seconds / pretrain-eval accuracy after (base {base_pre:.0%})", "",
              head, "|" + "---|" * (len(args.ranks) + 2)]
     print("\n".join(lines), flush=True)
+    acc_all = {"pretrain-eval base": base_pre}
     for task in args.tasks:
         test = builtin_task(task, n=args.n_test, split="test")
-        cells = [task, f"{task_accuracy(base, tok, test):.0%}"]
+        acc_all[f"{task} base"] = task_accuracy(base, tok, test)
+        cells = [task, f"{acc_all[f'{task} base']:.0%}"]
         for r in args.ranks:
             t0 = time.perf_counter()
             model, _, _ = finetune(task, r, args.steps, args.batch_size, args.lr)
             wall = time.perf_counter() - t0
             acc, forget = task_accuracy(model, tok, test), task_accuracy(model, tok, pre)
+            acc_all[f"{task} r={r}"], acc_all[f"{task} r={r} pretrain-eval"] = acc, forget
             cells.append(f"{acc:.0%} ({wall:.0f}s/{forget:.0%})")
         print("| " + " | ".join(cells) + " |", flush=True)
+    _report.report("builtin_tasks", acc_all, {}, quick=args.quick,
+                   extra={"n_test": args.n_test, "steps": args.steps, "batch_size": args.batch_size,
+                          "lr": args.lr, "threads": args.threads})
 
 
 if __name__ == "__main__":

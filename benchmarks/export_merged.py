@@ -1,20 +1,29 @@
 """Benchmark: peak memory of ``export_merged`` (streamed, shard by shard) vs a full merged copy.
 
 Run:  nice python benchmarks/export_merged.py [--hidden 1024] [--layers 8] [--shard-mb 50] [--quant nf4]
+      python benchmarks/export_merged.py --quick      # hidden 512, 4 layers, 10 MB shards
 
 A Llama built from a config (random weights, fp32 on CPU, LoRA r=16 on all linear layers with a
-non-zero B) is exported twice in the same process, and the process RSS is sampled every 2 ms
+non-zero B) is exported three times in the same process, and the process RSS is sampled every 2 ms
 (``/proc/self/statm``) during each:
 
 * ``stream``: ``lora_lab.export_merged(model, dir, dtype=fp16, max_shard_size=shard, check=False)``;
-* ``naive``: the usual recipe, ``copy.deepcopy(model).merge_and_unload().half().save_pretrained(dir,
-  max_shard_size=shard)``, which holds a whole merged copy (the baseline).
+  the model stays usable (adapter unmerged, fp32);
+* ``copy`` (keep-the-model recipe): ``copy.deepcopy(model).merge_and_unload().half()
+  .save_pretrained(dir, max_shard_size=shard)``: what a user does who wants to go on working with
+  the adapter afterwards; it holds a whole fp32 merged copy;
+* ``in place`` (peft's documented recipe, the baseline): ``model.merge_and_unload().half()
+  .save_pretrained(dir, max_shard_size=shard)``, run last because it consumes the model (merged
+  into the base weights, converted to fp16 parameter by parameter, the fp32 originals freed).
 
 Printed: the model's fp32 and fp16 sizes, the shard size, each method's peak RSS growth over its
 start, and the ratios growth / shard and growth / model (fp16 output size).  Target from issue 11:
 the streamed peak stays near one shard (a few shards at most, independent of the model size),
-while the naive peak grows with the model.  ``--quant nf4`` loads the base in NF4 first (QLoRA);
-the naive baseline is then ``lora_lab.merged_copy`` (a full-precision reload, since a packed 4-bit weight cannot be merged in place).
+while a merged copy's peak grows with the model.  The headline ratio is against ``in place``;
+``copy`` is the other baseline.  ``--quant nf4`` loads the base in NF4 first (QLoRA); both baselines
+are then ``lora_lab.merged_copy`` (a full-precision reload: a packed 4-bit weight cannot be merged
+in place), so only one is run.  The last line of the output is the JSON line of
+``benchmarks/_report.py``.
 """
 
 from __future__ import annotations
@@ -29,6 +38,7 @@ import threading
 import time
 import warnings
 
+import _report
 import torch
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -107,7 +117,10 @@ def run(argv, work: str) -> None:
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--shard-mb", type=float, default=50)
     ap.add_argument("--quant", choices=["nf4", "fp4"], default=None)
+    ap.add_argument("--quick", action="store_true", help="hidden 512, 4 layers, 10 MB shards")
     args = ap.parse_args(argv)
+    if args.quick:
+        args.hidden, args.layers, args.shard_mb = 512, 4, 10
     torch.set_num_threads(1)
     import lora_lab as ll
     from lora_lab.export.merged import export_merged
@@ -121,15 +134,25 @@ def run(argv, work: str) -> None:
                                   max_shard_size=shard, check=False)
     t_stream = time.perf_counter() - t
     out_bytes = result.total_bytes
+    runs = [("stream (export_merged)", stream, t_stream)]
     t = time.perf_counter()
-    with PeakRSS() as naive:
+    with PeakRSS() as copied:
         if args.quant:
             merged, _ = ll.merged_copy(model)
         else:
             merged = copy.deepcopy(model).merge_and_unload()
-        merged.half().save_pretrained(os.path.join(work, "naive"), max_shard_size=shard)
+        merged.half().save_pretrained(os.path.join(work, "copy"), max_shard_size=shard)
         del merged
-    t_naive = time.perf_counter() - t
+    runs.append(("merged_copy (full-precision reload)" if args.quant else
+                 "copy (deepcopy, merge, fp16, save)", copied, time.perf_counter() - t))
+    inplace = None
+    if not args.quant:
+        t = time.perf_counter()
+        with PeakRSS() as inplace:
+            model = model.merge_and_unload()      # consumes the model: last
+            model.half().save_pretrained(os.path.join(work, "inplace"), max_shard_size=shard)
+            del model
+        runs.append(("in place (merge_and_unload, fp16, save)", inplace, time.perf_counter() - t))
     mb = 2**20
     print(f"model: Llama hidden {args.hidden}, {args.layers} layers, base "
           f"{args.quant or 'fp32'}; {out_bytes / 2e6:.1f} M merged weights "
@@ -138,11 +161,22 @@ def run(argv, work: str) -> None:
           f"export_merged: {result.peak_memory_bytes / mb:.0f} MiB")
     print("| method | peak RSS growth (MiB) | growth / shard | growth / fp16 model | time (s) |")
     print("|---|---|---|---|---|")
-    for name, m, s in (("stream (export_merged)", stream, t_stream),
-                       ("naive (full merged copy)", naive, t_naive)):
+    for name, m, s in runs:
         print(f"| {name} | {m.growth / mb:.0f} | {m.growth / shard:.2f} | "
               f"{m.growth / out_bytes:.2f} | {s:.1f} |")
-    print(f"naive / stream peak growth: {naive.growth / max(stream.growth, 1):.1f}x")
+    ratios = {"stream_growth/shard": stream.growth / shard,
+              "stream_growth/fp16_model": stream.growth / out_bytes}
+    if inplace is not None:
+        ratios["inplace_growth/stream_growth"] = inplace.growth / max(stream.growth, 1)
+        print(f"in-place merge / stream peak growth: {ratios['inplace_growth/stream_growth']:.1f}x")
+    ratios["copy_growth/stream_growth"] = copied.growth / max(stream.growth, 1)
+    print(f"{'merged_copy' if args.quant else 'deepcopy merge'} / stream peak growth: "
+          f"{ratios['copy_growth/stream_growth']:.1f}x")
+    _report.report("export_merged", ratios, {}, quick=args.quick,  # issue 11: "near one shard"
+                   extra={"hidden": args.hidden, "layers": args.layers, "quant": args.quant,
+                          "shard_mb": shard / mb, "shards": result.shards, "fp16_mib": out_bytes / mb,
+                          "growth_mib": {n: m.growth / mb for n, m, _ in runs},
+                          "seconds": {n: s for n, _, s in runs}})
 
 
 if __name__ == "__main__":

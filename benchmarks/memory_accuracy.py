@@ -1,6 +1,7 @@
 """Benchmark: how close is ``estimate_memory`` to what training really uses?
 
 Run:  nice python benchmarks/memory_accuracy.py            # CPU checks + published references
+      python benchmarks/memory_accuracy.py --quick    # the same on the builtin model, 2 activation cases
       python benchmarks/memory_accuracy.py --gpu            # + real training steps on a CUDA GPU
       python benchmarks/memory_accuracy.py --rss            # peak RSS of planning 8B and 70B
       python benchmarks/memory_accuracy.py --cpu-rss MODEL  # peak RSS of training on the CPU
@@ -42,6 +43,10 @@ when ``OUT`` is set.
   DoRA r=32 on q,v (lora--llama-3.2-3B-rank32-dora.json): 22,171,090,944 / 24,540,872,704 bytes;
   full fine-tuning (full-finetuning--llama-3.2-3B-lr_0.00001.json): 33,573,390,254 / 37,241,225,216.
   Their trainable counts (9,175,040 for LoRA; 9,289,728 for DoRA) are checked exactly below.
+
+The last line of the output is the JSON line of ``benchmarks/_report.py``: the share of exact byte
+cases (target 1), the range of estimate / measured ratios of each check, and with ``--gpu`` the share
+of runs within ±15%.
 """
 
 from __future__ import annotations
@@ -76,13 +81,15 @@ TINY = {"hidden_size": 128, "intermediate_size": 352, "num_hidden_layers": 3, "n
 
 
 # ----------------------------------------------------------------------------- CPU oracles
-def cpu_parameter_and_optimizer_terms() -> None:
+def cpu_parameter_and_optimizer_terms(quick: bool = False) -> tuple[int, int]:
+    """``(exact, cases)``: how many (model, spec) cases match every byte count exactly."""
     print("== CPU: parameters, adapter, gradient and AdamW-state bytes (exact oracles) ==")
+    exact = cases = 0
     specs = [ll.AdapterSpec(r=8), ll.AdapterSpec(r=4, target_modules="attention-qv"),
              ll.AdapterSpec(r=4, use_dora=True, target_modules="attention"),
              ll.AdapterSpec(method="ia3"), ll.AdapterSpec(method="prompt", num_virtual_tokens=8),
              None]                                        # None: full fine-tuning (fp32 on CPU)
-    for source in ("builtin:tiny-random", LlamaConfig(**TINY)):
+    for source in ("builtin:tiny-random",) + (() if quick else (LlamaConfig(**TINY),)):
         for spec in specs:
             est = estimate_memory(source, spec, optimizer="adamw", device="cpu")
             if isinstance(source, str):
@@ -106,6 +113,8 @@ def cpu_parameter_and_optimizer_terms() -> None:
                   and t["gradients_total"] == grads and t["optimizer_states"] == states)
             print(f"  {name:<20} {est.chosen:<7} trainable {est.trainable[est.chosen]:>9,}  "
                   f"grads {grads:>10,} B  AdamW {states:>10,} B  {'exact' if ok else 'MISMATCH'}")
+            exact, cases = exact + ok, cases + 1
+    return exact, cases
 
 
 def saved_bytes(model, ids, mask=None) -> int:
@@ -125,9 +134,10 @@ def saved_bytes(model, ids, mask=None) -> int:
     return sum(n for ptr, n in seen.items() if ptr not in params)
 
 
-def cpu_activation_term() -> None:
+def cpu_activation_term(quick: bool = False) -> list[float]:
     """Kept activations + the kept fp32 log-probs, against what autograd saves on CPU (bf16
-    autocast, no checkpointing): LoRA unpadded and padded, and QLoRA (bitsandbytes NF4 on CPU)."""
+    autocast, no checkpointing): LoRA unpadded and padded, and QLoRA (bitsandbytes NF4 on CPU).
+    Returns the ratios estimate / measured, one per case (``quick``: the first and the last)."""
     print("== CPU: activation term vs tensors autograd keeps (bf16 autocast, no checkpointing) ==")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -139,6 +149,8 @@ def cpu_activation_term() -> None:
              (ll.AdapterSpec(r=16, target_modules="attention-qv"), None, 4, 256, False),
              (ll.AdapterSpec(r=8), None, 4, 256, True),
              (ll.AdapterSpec(r=8), ll.QuantSpec(compute_dtype="bfloat16"), 4, 256, False))
+    cases = (cases[0], cases[-1]) if quick else cases
+    ratios = []
     with tempfile.TemporaryDirectory() as folder:
         torch.manual_seed(0)
         AutoModelForCausalLM.from_config(cfg).save_pretrained(folder)
@@ -160,6 +172,8 @@ def cpu_activation_term() -> None:
             what = f"{est.chosen} {spec.target_modules}" + (" padded" if padded else "")
             print(f"  {what:<32} b={batch} s={seq}: kept {measured / 2**20:7.2f} MiB, "
                   f"estimated {modelled / 2**20:7.2f} MiB, ratio {modelled / measured:.3f}")
+            ratios.append(modelled / measured)
+    return ratios
 
 
 # ----------------------------------------------------------------------------- references
@@ -377,7 +391,8 @@ def cpu_rss(folder: str) -> list[dict]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--gpu", action="store_true", help="measure real training steps on CUDA")
-    ap.add_argument("--quick", action="store_true", help="GPU: the two smallest models only")
+    ap.add_argument("--quick", action="store_true",
+                    help="CPU: builtin model only, 2 activation cases; GPU: the two smallest models only")
     ap.add_argument("--gpu-dry-run", action="store_true",
                     help="run the --gpu code path on CPU with a tiny model (no measurement)")
     ap.add_argument("--rss", action="store_true", help="peak RSS of planning 8B/70B configs")
@@ -385,11 +400,24 @@ def main() -> None:
                     help="peak RSS of LoRA and full-FT training on the CPU vs the estimate")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
-    cpu_parameter_and_optimizer_terms()
-    cpu_activation_term()
-    published_references()
+    import _report  # here: rss_check imports this file as benchmarks.memory_accuracy
+
+    exact, cases = cpu_parameter_and_optimizer_terms(args.quick)
+    act = cpu_activation_term(args.quick)
+    refs = published_references()
+    ratios = {"exact_byte_cases": exact / cases, "activation_est/kept min": min(act),
+              "activation_est/kept max": max(act)}
+    tt = [r["estimate_gib"] / r["published_gib"] for r in refs if r["source"] == "torchtune README"]
+    pf = [r["estimate_gib"] / r["published_gib"] for r in refs if r["source"] == "peft MetaMathQA"]
+    ratios.update({"torchtune est/published min": min(tt), "torchtune est/published max": max(tt),
+                   "peft est/published min": min(pf), "peft est/published max": max(pf)})
+    targets = {"exact_byte_cases": ">= 1"}
+    extra: dict = {"cases": cases}
     if args.cpu_rss:
-        cpu_rss(args.cpu_rss)
+        rows = cpu_rss(args.cpu_rss)
+        if rows:
+            ratios["cpu_rss est/measured min"] = min(r["need"] / r["rss"] for r in rows)
+            ratios["cpu_rss est/measured max"] = max(r["need"] / r["rss"] for r in rows)
     if args.rss:
         rss_check()
     if args.gpu_dry_run:
@@ -397,7 +425,12 @@ def main() -> None:
     if args.gpu:
         if not torch.cuda.is_available():
             sys.exit("--gpu needs a CUDA GPU")
-        gpu_runs(args.quick)
+        rows = gpu_runs(args.quick)
+        errs = [abs(r["err_alloc"]) for r in rows]
+        ratios["gpu within 15% (allocated)"] = sum(e <= 0.15 for e in errs) / len(errs)
+        targets["gpu within 15% (allocated)"] = ">= 1"
+        extra["gpu_max_abs_err_alloc"] = max(errs)
+    _report.report("memory_accuracy", ratios, targets, quick=args.quick, extra=extra)
 
 
 if __name__ == "__main__":

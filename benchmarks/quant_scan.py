@@ -2,6 +2,7 @@
 
 Run:  nice python benchmarks/quant_scan.py  [--size 4096 --n 8 --schemes nf4,fp4,int8]
       [--model /path/to/fp32/model]
+      python benchmarks/quant_scan.py --quick     # 2 tensors of 1024×1024, nf4 only (no targets)
 
 1. Memory.  A synthetic checkpoint of ``n`` tensors of size×size fp16 is written to a temp dir.
    Two fresh subprocesses each scan it and report their peak RSS increase (VmHWM, reset through
@@ -20,7 +21,8 @@ Run:  nice python benchmarks/quant_scan.py  [--size 4096 --n 8 --schemes nf4,fp4
    * the scan's weight error against the logit KL for NF4 and FP4, and whether the scan flags the
      weights as already on a 4-bit grid (a GGUF Q4 model converted back to fp32: there NF4 has the
      lower weight error but the higher KL).
-Every ratio is against a baseline measured in the same run.
+Every ratio is against a baseline measured in the same run.  The last line of the output is the
+JSON line of ``benchmarks/_report.py``.
 
 glibc's dynamic mmap threshold lets the heap keep freed 1-8 MB temporaries (bitsandbytes' CPU
 kernels allocate many); run once more with ``MALLOC_MMAP_THRESHOLD_=1048576`` in the environment to
@@ -143,7 +145,7 @@ def bare_loop(tensors: list[torch.Tensor], schemes: list[str]) -> float:
     return time.perf_counter() - t0
 
 
-def bench_memory(path: Path, size: int, schemes: list[str]) -> None:
+def bench_memory(path: Path, size: int, schemes: list[str]) -> dict:
     fp32_mb = size * size * 4 / MB
     stream = run_child("stream", path, schemes)
     full = run_child("full", path, schemes)
@@ -158,9 +160,11 @@ def bench_memory(path: Path, size: int, schemes: list[str]) -> None:
     print(f"[memory] load state dict, then scan      : {full['increase_mb']:8.1f} MB "
           f"= {full['increase_mb'] / fp32_mb:.2f}×")
     print(f"[memory] ratio full / streaming          : {full['increase_mb'] / stream['increase_mb']:.2f}×")
+    return {"stream_increase/largest_fp32": stream["increase_mb"] / fp32_mb,
+            "full_increase/stream_increase": full["increase_mb"] / stream["increase_mb"]}
 
 
-def bench_throughput(path: Path, schemes: list[str]) -> None:
+def bench_throughput(path: Path, schemes: list[str]) -> dict:
     from safetensors.torch import load_file
 
     from lora_lab.hf.quant.scan import scan_quantization
@@ -178,9 +182,10 @@ def bench_throughput(path: Path, schemes: list[str]) -> None:
     print(f"[speed] bare bnb quantize+dequantize : {best_bare:6.2f} s ({n / best_bare:.2f} round trips/s)")
     print(f"[speed] scan_quantization (streamed) : {best_scan:6.2f} s ({n / best_scan:.2f} round trips/s)")
     print(f"[speed] scan throughput / bare loop  : {ratio:.0%} ({'OK' if ratio >= 0.8 else 'BELOW'} 80%)")
+    return {"scan_throughput/bare_loop": ratio}
 
 
-def bench_lowrank(size: int, ranks=(8, 16, 32, 64)) -> None:
+def bench_lowrank(size: int, ranks=(8, 16, 32, 64)) -> dict:
     from lora_lab.core.lowrank import truncated_svd
     from lora_lab.hf.quant.roundtrip import lowrank_recovery, roundtrip
 
@@ -201,6 +206,7 @@ def bench_lowrank(size: int, ranks=(8, 16, 32, 64)) -> None:
     print(f"[lowrank] one truncated SVD at r={max(ranks)}: {one:.2f} s; one per rank: {per_rank:.2f} s "
           f"({per_rank / one:.1f}× more)")
     print(f"[lowrank] lowrank_recovery({size}×{size}, nf4, {ranks}): {total:.2f} s -> {res!r}")
+    return {"svd_per_rank/one_svd": per_rank / one}
 
 
 PROMPTS = ("What is the capital of France?", "Write a short poem about the sea.",
@@ -289,26 +295,40 @@ def main() -> None:
     ap.add_argument("--model", default="", help="a full-precision model folder for phase 4")
     ap.add_argument("--threads", type=int, default=0,
                     help="torch threads for every phase (0: torch's default)")
+    ap.add_argument("--quick", action="store_true", help="2 tensors of 1024×1024, nf4 only")
     args = ap.parse_args()
+    if args.quick:
+        args.size, args.n, args.schemes = 1024, 2, "nf4"
     schemes = args.schemes.split(",")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.child:
         return child(args.child[0], args.child[1], schemes)
+    import _report  # not at the top: the --child processes do not need it
+
     skip = set(filter(None, args.skip.split(",")))
+    ratios: dict = {}
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs; "
           f"{args.n} tensors {args.size}×{args.size} fp16, schemes {schemes}")
     with tempfile.TemporaryDirectory() as tmp:
         path = write_checkpoint(Path(tmp), args.n, args.size)
         print(f"checkpoint: {path.stat().st_size / MB:.0f} MB")
         if "memory" not in skip:
-            bench_memory(path, args.size, schemes)
+            ratios.update(bench_memory(path, args.size, schemes))
         if "speed" not in skip:
-            bench_throughput(path, schemes)
+            ratios.update(bench_throughput(path, schemes))
     if "lowrank" not in skip:
-        bench_lowrank(args.size)
+        ratios.update(bench_lowrank(args.size))
     if args.model:
         bench_real_model(args.model)
+    # the targets hold for real tensor sizes; at --quick's 1024² fixed costs (imports, file opening)
+    # dominate both ratios, so a quick run only shows that every phase runs
+    targets = {} if args.quick else {k: t for k, t in (("stream_increase/largest_fp32", "< 3"),
+                                                       ("scan_throughput/bare_loop", ">= 0.8"))
+                                     if k in ratios}
+    _report.report("quant_scan", ratios, targets, quick=args.quick,
+                   extra={"size": args.size, "n": args.n, "schemes": schemes, "skip": sorted(skip),
+                          "threads": torch.get_num_threads()})
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Benchmark: the RankExplorer's server-side work for one slider move on a 7B-shaped adapter.
 
-Run:  nice python benchmarks/rank_explorer.py [--moves 60]
+Run:  nice python benchmarks/rank_explorer.py [--moves 60] [--quick]   (--quick: 12 moves)
 
 The adapter: Llama-7B shapes (32 layers × q, k, v, o, gate, up, down = 224 modules), r = 16, random
 factors, as :class:`lora_lab.hf.adapters.factors.LoraFactors`; the spectra come from
@@ -12,8 +12,10 @@ factors, as :class:`lora_lab.hf.adapters.factors.LoraFactors`; the spectra come 
 * ``baseline``: what a naive explorer would redo per move: ``spectrum_heatmap(spectra,
   "energy_at_k", k)`` (table + pivot) plus ``energy_at``/``error_at``/``parameters_at``.
 
-Target (issue 5): explorer median < 50 ms per move.  Both are measured in this run, on this machine;
-the median is reported (other processes on a shared machine only add time).
+Target (issue 5): explorer median < 50 ms per move.  Both are measured in this run, on this machine,
+with the same protocol: three untimed warm-up moves, then the same ``--moves`` slider values, the
+median reported (other processes on a shared machine only add time).  The last line of the output
+is the JSON line of ``benchmarks/_report.py``.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import os
 import statistics
 import time
 
+import _report
 import torch
 
 from lora_lab.hf.adapters.factors import LoraFactors
@@ -54,8 +57,11 @@ def timed(fn, ks) -> list[float]:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--moves", type=int, default=60)
+    parser.add_argument("--moves", type=int, default=60, help="timed slider moves per case (60)")
+    parser.add_argument("--quick", action="store_true", help="12 moves")
     args = parser.parse_args(argv)
+    if args.quick:
+        args.moves = 12
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average "
           f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     fs = factors()
@@ -82,7 +88,8 @@ def main(argv=None) -> None:
     for metric in ("energy_at_k", "error_at_k", "effective_rank"):
         explorer.metric.value = metric
         results[metric] = timed(move, ks)
-    base = timed(baseline, ks[: max(5, args.moves // 6)])
+    timed(baseline, ks[:3])                                 # warm-up, as for the explorer
+    base = timed(baseline, ks)
     b = statistics.median(base) * 1e3
     print(f"\n{'case':<34} {'median ms':>10} {'p90 ms':>8} {'× faster than baseline':>24}")
     for metric, times in results.items():
@@ -93,6 +100,11 @@ def main(argv=None) -> None:
     worst = max(statistics.median(t) for t in results.values()) * 1e3
     print(f"\nmedian slider move {worst:.2f} ms (worst metric) vs target 50 ms: "
           f"{'OK' if worst < 50 else 'TOO SLOW'}; {explorer.updates} updates done")
+    _report.report("rank_explorer", {"worst_move_ms": worst, "baseline/worst_move": b / worst},
+                   {"worst_move_ms": "< 50"}, quick=args.quick,
+                   extra={"moves": args.moves, "baseline_ms": b,
+                          "move_median_ms": {m: statistics.median(t) * 1e3 for m, t in results.items()},
+                          "figures": "static" if explorer.live.static else "FigureWidget"})
 
 
 if __name__ == "__main__":

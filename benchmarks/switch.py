@@ -32,8 +32,11 @@ For each model:
    to it.
 
 Targets: (issue 16) ``lora_lab.set_adapter`` ≤ 1 ms median where an adapter has ≤ 210 LoRA modules;
-(issue 8) switch ≥ 100× faster than a reload; the 32nd load ≤ 1.5× the first.  Ratios are against
-baselines measured in this same run.
+(issue 8) switch ≥ 100× faster than a reload, checked against the *faster* of the two reloads
+(lora_lab's own ``load_adapter`` is usually the faster one, so the headline is against it, with the
+ratio against peft's bare reload beside it); the 32nd load ≤ 1.5× the first.  Ratios are against
+baselines measured in this same run.  The last line of the output is the JSON line of
+``benchmarks/_report.py`` (for ``--model``; the 1B model's numbers are in its ``extra``).
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import _report
 import torch
 
 import lora_lab as ll
@@ -250,10 +254,12 @@ def report(res: dict) -> list[str]:
     print(f"reload from disk (lora_lab.load_adapter, checked): {res['reload'] * 1e3:8.1f} ms")
     print(f"reload from disk (peft model.load_adapter, bare):  {res['reload_bare'] * 1e3:8.1f} ms")
     fast, peft = res["switch"]["lora_lab.set_adapter"], res["switch"][PEFT]
-    speedup = res["reload_bare"] / fast
-    print(f"lora_lab.set_adapter vs bare reload: {speedup:,.0f}× faster (target >= 100×); vs checked "
-          f"reload: {res['reload'] / fast:,.0f}×; peft set_adapter vs bare reload: "
-          f"{res['reload_bare'] / peft:,.0f}×")
+    own, bare = res["reload"] / fast, res["reload_bare"] / fast
+    speedup = min(own, bare)                       # against the faster reload: the fair baseline
+    print(f"lora_lab.set_adapter vs lora_lab's own reload (load_adapter): {own:,.0f}× faster; vs "
+          f"peft's bare reload: {bare:,.0f}×; target >= 100× against the faster reload: {speedup:,.0f}×"
+          f"; peft set_adapter vs peft's bare reload: {res['reload_bare'] / peft:,.0f}×")
+    res["speedup_vs_own_reload"], res["speedup_vs_peft_reload"] = own, bare
     marks = [1, 2, 4, 8, 16, 24, 32]
     for what, ts in (("lora_lab.load_adapter", g), ("peft alone", res["grow_bare"])):
         print(f"load k-th adapter, {what} (ms): "
@@ -262,6 +268,9 @@ def report(res: dict) -> list[str]:
               f"PeftModel): {ts[-1] / ts[1]:.2f}×; median of loads 25-32 / 2-8: "
               f"{statistics.median(ts[24:]) / statistics.median(ts[1:8]):.2f}×")
     ratio = g[-1] / g[0]
+    gb = res["grow_bare"]
+    res["growth_32_over_1"], res["growth_32_over_1_peft"] = ratio, gb[-1] / gb[0]
+    res["growth_32_over_2"], res["growth_32_over_2_peft"] = g[-1] / g[1], gb[-1] / gb[1]
     if speedup < 100:
         fails.append(f"{res['label']}: switch only {speedup:.0f}× faster than a reload")
     if ratio > 1.5:
@@ -297,6 +306,7 @@ def main(argv=None) -> None:
                 reload_reps=5 if args.quick else 15, n_adapters=args.adapters,
                 switch_only=args.switch_only, forward=not args.no_forward)
     fails = report(res)
+    one_b = None
     if not (args.quick or args.no_1b or args.switch_only):
         dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
         t0 = time.perf_counter()
@@ -304,10 +314,30 @@ def main(argv=None) -> None:
         build_s = time.perf_counter() - t0
         label = (f"1B-shaped Llama ({args.layers} of 22 layers, {args.dtype}, random weights; "
                  f"built in {build_s:.1f} s)")
-        fails += report(bench(label, lambda: one_b_model(args.layers, dtype), r=16, repeats=1,
-                              reload_reps=5, n_adapters=args.adapters,
-                              forward=not args.no_forward))
+        one_b = bench(label, lambda: one_b_model(args.layers, dtype), r=16, repeats=1,
+                      reload_reps=5, n_adapters=args.adapters, forward=not args.no_forward)
+        fails += report(one_b)
     print("\n" + ("all targets met" if not fails else "MISSED: " + "; ".join(fails)))
+    sw = res["switch"]
+    ratios = {"set_adapter_ms": sw["lora_lab.set_adapter"] * 1e3,
+              "peft_set_adapter/set_adapter": sw[PEFT] / sw["lora_lab.set_adapter"],
+              "peft_disable/set_adapter(None)": sw[PEFT_OFF] / sw["lora_lab.set_adapter(None)"]}
+    targets = {"set_adapter_ms": "<= 1"} if res["modules"] <= SWITCH_TARGET_MODULES else {}
+    if "reload" in res:
+        ratios.update({"own_reload/switch": res["speedup_vs_own_reload"],
+                       "peft_reload/switch": res["speedup_vs_peft_reload"],
+                       "load_32nd/load_1st": res["growth_32_over_1"],
+                       "load_32nd/load_1st (peft alone)": res["growth_32_over_1_peft"],
+                       "load_32nd/load_2nd": res["growth_32_over_2"],
+                       "load_32nd/load_2nd (peft alone)": res["growth_32_over_2_peft"]})
+        targets.update({"own_reload/switch": ">= 100", "load_32nd/load_1st": "<= 1.5"})
+    keep = ("modules", "adapters", "reload", "reload_bare", "growth_32_over_1", "growth_32_over_1_peft",
+            "growth_32_over_2", "growth_32_over_2_peft")
+    _report.report("switch", ratios, targets, quick=args.quick,
+                   extra={"model": name, "modules": res["modules"], "adapters": res["adapters"],
+                          "threads": args.threads, "switch_ms": {k: v * 1e3 for k, v in sw.items()},
+                          "one_b": None if one_b is None else
+                          {"label": one_b["label"], **{k: one_b.get(k) for k in keep}}})
 
 
 if __name__ == "__main__":
