@@ -18,11 +18,10 @@ from __future__ import annotations
 
 import importlib
 
+from ._version import __version__  # noqa: F401  (re-exported as lora_lab.__version__)
 from .errors import *  # noqa: F401,F403  (errors are tiny and always needed)
 from .errors import LoraLabError
 from .specs import AdapterSpec, DataSpec, QuantSpec, TrainSpec
-
-from ._version import __version__  # noqa: F401  (re-exported as lora_lab.__version__)
 
 # public name -> module that defines it (relative to lora_lab)
 _LAZY = {
@@ -102,6 +101,10 @@ _LAZY = {
     "stream_generate": "hf.generate.stream",
     "switch_adapter": "hf.adapters.switch",
     "GenerationResult": "hf.generate.stream",
+    "hotswap_adapter": "hf.adapters.hotswap",
+    "prepare_hotswap": "hf.adapters.hotswap",
+    "HotswapReport": "hf.adapters.hotswap",
+    "CompileCounter": "hf.adapters.hotswap",
     "MemoryEstimate": "hf.model.plan",
 }
 

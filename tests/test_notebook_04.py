@@ -7,18 +7,19 @@ at w = 0.1, 0.25, 0.5, 0.75, 0.9 gave upper 0.97 / 0.18 / 0 / 0 / 0 and wrap 0 /
 (seed 0; seed 1: upper 0.99 / 0.13, wrap 0.08 at 0.75, 0.99 at 0.9).  Switching took a median of
 0.10-0.26 ms against 18-140 ms to load an adapter from disk (not asserted: timings belong in
 benchmarks/).  About 60 s of CPU time; 150-170 s wall on the shared 2-core machine at load 4-7.
+Section 7 serves the task adapters in one mixed batch and through the serving playground.
 """
 
 import math
 
 import pytest
-
 from notebook_runner import run_notebook
 
 TASKS = ("upper", "wrap")
 PROBES = ("acc", "acc_base_plain", "disabled_max_diff", "formula_err", "outputs_differ",
           "widget_matches", "switch_ms", "reload_ms", "merge_rel_diff", "acc_merged",
-          "unmerge_max_diff", "blend_acc", "curve")
+          "unmerge_max_diff", "blend_acc", "curve", "mixed_equals_alone", "mixed_mode", "mixed_acc",
+          "serving", "serving_ratio")
 
 
 @pytest.mark.slow
@@ -64,3 +65,11 @@ def test_adapters_in_real_time_notebook_switches_merges_and_blends(tmp_path):
         assert got[a] < acc[a][a] - 0.3 and got[b] < acc[b][b] - 0.3, (name, got, acc)
     # halfway between the two adapters neither skill survives (measured 0.00 / 0.00)
     assert max(curve[0.5].values()) <= 0.2, curve
+    # one batch, an adapter per row (and a base row): each row equals its prompt alone, token for
+    # token, through peft's mixed forward, and the task rows keep their adapters' accuracy
+    assert values["mixed_equals_alone"] is True and values["mixed_mode"] == "mixed", values
+    assert values["mixed_acc"] >= 0.8, values
+    # the playground served the burst from the pool, never holding more than 2 adapters
+    serving = values["serving"]
+    assert serving["served"] == 12 and serving["queued"] == 0 and len(serving["resident"]) <= 2, serving
+    assert serving["loads"] >= len(TASKS) and values["serving_ratio"] > 0, values

@@ -27,7 +27,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-__all__ = ["is_prompt_learning", "decode_without_cache", "complete", "pad_token_id", "stop_token_ids"]
+__all__ = ["is_prompt_learning", "decode_without_cache", "complete", "pad_token_id", "stop_requested",
+           "stop_token_ids"]
 
 
 def is_prompt_learning(model: nn.Module) -> bool:
@@ -72,6 +73,15 @@ def decode_without_cache(model: nn.Module, input_ids: torch.Tensor, max_new_toke
         if bool(done.all()) or (step_hook is not None and bool(step_hook(x).all())):
             break
     return x
+
+
+def stop_requested(stop) -> bool:
+    """True when ``stop`` (None, a ``threading.Event`` or a zero-argument callable) asks to stop."""
+    if stop is None:
+        return False
+    if hasattr(stop, "is_set"):
+        return stop.is_set()
+    return bool(stop())
 
 
 def pad_token_id(tokenizer) -> int:

@@ -43,7 +43,7 @@ from torch import nn
 from ...errors import SpecError
 from ...specs import DataSpec
 from ..adapters.switch import ACTIVE, active_adapter, using_adapter
-from .decode import complete, pad_token_id, stop_token_ids
+from .decode import complete, pad_token_id, stop_requested, stop_token_ids
 
 __all__ = ["generate", "stream_generate", "GenerationResult", "encode_for_generation"]
 
@@ -113,12 +113,7 @@ def encode_for_generation(tokenizer, prompt, spec: DataSpec | None = None) -> li
 
 
 # ------------------------------------------------------------------------------ the step hook
-def _stop_requested(stop) -> bool:
-    if stop is None:
-        return False
-    if hasattr(stop, "is_set"):
-        return stop.is_set()
-    return bool(stop())
+_stop_requested = stop_requested
 
 
 class _StepHook:
@@ -168,8 +163,15 @@ def _generation_config(model, tokenizer, max_new_tokens, greedy, temperature, to
 def generate(model: nn.Module, tokenizer, prompt, *, max_new_tokens: int = 64, greedy: bool = True,
              temperature: float = 1.0, top_p: float = 1.0, seed: int | None = None,
              adapter=ACTIVE, on_token: Callable[[str], None] | None = None, stop=None,
-             spec: DataSpec | None = None) -> GenerationResult:
+             spec: DataSpec | None = None) -> GenerationResult | list[GenerationResult]:
     """Complete ``prompt`` token by token; return a :class:`GenerationResult`.
+
+    **Many prompts at once.**  ``prompt`` may be a list of prompts; then a list of results comes
+    back, one per prompt, in order, from one left-padded batch (one forward pass per token for all
+    rows, KV cache).  ``adapter`` is then one value for every row, or a list with one adapter name
+    (or None for the base) per prompt: each row runs through its own adapter
+    (:mod:`lora_lab.hf.generate.mixed`), and a row's greedy tokens equal those of its prompt
+    generated alone with its adapter.  ``on_token(row, piece)`` then also gets the row's index.
 
     ``on_token(piece)`` receives each new piece of text as it is made (the pieces concatenate to
     ``result.text``).  ``stop`` is a ``threading.Event`` or a zero-argument callable; once it is set
@@ -179,6 +181,12 @@ def generate(model: nn.Module, tokenizer, prompt, *, max_new_tokens: int = 64, g
     active adapter are restored afterwards.
     """
     _check_settings(max_new_tokens, greedy, temperature, top_p)
+    from .mixed import is_batch
+
+    if is_batch(prompt) or isinstance(adapter, (list, tuple)):
+        return _generate_many(model, tokenizer, prompt, adapter, spec, on_token, stop, seed,
+                              dict(max_new_tokens=max_new_tokens, greedy=greedy,
+                                   temperature=temperature, top_p=top_p))
     ids = encode_for_generation(tokenizer, prompt, spec)
     device = next(model.parameters()).device
     config = _generation_config(model, tokenizer, max_new_tokens, greedy, temperature, top_p, spec)
@@ -217,6 +225,36 @@ def generate(model: nn.Module, tokenizer, prompt, *, max_new_tokens: int = 64, g
                                           temperature=temperature, top_p=top_p, seed=seed))
 
 
+def _generate_many(model, tokenizer, prompts, adapter, spec, on_token, stop, seed, settings):
+    """:func:`generate` for a list of prompts (``adapter``: one value or one per prompt)."""
+    from .mixed import check_prompts, generate_batch, is_batch, plan_rows
+
+    if not is_batch(prompts):
+        raise SpecError("generate", "prompt", prompts, "must be a list of prompts when adapter= is a "
+                        "list (one adapter per prompt)",
+                        "pass prompt=[p1, p2, ...] with adapter=[a1, a2, ...]")
+    check_prompts(prompts)
+    names = plan_rows(model, adapter, len(prompts))          # checks everything before any change
+    ids_list = [encode_for_generation(tokenizer, p, spec) for p in prompts]
+    config = _generation_config(model, tokenizer, settings["max_new_tokens"], settings["greedy"],
+                                settings["temperature"], settings["top_p"], spec)
+    tokens, log, mode, note = generate_batch(model, tokenizer, ids_list, names, config,
+                                             on_token=on_token, stop=stop, seed=seed)
+    eos = set(config.eos_token_id or [])
+    out = []
+    for k, ids in enumerate(ids_list):
+        new = tokens[k]
+        reason = ("eos" if new and new[-1] in eos else "stopped" if log["stopped"] else "length")
+        seconds = log["done"].get(k, log["total"])
+        out.append(GenerationResult(
+            text=tokenizer.decode(new, skip_special_tokens=True), token_ids=tuple(new),
+            prompt_tokens=len(ids), finish_reason=reason, seconds=seconds,
+            first_token_s=log["first"].get(k, seconds), adapter=names[k],
+            settings=dict(settings, seed=seed, batch_size=len(ids_list), batch_mode=mode,
+                          batch_note=note)))
+    return out
+
+
 def stream_generate(model: nn.Module, tokenizer, prompt, **kwargs) -> Iterator[str]:
     """Yield the completion of ``prompt`` piece by piece (same arguments as :func:`generate`)::
 
@@ -229,6 +267,12 @@ def stream_generate(model: nn.Module, tokenizer, prompt, **kwargs) -> Iterator[s
     if "on_token" in kwargs:
         raise SpecError("stream_generate", "on_token", kwargs["on_token"],
                         "is used internally by the generator", "use generate(on_token=...) instead")
+    from .mixed import is_batch
+
+    if is_batch(prompt) or isinstance(kwargs.get("adapter"), (list, tuple)):
+        raise SpecError("stream_generate", "prompt", prompt, "must be one prompt (a list of prompts "
+                        "is generated as a batch)", "use generate(model, tok, prompts, adapter=[...], "
+                        "on_token=lambda row, piece: ...) to follow a batch")
     user_stop = kwargs.pop("stop", None)
     stop = threading.Event()
     pieces: queue.Queue = queue.Queue()
