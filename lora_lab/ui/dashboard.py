@@ -7,16 +7,18 @@ Pass it to :func:`lora_lab.train` as a callback (or to ``transformers.Trainer`` 
     display(dash)
     result = lora_lab.train(model, tok, data, spec=spec, callbacks=[dash])
 
-It shows train and eval loss (raw, smoothed, log-scale toggle), learning rate, grad norm, tokens/s,
-memory, a progress bar with ETA, and Stop / Pause-Resume / Save-now buttons.  The status line gives
-the last step's tokens/s (every non-padding token, prompts included) and, in brackets, its
-supervised tokens/s (only those the loss learns from), and which loss runs (``full`` or
-``chunked (C tokens)``: ``TrainSpec.chunked_loss``).  Redraws are throttled (``redraw_every_s``,
+It shows train and eval loss (raw, smoothed, log-scale toggle), learning rate (ticks that tell apart
+a decay from 3e-3), grad norm, tokens/s (raw points and their EMA, with the smoothing slider's
+weight), memory (peak RSS so far on a CPU; CUDA allocated and reserved on a GPU: see
+:mod:`lora_lab.viz.training`), a progress bar with ETA, and Stop / Pause-Resume / Save-now buttons.
+The status line gives the last step's tokens/s (every non-padding token, prompts included) and, in
+brackets, its supervised tokens/s (only those the loss learns from), and which loss runs (``full``
+or ``chunked (C tokens)``: ``TrainSpec.chunked_loss``).  Redraws are throttled (``redraw_every_s``,
 default 2 a second) and long runs are thinned to ``max_points`` per trace, so plotting costs well
-under 3% of training time.  The figure stays after the run, and each run is
-kept: a second ``train(..., callbacks=[dash])`` overlays its curves on the first (resuming a run
-continues its curve).  The Export button writes the run's choices as a standalone ``train.py`` with
-accelerate configs (:func:`lora_lab.export.script.export_script`; see :meth:`set_export`).
+under 3% of training time.  The figure stays after the run, and each run is kept: a second
+``train(..., callbacks=[dash])`` overlays its curves on the first (resuming a run continues its
+curve).  The Export button writes the run's choices as a standalone ``train.py`` with accelerate
+configs (:func:`lora_lab.export.script.export_script`; see :meth:`set_export`).
 
 **Why the buttons work while the cell is busy (ipywidgets #3468).**  A kernel executes one shell
 message at a time; a button click is a ``comm_msg`` on the same shell channel, so it normally waits
@@ -41,11 +43,12 @@ import math
 import time
 
 import ipywidgets as widgets
+import numpy as np
 
 from ..errors import LoraLabError
-from ..viz.training import TRACES, Curves, trace_updates, training_figure
+from ..viz.training import TRACES, Curves, lr_axis, trace_updates, training_figure
 from .export_panel import ExportPanel
-from .figure import LiveFigure
+from .figure import LiveFigure, theme_style
 from .kernel import pump_kernel_events
 
 __all__ = ["TrainingDashboard", "pump_kernel_events"]  # the pump lives in .kernel
@@ -117,7 +120,7 @@ class TrainingDashboard(widgets.VBox):
         buttons = widgets.HBox([self.stop_button, self.pause_button, self.save_button])
         self._export = export
         self.export_panel = ExportPanel(self.export_choice)
-        super().__init__([widgets.HBox([self.progress, self.status]), buttons,
+        super().__init__([theme_style(), widgets.HBox([self.progress, self.status]), buttons,
                           widgets.HBox([self.smoothing, self.log_y]), self.live.widget,
                           self.export_panel])
 
@@ -235,7 +238,8 @@ class TrainingDashboard(widgets.VBox):
         self._poll()
 
     def _draw(self, state) -> None:
-        """Update the current run's eight traces in place (one batched message)."""
+        """Update the current run's traces in place, and the learning-rate ticks (one batched
+        message)."""
         self._last_draw = time.perf_counter()
         self.redraws += 1
         names = list(self.runs)
@@ -245,6 +249,9 @@ class TrainingDashboard(widgets.VBox):
         with self.live.batch_update(keep_synced=False) as fig:  # on_end syncs once
             for trace, xy in zip(fig.data[first:first + len(TRACES)], updates):
                 trace.x, trace.y = xy["x"], xy["y"]
+            lrs = [np.asarray(t.y, float) for t in fig.data[TRACES.index("lr")::len(TRACES)]
+                   if t.y is not None and len(t.y)]
+            fig.update_yaxes(row=1, col=3, **lr_axis(np.concatenate(lrs) if lrs else np.empty(0)))
         self._status(state, "running")
 
     def redraw_all(self) -> None:
@@ -267,6 +274,9 @@ class TrainingDashboard(widgets.VBox):
         kind = getattr(state, "loss_kind", None)
         kind = (f" · <span title='which loss runs: full-vocabulary logits, or the LM head and "
                 f"loss over chunks of tokens (TrainSpec.chunked_loss)'>{kind} loss</span>") if kind else ""
+        prec = getattr(state, "precision", None)  # "fp32", "bf16 autocast" (TrainSpec.precision)
+        kind += (f" · <span title='what the matrix products run in (TrainSpec.precision; \"auto\" "
+                 f"picks bf16 autocast on a CPU or GPU with native bf16)'>{prec}</span>") if prec else ""
         self.status.value = (f"{state.step}/{state.max_steps} · {loss}{ev}{tps}{kind} · "
                              f"elapsed {_fmt_s(state.elapsed_s)} · ETA {_fmt_s(state.eta_s)} · "
                              f"<i>{what}</i>")

@@ -50,7 +50,7 @@ from ..viz.memory import (
     term_label,
 )
 from .export_panel import ExportPanel
-from .figure import LiveFigure
+from .figure import ERROR_DIV, LiveFigure, theme_style
 
 __all__ = ["AdapterDesigner", "ExportPanel"]  # ExportPanel lives in .export_panel
 
@@ -87,8 +87,8 @@ class AdapterDesigner(widgets.VBox):
         est = self.estimate or estimate_from_facts(self._facts, AdapterSpec(r=1), None)
         self.live = LiveFigure(memory_figure(est), static=static)
         self.export_panel = ExportPanel(self.export_choice)
-        super().__init__([self._controls_box(), self.summary, self.message, self.export_panel,
-                          self.live.widget])
+        super().__init__([theme_style(), self._controls_box(), self.summary, self.message,
+                          self.export_panel, self.live.widget])
         for w in self._all_controls():
             w.observe(self._on_change, names="value")
 
@@ -253,7 +253,7 @@ class AdapterDesigner(widgets.VBox):
                                         **args)
         except LoraLabError as exc:
             self.error = str(exc)
-            self.message.value = ("<div style='color:#b00020;white-space:pre-wrap'>⚠ "
+            self.message.value = (ERROR_DIV + "⚠ "
                                   + html.escape(self.error, quote=False) + "</div>")
             return
         self.error, self.message.value = "", ""

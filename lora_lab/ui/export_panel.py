@@ -18,6 +18,7 @@ from typing import Callable
 import ipywidgets as widgets
 
 from ..errors import LoraLabError
+from .figure import ERROR_DIV
 
 __all__ = ["ExportPanel"]
 
@@ -47,7 +48,7 @@ class ExportPanel(widgets.VBox):
             self.exported = export_script(**self.choice(), path=self.folder.value)
         except LoraLabError as exc:
             self.exported = None
-            self.result.value = ("<div style='color:#b00020;white-space:pre-wrap'>⚠ "
+            self.result.value = (ERROR_DIV + "⚠ "
                                  + html.escape(str(exc), quote=False) + "</div>")
             return None
         self.result.value = self.exported._repr_html_()

@@ -14,6 +14,15 @@
   ``batch_update`` does so after each batch unless told not to (``keep_synced=False``, for a
   caller that redraws many times a second and calls ``sync()`` at the end).  Checked in a real
   browser by tests/browser/test_browser_widgets.py (a reloaded page shows the moved rank cut).
+* **Light and dark themes.**  Every figure gets :data:`lora_lab.viz.theme.TEMPLATE` (a white card
+  with dark text: readable anywhere) and the CSS class ``ll-themed``.  :func:`theme_style` is an
+  invisible ``HTML`` widget carrying :data:`THEME_CSS`, which each lora_lab widget includes once:
+  under JupyterLab's or Notebook 7's dark theme (``body[data-jp-theme-light="false"]``) and VS
+  Code's (``body.vscode-dark``) it makes the figures' backgrounds transparent and their text and
+  grid take the theme's colours (``--jp-ui-font-color1``, ``--jp-border-color2``).  plotly.js
+  writes colours as inline styles, which a stylesheet's ``!important`` overrides; heatmap cell
+  text (its contrast chosen by plotly per cell) is left alone.  Checked in both themes by
+  tests/browser/test_browser_look.py.
 """
 
 from __future__ import annotations
@@ -25,7 +34,40 @@ from contextlib import contextmanager
 import ipywidgets as widgets
 import plotly.graph_objects as go
 
-__all__ = ["figure_widget_available", "resync", "LiveFigure"]
+from ..viz.theme import TEMPLATE
+
+__all__ = ["figure_widget_available", "resync", "LiveFigure", "THEME_CSS", "theme_style", "ERROR_DIV"]
+
+# an error message's box: the theme's error colour (readable on light and dark), else a dark red
+ERROR_DIV = "<div style='color:var(--jp-error-color1,#b00020);white-space:pre-wrap'>"
+
+_DARK = ('body[data-jp-theme-light="false"] .ll-themed', "body.vscode-dark .ll-themed")
+# every axis's tick labels (groups "xtick", "y2tick", ...), axis and figure titles ("g-xtitle",
+# "g-y2title", "g-gtitle"), subplot titles (annotations), legend and colour bar
+_TEXT = ('g[class$="tick"] text', 'g[class^="g-"][class$="title"] text', ".annotation-text",
+         ".legendtext", ".legendtitletext", ".cbaxis text", ".cbtitle text")
+
+
+def _rules(targets, body: str) -> str:
+    return ",".join(f"{d} {t}" for d in _DARK for t in targets) + "{" + body + "}"
+
+
+THEME_CSS = "".join([
+    _rules((".main-svg", "rect.bg", ".legend rect.bg"),
+           "background:transparent!important;fill:transparent!important"),
+    _rules(_TEXT, "fill:var(--jp-ui-font-color1,#e0e0e0)!important"),
+    _rules((".gridlayer path", ".zerolinelayer path"),
+           "stroke:var(--jp-border-color2,#444)!important"),
+])
+"""The dark-theme stylesheet (see the module docstring); light themes use the template as is."""
+
+
+def theme_style() -> widgets.HTML:
+    """An invisible widget carrying :data:`THEME_CSS`; put one in each top-level widget."""
+    style = widgets.HTML(f"<style>{THEME_CSS}</style>",
+                         layout=widgets.Layout(height="0px", margin="0px", overflow="hidden"))
+    style.add_class("ll-theme-style")
+    return style
 
 
 def figure_widget_available() -> bool:
@@ -57,6 +99,7 @@ class LiveFigure:
 
     def __init__(self, fig: go.Figure, static: bool | None = None):
         self.static = (not figure_widget_available()) if static is None else bool(static)
+        fig = go.Figure(fig).update_layout(template=TEMPLATE)
         if self.static:
             self.figure = go.Figure(fig)
             self.widget = widgets.Output()
@@ -64,6 +107,7 @@ class LiveFigure:
         else:
             self.figure = go.FigureWidget(fig)
             self.widget = self.figure
+        self.widget.add_class("ll-themed")
 
     def _draw(self) -> None:
         from IPython import get_ipython
@@ -94,8 +138,9 @@ class LiveFigure:
 
     def replace(self, fig: go.Figure) -> None:
         """Swap in all traces and the layout of ``fig`` (e.g. when a run is added), then resync."""
+        fig = go.Figure(fig).update_layout(template=TEMPLATE)
         if self.static:
-            self.figure = go.Figure(fig)
+            self.figure = fig
             self._draw()
             return
         self.figure.data = ()

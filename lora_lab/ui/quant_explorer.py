@@ -41,7 +41,7 @@ from ..errors import LoraLabError
 from ..hf.quant.roundtrip import BLOCKSIZES, check_scheme, weight_histogram_data
 from ..hf.quant.scan import PREQUANT_NOTE, QuantScan, scan_quantization, weight_loaders
 from ..viz.quant import error_heatmap, weight_histogram
-from .figure import LiveFigure
+from .figure import ERROR_DIV, LiveFigure, theme_style
 
 __all__ = ["QuantExplorer"]
 
@@ -109,7 +109,7 @@ class QuantExplorer(widgets.VBox):
             self._show_error(refused)
         controls = widgets.HBox([self.scheme, self.blocksize, self.double_quant])
         figs = [f.widget for f in (self.heatmap, self.histogram) if f is not None]
-        super().__init__([controls, self.summary, self.message, self.module,
+        super().__init__([theme_style(), controls, self.summary, self.message, self.module,
                           widgets.HBox(figs, layout=widgets.Layout(flex_flow="row wrap")),
                           self.detail])  # wrap: the two figures side by side need ~1,100 px
         for w in (self.scheme, self.blocksize, self.double_quant):
@@ -171,7 +171,7 @@ class QuantExplorer(widgets.VBox):
 
     def _show_error(self, exc: Exception) -> None:
         self.error = str(exc)
-        self.message.value = ("<div style='color:#b00020;white-space:pre-wrap'>⚠ "
+        self.message.value = (ERROR_DIV + "⚠ "
                               + html.escape(self.error) + "</div>")
 
     # ------------------------------------------------------------------ drawing

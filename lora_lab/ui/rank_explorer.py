@@ -55,7 +55,7 @@ from ..hf.spectra.analysis import (
 from ..hf.spectra.compress import compress_adapter
 from ..viz.spectrum import METRIC_LABELS, phi_figure, spectrum_figure, with_notes
 from ..viz.sweep import cut_heatmap
-from .figure import LiveFigure
+from .figure import ERROR_DIV, LiveFigure, theme_style
 
 __all__ = ["RankExplorer", "RankChoice"]
 
@@ -146,7 +146,7 @@ class RankExplorer(widgets.VBox):
         self.phi_live = (LiveFigure(self._phi_module_figure(), static=static)
                          if self.comparison is not None else None)
         figures = [self.live.widget, self.detail.widget]
-        rows = [widgets.HBox([self.slider, self.metric]),
+        rows = [theme_style(), widgets.HBox([self.slider, self.metric]),
                 widgets.HBox([self.module, self.compress_button]),
                 self.summary, self.message,
                 widgets.HBox(figures, layout=widgets.Layout(flex_flow="row wrap"))]
@@ -315,8 +315,8 @@ class RankExplorer(widgets.VBox):
     # ------------------------------------------------------------------ actions
     def _show(self, text: str) -> None:
         self.error = text
-        self.message.value = ("" if not text else "<div style='color:#b00020;white-space:pre-wrap'>"
-                              f"⚠ {html.escape(text)}</div>")
+        self.message.value = ("" if not text else ERROR_DIV
+                              + f"⚠ {html.escape(text)}</div>")
 
     def _on_compress_click(self, _button) -> None:
         try:

@@ -13,9 +13,16 @@ import json
 import re
 
 import pytest
-
-from conftest import (FRONTENDS, WAIT_MS, plot_data, save_screenshot, wait_for_output, wait_until,
-                      widget_problems, write_notebook)
+from conftest import (
+    FRONTENDS,
+    WAIT_MS,
+    plot_data,
+    save_screenshot,
+    wait_for_output,
+    wait_until,
+    widget_problems,
+    write_notebook,
+)
 
 pytestmark = pytest.mark.browser
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import re
 
 import pytest
-
 from conftest import FRONTENDS, plot_data, wait_until, widget_problems, write_notebook
 
 pytestmark = pytest.mark.browser

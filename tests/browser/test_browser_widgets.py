@@ -17,6 +17,7 @@ from conftest import (
     close_page,
     open_notebook,
     plot_data,
+    save_notebook,
     save_screenshot,
     wait_until,
     widget_problems,
@@ -111,8 +112,8 @@ def test_every_widget_renders_its_figures_without_errors(widgets_page):
             assert p["height"] > 100 and (p["traces"] > 0 or not filled), (cls, p)
     no_problems(page)
     if page.frontend == "lab":
-        for cls, file in (("ll-designer", "designer.png"), ("ll-rank", "rank_explorer.png"),
-                          ("ll-quant", "quant_explorer.png")):
+        # quant_explorer.png and switchboard.png come from builtin:smollm2 (test_browser_smollm2.py)
+        for cls, file in (("ll-designer", "designer.png"), ("ll-rank", "rank_explorer.png")):
             save_screenshot(page.locator(f".{cls}"), file)
 
 
@@ -208,8 +209,6 @@ def test_switchboard_switches_and_generates(widgets_page):
     wait_until(lambda: "tokens/s" in board.inner_text(), what="the generation to finish")
     out = board.locator("textarea").nth(1).input_value()
     assert len(out) > 0, "the generation shows no text"
-    if page.frontend == "lab":
-        save_screenshot(board, "switchboard.png")
     active.select_option("(base)")
     wait_until(lambda: "switched to (base)" in board.inner_text(), what="the switch to the base")
     no_problems(page)
@@ -220,12 +219,13 @@ def test_a_reloaded_page_shows_the_current_figures(widgets_page, browser, jupyte
     are now, after the interactions above, not as they were first displayed (plotly's FigureWidget keeps its
     first state for late views unless lora_lab resyncs it)."""
     page = widgets_page
-    page.locator(".lm-MenuBar-itemLabel", has_text="File").first.click()
-    page.locator(".lm-Menu-itemLabel", has_text=re.compile(r"^Save( Notebook)?$")).first.click()
-    wait_until(lambda: not page.locator(".jp-mod-dirty").count(), what="the notebook to be saved")
+    name = f"widgets_{page.frontend}.ipynb"
+    saved = save_notebook(page, jupyter, name)     # waits for the server's answer to the save
+    views = [o for c in saved["cells"] for o in c.get("outputs", [])
+             if "application/vnd.jupyter.widget-view+json" in o.get("data", {})]
+    assert len(views) >= 5, f"the saved notebook holds {len(views)} widget outputs"
     now = {cls: plot_data(page, f".{cls}") for cls in ("ll-designer", "ll-rank", "ll-quant")}
-    late = open_notebook(browser, jupyter, f"widgets_{page.frontend}.ipynb", page.frontend,
-                         run=False)
+    late = open_notebook(browser, jupyter, name, page.frontend, run=False)
     try:
         for cls, plots in now.items():
             late.locator(f".{cls}").wait_for(state="visible")

@@ -6,7 +6,6 @@ Stop clicked in a real, busy kernel (the comm pump) is tested in test_kernel.py.
 from __future__ import annotations
 
 import threading
-import time
 
 import numpy as np
 import plotly.graph_objects as go
@@ -76,17 +75,18 @@ def test_stop_button_clicked_from_another_thread_while_training(tiny_llama, tmp_
     model, tok = tiny_llama
     model = with_lora(model)
     dash = TrainingDashboard()
-    seen = threading.Event()
+    seen, clicked = threading.Event(), threading.Event()
 
     class Watch:
         def on_step(self, state, control):
             if state.step == 2:
                 seen.set()
-                time.sleep(0.5)  # the click lands while this step's callbacks run
+                assert clicked.wait(60)  # the click lands while this step's callbacks run
 
     def click():
         seen.wait(60)
         dash.stop_button.click()
+        clicked.set()
 
     t = threading.Thread(target=click)
     t.start()
@@ -100,15 +100,22 @@ def test_pause_and_save_buttons(tiny_llama, tmp_path):
     model, tok = tiny_llama
     model = with_lora(model)
     dash = TrainingDashboard()
+    waiting = threading.Event()
 
     class Press:
         def on_step(self, state, control):
             if state.step == 1:
                 dash.save_button.click()
                 dash.pause_button.value = True
-                threading.Timer(0.3, lambda: setattr(dash.pause_button, "value", False)).start()
+                # resume from another thread once the loop really waits (its first `wait` event)
+                threading.Thread(target=lambda: waiting.wait(60) and setattr(
+                    dash.pause_button, "value", False)).start()
+
+        def on_wait(self, state, control):
+            waiting.set()
 
     res = train(model, tok, tokenized(tok), spec=spec(tmp_path, steps=3), callbacks=[Press(), dash])
+    assert waiting.is_set()  # the run did pause
     assert res.stop_reason == "completed"
     assert sorted(p.name for p in (tmp_path / "r").glob("checkpoint-*")) == [
         "checkpoint-000001", "checkpoint-000003"]

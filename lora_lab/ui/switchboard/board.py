@@ -27,6 +27,7 @@ from .generate_tab import GenerateTab
 from .host import BASE
 from .merge_tab import MergeTab
 from .style import STYLE, button
+from .table import table_html
 
 __all__ = ["AdapterSwitchboard"]
 
@@ -95,7 +96,7 @@ class AdapterSwitchboard(widgets.VBox):
     def say(self, text: str, error: bool = False) -> None:
         """Show ``text`` (in red with ⚠ when ``error``) and set ``error`` / ``info``."""
         self.error, self.info = (text, "") if error else ("", text)
-        color = "#b00020" if error else "#444"
+        color = "var(--jp-error-color1,#b00020)" if error else "inherit"    # follows the theme
         self.message.value = (f"<div style='color:{color};white-space:pre-wrap'>"
                               f"{'⚠ ' if error else ''}{html.escape(text)}</div>") if text else ""
 
@@ -127,8 +128,7 @@ class AdapterSwitchboard(widgets.VBox):
         self.adapters["active"] = self.adapters["name"] == active
         self.adapters["merged"] = self.adapters["name"].isin(merged_adapters(self.model))
         self.table.value = ("<i>no adapters yet: load one from a folder</i>" if not names else
-                            "<div style='overflow-x:auto'>"       # long paths: scroll, not clip
-                            + self.adapters.to_html(index=False, escape=True, border=0) + "</div>")
+                            table_html(self.adapters))  # fits the widget: see .table
         self._hold = True
         try:
             if structure:
