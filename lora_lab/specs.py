@@ -259,12 +259,17 @@ class TrainSpec:
 
     Training runs ``steps`` optimizer steps (or ``epochs`` passes when ``steps`` is None), each of
     ``batch_size × grad_accum`` examples.  The learning rate warms up linearly for ``warmup_steps``
-    then follows ``schedule``.  ``precision="auto"`` is fp32 on CPU, fp16 autocast on GPUs without
-    bf16 (a T4) and bf16 where supported.  ``gradient_checkpointing`` trades about a third of the
-    speed for activation memory; it is off unless you turn it on.  ``chunked_loss`` computes the
-    LM head and the loss over chunks of ``loss_chunk_size`` tokens, recomputed in the backward, so
-    only one chunk's logits are ever held (``lora_lab.hf.training.chunked_loss``); ``"auto"`` turns
-    it on for vocabularies of 32k tokens or more.  It is off by default for now.
+    then follows ``schedule``.  ``precision="auto"`` is bf16 autocast where the chip has native bf16
+    (GPUs from Ampere; CPUs with AVX512-BF16, AMX or Arm BF16, for models of hidden size >= 512),
+    fp16 autocast on GPUs without bf16 (a T4), and fp32 on other CPUs; ``"fp32"`` forces fp32.
+    ``gradient_checkpointing`` trades about a third of the speed for activation memory; it is off
+    unless you turn it on.  ``chunked_loss`` computes the
+    LM head and the loss over chunks of ``loss_chunk_size`` tokens, so only one chunk's logits are
+    ever held (``lora_lab.hf.training.chunked_loss``), with the same loss and gradients.
+    ``"auto"`` (the default) turns it on for vocabularies of 32k tokens or more (Llama 2/3, Mistral,
+    Qwen, SmolLM2), where the logits dominate a step; measured no slower there
+    (``benchmarks/loss_memory.py``).  Models it cannot run on (prompt learning, soft-capped logits)
+    keep the full loss under ``"auto"``.
     """
 
     steps: int | None = 100
@@ -284,7 +289,7 @@ class TrainSpec:
     precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
     output_dir: str | None = None
     log_every: int = 1
-    chunked_loss: bool | Literal["auto"] = False
+    chunked_loss: bool | Literal["auto"] = "auto"
     loss_chunk_size: int = 512
 
     def __post_init__(self):
