@@ -17,7 +17,8 @@ from .decode import complete, is_prompt_learning, pad_token_id, stop_token_ids
 __all__ = ["generate_greedy", "task_completions", "task_accuracy"]
 
 
-def _left_pad(rows: list[list[int]], pad_id: int):
+def left_pad(rows: list[list[int]], pad_id: int):
+    """(ids, attention_mask), both (len(rows), longest): each row right-aligned after pad_id."""
     T = max(len(r) for r in rows)
     ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), T), dtype=torch.long)
@@ -65,7 +66,7 @@ def generate_greedy(model, tokenizer, prompt_ids: list[list[int]], max_new_token
     model.eval()
     try:
         for part in _batches(prompt_ids, batch_size, equal_length=is_prompt_learning(model)):
-            ids, mask = _left_pad([prompt_ids[k] for k in part], pad)
+            ids, mask = left_pad([prompt_ids[k] for k in part], pad)
             with torch.no_grad():
                 out = complete(model, ids.to(device), mask.to(device),
                                max_new_tokens=max_new_tokens, eos_ids=stop,

@@ -37,6 +37,7 @@ from ...errors import AdapterError, SpecError
 from .._peft import is_peft
 from ..adapters.switch import ACTIVE, active_adapter, merged_adapters, using_adapter
 from ..model.lm_head import keep_head_input_contiguous
+from .batch import left_pad
 from .decode import complete, is_prompt_learning, stop_requested
 
 __all__ = ["BASE", "generate_batch", "is_batch", "mixable", "plan_rows"]
@@ -133,21 +134,11 @@ class _RowsHook:
         return torch.full((input_ids.shape[0],), self.stopped, dtype=torch.bool, device=input_ids.device)
 
 
-def _left_pad(rows: list[list[int]], pad_id: int, device):
-    T = max(len(r) for r in rows)
-    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), T), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, T - len(r):] = torch.as_tensor(r, dtype=torch.long)
-        mask[i, T - len(r):] = 1
-    return ids.to(device), mask.to(device)
-
-
 def _run(model, tokenizer, ids_list, rows, names, config, hook_args, adapter_names=None):
     """Generate ``rows`` (indices into ``ids_list``) as one left-padded batch; return
     ``{row: new token ids}`` (cut after the row's first stop token)."""
     device = next(model.parameters()).device
-    ids, mask = _left_pad([ids_list[r] for r in rows], config.pad_token_id, device)
+    ids, mask = (t.to(device) for t in left_pad([ids_list[r] for r in rows], config.pad_token_id))
     hook = _RowsHook(tokenizer, rows, ids.shape[1], *hook_args)
     kwargs = {"generation_config": config}
     if adapter_names is not None:
