@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -47,16 +46,6 @@ RANDOM = dict(vocab_size=128_256, hidden_size=256, intermediate_size=688, num_hi
 
 
 # ----------------------------------------------------------------------------- child
-def _rss() -> int:
-    with open("/proc/self/statm") as fh:
-        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _high_water() -> int:
-    with open("/proc/self/status") as fh:
-        return next(int(line.split()[1]) * 1024 for line in fh if line.startswith("VmHWM:"))
-
-
 def _load(model_name: str, device: str, vocab: int):
     import torch
 
@@ -79,6 +68,7 @@ def child(model_name: str, chunked: bool, batch: int, seq: int, steps: int, chun
     import torch
 
     from lora_lab.hf.training.chunked_loss import chunked_causal_lm_loss
+    from lora_lab.train.measure import peak_rss_mb, reset_peak_rss, rss_mb
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = _load(model_name, device, vocab)
@@ -109,16 +99,15 @@ def child(model_name: str, chunked: bool, batch: int, seq: int, steps: int, chun
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
     else:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")                             # VmHWM := the current RSS
-        before = _rss()
+        reset_peak_rss()                              # VmHWM := the current RSS
+        before = rss_mb() * 2**20
     wall, cpu = time.perf_counter(), time.process_time()
     for _ in range(steps):
         step()
     if device == "cuda":
         torch.cuda.synchronize()
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-    peak = torch.cuda.max_memory_allocated() if device == "cuda" else _high_water()
+    peak = torch.cuda.max_memory_allocated() if device == "cuda" else peak_rss_mb() * 2**20
     tokens = steps * batch * seq
     return {"model": model_name, "chunked": chunked, "device": device, "vocab": int(vocab),
             "first_loss": first, "extra_peak_mb": (peak - before) / 2**20,

@@ -19,7 +19,7 @@ import time
 
 import torch
 
-__all__ = ["rss_mb", "peak_rss_mb", "memory_mb", "StepTimer"]
+__all__ = ["rss_mb", "peak_rss_mb", "reset_peak_rss", "memory_mb", "StepTimer"]
 
 _MB = 1024 * 1024
 
@@ -60,6 +60,18 @@ def peak_rss_mb() -> float | None:
         return peak / (_MB if sys.platform == "darwin" else 1024)  # bytes on macOS, KiB on Linux
     except (ImportError, OSError):
         return None
+
+
+def reset_peak_rss() -> bool:
+    """Reset this process's peak (``VmHWM``) to its current RSS, so that :func:`peak_rss_mb` then
+    reads the peak of what follows only.  Linux only (writes 5 to ``/proc/self/clear_refs``);
+    returns False where that cannot be done."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
 
 
 def memory_mb(device: torch.device) -> dict[str, float | None]:

@@ -27,7 +27,7 @@ CONFIG = LlamaConfig(vocab_size=V, hidden_size=64, intermediate_size=128, num_hi
                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=T)
 
 SCRIPT = r"""
-import json, resource, sys, torch
+import json, sys, torch
 torch.set_num_threads(1)
 from transformers import LlamaConfig, LlamaForCausalLM
 import peft
@@ -39,15 +39,15 @@ torch.manual_seed(0)
 model = peft.get_peft_model(LlamaForCausalLM(cfg), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
 ids = torch.randint(0, V, (B, T))
 batch = {"input_ids": ids, "labels": ids}
+from lora_lab.train.measure import peak_rss_mb, reset_peak_rss, rss_mb
 def rss():
-    return int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize()
-def high_water():  # VmHWM, this process's own peak (not getrusage: Linux keeps the parent's across exec)
-    line = next(l for l in open("/proc/self/status") if l.startswith("VmHWM:"))
-    return int(line.split()[1]) * 1024
+    return round(rss_mb() * 2**20)
+def high_water():  # VmHWM: this process's own peak since the last reset_peak_rss()
+    return round(peak_rss_mb() * 2**20)
 out = {}
 for chunk in map(int, sys.argv[4:]):  # one step per chunk size, each from a fresh high-water mark
     model.zero_grad(set_to_none=True)
-    open("/proc/self/clear_refs", "w").write("5")  # reset VmHWM to the current RSS
+    reset_peak_rss()  # reset VmHWM to the current RSS
     before = rss()
     total, n = chunked_causal_lm_loss(model, batch, chunk_size=chunk, use_cache=False)
     (total / n).backward()

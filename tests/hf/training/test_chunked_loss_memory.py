@@ -18,7 +18,7 @@ from lora_lab.core.memory import Architecture, logits_bytes
 B, T, V, CHUNK = 4, 256, 65_536, 128
 
 SCRIPT = r"""
-import json, resource, sys, torch
+import json, sys, torch
 torch.set_num_threads(1)
 from transformers import LlamaConfig, LlamaForCausalLM
 import peft
@@ -32,14 +32,14 @@ ids = torch.randint(0, V, (B, T))
 batch = {"input_ids": ids, "labels": ids}
 shapes = []
 model.get_base_model().lm_head.register_forward_hook(lambda m, i, o: shapes.append(o.numel()))
+from lora_lab.train.measure import peak_rss_mb, reset_peak_rss, rss_mb
 def rss():
-    return int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize()
-def high_water():  # VmHWM: this process's own peak since the reset below
-    line = next(l for l in open("/proc/self/status") if l.startswith("VmHWM:"))
-    return int(line.split()[1]) * 1024
+    return round(rss_mb() * 2**20)
+def high_water():  # VmHWM: this process's own peak since the last reset_peak_rss()
+    return round(peak_rss_mb() * 2**20)
 # getrusage's ru_maxrss would not do: Linux carries the parent's peak across exec, so a child of a
 # 2 GB pytest process reports 2 GB.  Writing 5 to clear_refs resets VmHWM to the current RSS.
-open("/proc/self/clear_refs", "w").write("5")
+reset_peak_rss()
 before = rss()
 if chunked:
     total, n = chunked_causal_lm_loss(model, batch, chunk_size=CHUNK, use_cache=False)
