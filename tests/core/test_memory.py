@@ -141,26 +141,28 @@ def test_quant_storage_by_hand():
 # ----------------------------------------------------------------------------- against autograd
 def kept_for_backward(model, ids, mask=None, autocast=True) -> int:
     """Bytes autograd keeps for the backward pass after one forward and loss: every tensor saved
-    through ``torch.autograd.graph.saved_tensors_hooks``, deduplicated by storage, that is still
-    alive when the forward ends (DoRA builds and frees a graph for its weight norm on the way),
+    through ``torch.autograd.graph.saved_tensors_hooks`` that is still alive when the forward
+    ends, deduplicated by storage (DoRA builds and frees a graph for its weight norm on the way),
     weights and buffers excluded."""
     import weakref
 
     import torch
 
-    saved: dict[int, tuple[int, list]] = {}
+    saved: list = []
 
     def pack(t):
-        st = t.untyped_storage()
-        saved.setdefault(st.data_ptr(), (st.nbytes(), []))[1].append(weakref.ref(t))
+        saved.append(weakref.ref(t))
         return t
 
     ctx = torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), ctx:
         loss = model(input_ids=ids, attention_mask=mask, labels=ids).loss
     fixed = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
-    kept = sum(n for ptr, (n, refs) in saved.items()
-               if ptr not in fixed and any(r() is not None for r in refs))
+    # Deduplicated by storage among the tensors still alive: a freed tensor's address may be
+    # reused by a later one, so addresses are read only now, when no two live storages share one.
+    alive = {st.data_ptr(): st.nbytes() for st in (r().untyped_storage() for r in saved
+                                                   if r() is not None)}
+    kept = sum(n for ptr, n in alive.items() if ptr not in fixed)
     del loss
     return kept
 
