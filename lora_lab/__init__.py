@@ -61,7 +61,7 @@ _LAZY = {
     "task_completions": "hf.generate.batch",
     "follows_format": "hf.data.chat_tasks",
     "train": "train.loop",
-    "TrainResult": "train.loop",
+    "TrainResult": "train.result",
     "Control": "train.events",
     "TrainState": "train.events",
     "Callback": "train.events",

@@ -16,9 +16,13 @@ On resume the previous run's rows are passed in (``rows=``), so the curve contin
 
 from __future__ import annotations
 
-import pandas as pd
+import csv
+from typing import TYPE_CHECKING
 
 from .events import Callback, Control, TrainState
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 __all__ = ["History", "COLUMNS"]
 
@@ -43,5 +47,15 @@ class History(Callback):
     def on_eval(self, state: TrainState, control: Control) -> None:
         self._add(state)
 
+    def write_csv(self, path) -> None:
+        """The rows as CSV (header: ``COLUMNS``; an empty field for a missing value), written
+        with the standard library so that a run's saves need no pandas."""
+        with open(path, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(COLUMNS))
+            writer.writeheader()
+            writer.writerows(self.rows)
+
     def frame(self) -> pd.DataFrame:
+        import pandas as pd  # here, not at import: 67 MiB of RSS a training run does not need
+
         return pd.DataFrame(self.rows, columns=list(COLUMNS))

@@ -40,17 +40,16 @@ deliver them on another thread.
 
 from __future__ import annotations
 
-import html
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
-import pandas as pd
 import torch
 
 from ..errors import TrainingError
 from ..hf._peft import active_name, is_peft
+from ..hf.model import heap
 from ..hf.model.device import hidden_size_of, train_precision_choice
 from ..hf.model.kbit import unpack_4bit_weights
 from ..hf.training.chunked_loss import use_chunked
@@ -61,53 +60,10 @@ from .events import Control, TrainState, emit, wait_while_paused
 from .history import History
 from .measure import StepTimer, memory_mb, peak_rss_mb
 from .optim import build_optimizer, lr_factor, resolve_precision
-from .step import NonFinite, accumulate, loss_kind, loss_sum, precision_label
+from .result import TrainResult
+from .step import NonFinite, TrainMode, accumulate, loss_kind, loss_sum, precision_label
 
 __all__ = ["train", "TrainResult"]
-
-
-@dataclass(frozen=True, eq=False)
-class TrainResult:
-    """What a run produced.
-
-    ``history``: one row per logged step and evaluation (see :mod:`lora_lab.train.history`).
-    ``final``: the last loss and eval loss, tokens/s and supervised tokens/s over the time spent in
-    training steps (evaluations and saves excluded), elapsed wall seconds, peak memory, ``precision``
-    (the matrix products': ``"fp32"``, ``"bf16 autocast"``; hf/model/device.py has "auto"'s rule).
-    ``adapter_path``: the last checkpoint (a peft adapter folder, loadable by ``load_adapter``).
-    ``stop_reason``: ``"completed"``, ``"stopped: <why>"``, ``"interrupted"``, ``"non-finite"`` or
-    ``"error"``.
-    """
-
-    history: pd.DataFrame
-    final: dict
-    adapter_path: str | None
-    output_dir: str
-    stop_reason: str
-    steps: int
-    max_steps: int
-    spec: TrainSpec = field(repr=False, default=None)
-
-    @property
-    def loss(self) -> pd.Series:
-        """The training loss per step (index: step)."""
-        h = self.history[self.history.event == "step"]
-        return pd.Series(h.loss.to_numpy(float), index=h.step.to_numpy(), name="loss")
-
-    def __repr__(self) -> str:
-        f = self.final
-        loss = f"{f['loss']:.4f}" if f.get("loss") is not None else "-"
-        ev = f", eval_loss={f['eval_loss']:.4f}" if f.get("eval_loss") is not None else ""
-        return (f"TrainResult({self.stop_reason}, step {self.steps}/{self.max_steps}, loss={loss}"
-                f"{ev}, {f.get('tokens_per_s', 0):,.0f} tokens/s, adapter={self.adapter_path!r})")
-
-    def _repr_html_(self) -> str:
-        rows = [("stopped", self.stop_reason), ("steps", f"{self.steps} / {self.max_steps}"),
-                *((k, f"{v:,.4g}" if isinstance(v, float) else str(v))
-                  for k, v in self.final.items()), ("adapter", str(self.adapter_path))]
-        body = "".join(f"<tr><th style='text-align:left'>{html.escape(k)}</th>"
-                       f"<td>{html.escape(v)}</td></tr>" for k, v in rows)
-        return f"<table><caption>TrainResult</caption>{body}</table>"
 
 
 def _device(model) -> torch.device:
@@ -151,7 +107,7 @@ class _Run:
     """The mutable side of one run: model, optimizer, step counter and measurements."""
 
     def __init__(self, model, tokenizer, spec, train_rows, eval_rows, callbacks, run_dir):
-        self.model, self.spec, self.eval_rows = model, spec, eval_rows
+        self.model, self.spec, self.eval_rows, self.train_mode = model, spec, eval_rows, TrainMode(model)
         self.device = _device(model)
         choice = train_precision_choice(spec.precision, self.device.type, hidden_size_of(model))  # CPU "auto"
         self.precision = resolve_precision(choice, self.device)
@@ -197,7 +153,7 @@ class _Run:
         """One optimizer step over K micro-batches (module docstring), timed alone."""
         spec = self.spec
         self.timer.begin()
-        self.model.train()
+        self.train_mode.ensure()
         batches = [{n: t.to(self.device, non_blocking=True)
                     for n, t in self.batches(self.micro + k).items()} for k in range(spec.grad_accum)]
         try:
@@ -260,7 +216,7 @@ class _Run:
                  "history": self.history.rows, "spec": asdict(self.spec)}
         path = save_checkpoint(self.model, self.run_dir, self.step, state, self.adapter)
         self.checkpoint = str(path)
-        self.history.frame().to_csv(self.run_dir / "history.csv", index=False)
+        self.history.write_csv(self.run_dir / "history.csv")
         self.emit("save")
         return self.checkpoint
 
@@ -347,6 +303,8 @@ def train(model, tokenizer, train_data, eval_data=None, spec: TrainSpec = TrainS
     # repacking off for good, so this run's evaluations cannot repack them (hf/model/kbit.py)
     unpack_4bit_weights(model)
     run = _Run(model, tokenizer, spec, train_rows, eval_rows, list(callbacks), run_dir)
+    if run.device.type == "cpu":
+        heap.steady_heap()  # the same heap each step, not glibc's luck (hf/model/heap.py)
     if resume_from is not None:
         run.resume(resume_from)
     return _loop(run)
@@ -384,6 +342,8 @@ def _loop(run: _Run) -> TrainResult:
     except Exception as exc:  # noqa: BLE001  (saved below, then re-raised unchanged)
         reason, error = "error", exc
     path = run.save(reason)
+    if run.device.type == "cpu":
+        heap.trim()  # the steps' freed memory goes back to the OS
     run.emit("end", stop_reason=reason)
     if isinstance(error, NonFinite):
         raise TrainingError(f"Training halted at step {error.step}: the {error.what} is "
@@ -395,6 +355,6 @@ def _loop(run: _Run) -> TrainResult:
         if hasattr(error, "add_note"):
             error.add_note(f"lora_lab: the adapter at step {run.step} was saved to {path}")
         raise error
-    return TrainResult(history=run.history.frame(), final=_final(run), adapter_path=path,
+    return TrainResult(rows=run.history.rows, final=_final(run), adapter_path=path,
                        output_dir=str(run.run_dir), stop_reason=reason, steps=run.step,
                        max_steps=run.max_steps, spec=spec)

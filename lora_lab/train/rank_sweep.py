@@ -172,10 +172,10 @@ def _train_one(model_source, quant, device, adapter_spec, spec, train_data, eval
     import torch
 
     from ..hf.adapters.attach import attach
+    from ..hf.generate.batch import task_accuracy
     from ..hf.model.inspect import count_parameters
     from ..hf.model.loading import load_model
     from ..hf.spectra.analysis import adapter_spectra
-    from ..hf.generate.batch import task_accuracy
 
     t0 = time.perf_counter()
     model, tok = load_model(model_source, quant=quant, device=device)

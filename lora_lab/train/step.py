@@ -163,3 +163,21 @@ def precision_label(precision) -> str:
     ``TrainResult.final``: ``"fp32"``, ``"bf16 autocast"`` or ``"fp16 autocast"`` (the adapter's
     weights, gradients and optimizer state are fp32 in every case)."""
     return precision.name if precision.dtype is None else f"{precision.name} autocast"
+
+
+class TrainMode:
+    """Keeps every module of ``model`` in training mode at the start of each step, cheaply.
+
+    ``model.train()`` walks the module tree in Python (about 1 ms for the 341 modules of
+    ``builtin:tiny`` with LoRA: 8% of a small step), and the top module's ``training`` flag alone
+    is not enough: a model from ``from_pretrained`` is in eval mode under a fresh ``PeftModel``
+    whose own flag says training, and a callback may put any submodule in eval mode.  So the flags
+    of all modules, listed once, are read each step (16 µs) and ``train()`` runs only when one is
+    off."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model, self.modules = model, list(model.modules())
+
+    def ensure(self) -> None:
+        if not all(m.training for m in self.modules):
+            self.model.train()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import threading
 
+import pandas as pd
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -51,7 +52,9 @@ def test_loss_falls_and_the_adapter_is_saved(lora_tiny, rows, tmp_path):
         match = [p for n, p in params.items() if n.replace(".default", "") == name]
         assert len(match) == 1 and torch.equal(match[0], t), name
     assert res.history.step.is_monotonic_increasing
-    assert (tmp_path / "run" / "history.csv").exists()
+    written = pd.read_csv(tmp_path / "run" / "history.csv")  # written without pandas
+    pd.testing.assert_frame_equal(written, res.history.astype(written.dtypes.to_dict()),
+                                  check_exact=False, rtol=1e-12)
 
 
 def test_stop_from_a_callback_halts_within_one_step_and_saves(lora_tiny, rows, tmp_path):

@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import pandas as pd
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 from ...errors import TargetModuleError
 from ...specs import AdapterSpec
@@ -79,14 +82,12 @@ def linear_modules(model: nn.Module):
         yield strip_prefix(name), base, kind
 
 
-def inspect_model(model: nn.Module) -> pd.DataFrame:
-    """A table of the adaptable linear modules.
+COLUMNS = ("name", "module_type", "layer", "kind", "in_features", "out_features", "params", "dtype",
+           "quantized")
 
-    Columns: ``name``, ``module_type`` (q_proj, ..., down_proj: what ``target_modules`` matches),
-    ``layer`` (decoder layer index or None), ``kind`` (Linear, Linear4bit, Linear8bitLt, Conv1D),
-    ``in_features``, ``out_features``, ``params`` (in·out + bias), ``dtype`` (storage dtype) and
-    ``quantized``.  Group by ``module_type`` to see what a target name selects.
-    """
+
+def module_rows(model: nn.Module) -> list[dict]:
+    """:func:`inspect_model`'s rows as plain dicts (no pandas: attach() and training use these)."""
     rows = []
     for name, mod, kind in linear_modules(model):
         fin, fout = layer_features(mod, kind)
@@ -98,8 +99,20 @@ def inspect_model(model: nn.Module) -> pd.DataFrame:
             "dtype": str(mod.weight.dtype).replace("torch.", ""),
             "quantized": kind in ("Linear4bit", "Linear8bitLt"),
         })
-    df = pd.DataFrame(rows, columns=["name", "module_type", "layer", "kind", "in_features",
-                                     "out_features", "params", "dtype", "quantized"])
+    return rows
+
+
+def inspect_model(model: nn.Module) -> pd.DataFrame:
+    """A table of the adaptable linear modules.
+
+    Columns: ``name``, ``module_type`` (q_proj, ..., down_proj: what ``target_modules`` matches),
+    ``layer`` (decoder layer index or None), ``kind`` (Linear, Linear4bit, Linear8bitLt, Conv1D),
+    ``in_features``, ``out_features``, ``params`` (in·out + bias), ``dtype`` (storage dtype) and
+    ``quantized``.  Group by ``module_type`` to see what a target name selects.
+    """
+    import pandas as pd  # here, not at import: 67 MiB of RSS that attach() and training skip
+
+    df = pd.DataFrame(module_rows(model), columns=list(COLUMNS))
     df["layer"] = df["layer"].astype("Int64")
     return df
 
@@ -194,13 +207,13 @@ def is_quantized(model: nn.Module) -> bool:
 def resolve_targets(model: nn.Module, spec: AdapterSpec) -> list[str]:
     """The module-type names ``spec`` targets on ``model`` (``"all-linear"`` made explicit), after
     checking that they exist, that ``layers`` are in range and that ``r <= min(in, out)``."""
-    table = inspect_model(model)
-    have = sorted(table["module_type"].unique())
-    if table.empty:
+    table = module_rows(model)
+    have = sorted({r["module_type"] for r in table})
+    if not table:
         raise TargetModuleError("The model has no linear layers an adapter could target.",
                                 "load a causal language model with lora_lab.load_model()")
     if spec.target_modules == "all-linear":
-        targets = [t for t in dict.fromkeys(table["module_type"])]
+        targets = list(dict.fromkeys(r["module_type"] for r in table))
     else:
         targets = list(spec.target_modules)
         missing = [t for t in targets if t not in have]
@@ -208,7 +221,7 @@ def resolve_targets(model: nn.Module, spec: AdapterSpec) -> list[str]:
             raise TargetModuleError(
                 f"AdapterSpec.target_modules names {missing}, which this model does not have.",
                 f"choose from the module types it has: {have} (or 'all-linear')")
-    layers = sorted(int(x) for x in table["layer"].dropna().unique())
+    layers = sorted({r["layer"] for r in table if r["layer"] is not None})
     if spec.layers is not None:
         bad = [i for i in spec.layers if i not in layers]
         if bad:
@@ -216,11 +229,10 @@ def resolve_targets(model: nn.Module, spec: AdapterSpec) -> list[str]:
                 f"AdapterSpec.layers asks for layers {bad}, but the model has layers "
                 f"0..{layers[-1] if layers else -1}.",
                 f"pass layers within 0..{layers[-1] if layers else -1}, or layers=None for all")
-    sel = table[table["module_type"].isin(targets)]
-    if spec.layers is not None:
-        sel = sel[sel["layer"].isin(spec.layers)]
-    if spec.method == "lora" and not sel.empty:
-        smallest = int(sel[["in_features", "out_features"]].min(axis=1).min())
+    sel = [r for r in table if r["module_type"] in targets
+           and (spec.layers is None or r["layer"] in spec.layers)]
+    if spec.method == "lora" and sel:
+        smallest = min(min(r["in_features"], r["out_features"]) for r in sel)
         if spec.r > smallest:
             raise TargetModuleError(
                 f"AdapterSpec.r = {spec.r} is larger than the smallest targeted dimension "

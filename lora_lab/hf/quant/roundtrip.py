@@ -19,7 +19,6 @@ Device: weights are analysed where they lie (bitsandbytes runs on CUDA and on th
 
 from __future__ import annotations
 
-import functools
 import logging
 from collections.abc import Sequence
 
@@ -35,6 +34,7 @@ from ...core.quant import (
     error_metrics,
 )
 from ...errors import LoraLabError
+from ..model import heap
 
 __all__ = [
     "BLOCKSIZES",
@@ -86,19 +86,6 @@ at ~14 MB.  Blocks are independent, so chunking changes nothing (a multiple of 2
 double quantization's 256-constant blocks whole too)."""
 
 
-@functools.cache
-def _malloc_trim():
-    """glibc's dynamic mmap threshold keeps freed 1-32 MB blocks (bitsandbytes' CPU temporaries)
-    in its heap: RSS crept to 3.8× the largest fp32 tensor in a scan (1.5× with ``malloc_trim(0)``
-    after each chunk, which hands them back to the OS).  None without glibc."""
-    try:
-        import ctypes
-
-        return ctypes.CDLL("libc.so.6").malloc_trim
-    except (OSError, AttributeError):
-        return None
-
-
 def _rt4_chunked(w: torch.Tensor, F, blocksize: int, quant_type: str, double_quant: bool,
                  chunk: int) -> torch.Tensor:
     """``dequantize_4bit(quantize_4bit(w))`` computed ``chunk`` values at a time.  Double
@@ -109,8 +96,9 @@ def _rt4_chunked(w: torch.Tensor, F, blocksize: int, quant_type: str, double_qua
     packed = []
     for i in range(0, flat.numel(), step):
         packed.append(F.quantize_4bit(flat[i:i + step], blocksize=blocksize, quant_type=quant_type))
-        if flat.device.type == "cpu" and _malloc_trim():
-            _malloc_trim()(0)
+        if flat.device.type == "cpu":
+            heap.trim()  # glibc keeps bitsandbytes' freed 1-32 MB temporaries: RSS crept to 3.8×
+            #              the largest fp32 tensor of a scan without this, 1.5× with it
     absmax = [st.absmax for _, st in packed]
     if double_quant:
         allmax = torch.cat(absmax)
