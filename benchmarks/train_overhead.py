@@ -263,7 +263,7 @@ def main() -> None:
         print(f"(2)/(1) throughput ({what:4s}) {ratio('lora_lab', 'plain', m):.3f}  (target >= 0.97)"
               f"    (2)/(3) {ratio('lora_lab', 'trainer', m):.3f}  (target >= 1.0)")
     print(f"(2)/(1) peak RSS   {ratio('lora_lab', 'plain', 'peak_rss_mb'):.3f}  (target <= 1.05; "
-          f"includes importing pandas, plotly and the FigureWidget)")
+          f"includes the dashboard: importing ipywidgets and plotly, building the FigureWidget)")
     print(f"training memory above the post-import RSS: (1) {med['plain']['growth_mb']:.1f} MiB, "
           f"(2) {med['lora_lab']['growth_mb']:.1f} MiB, (3) {med['trainer']['growth_mb']:.1f} MiB")
     _report.report(
