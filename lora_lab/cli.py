@@ -21,6 +21,11 @@ builtin task, prints progress and the exact-match accuracy on held-out prompts b
 writes ``DIR/report.html`` (specs, training curves, ΔW spectra, quantization error, memory estimate;
 it opens with no network) beside the trained adapter.  The default 200 steps take about half a
 minute on a CPU.
+
+``lora-lab serve-recipe ADAPTER [NAME=ADAPTER ...] [--engine vllm|sglang] [--base ID]`` checks saved
+adapters against vLLM's or SGLang's LoRA limits (rank, DoRA, rsLoRA, biases, modules_to_save, target
+modules), each finding with its reason and source, then prints the launch command and a request
+that names one adapter; the exit status is 1 when an adapter cannot be served as trained.
 """
 
 from __future__ import annotations
@@ -356,27 +361,33 @@ def main(argv: list[str] | None = None) -> int:
     demo_p.add_argument("--task", default="upper", help="builtin task (upper)")
     demo_p.add_argument("--rank", type=int, default=8, help="LoRA rank (8)")
     demo_p.add_argument("--seed", type=int, default=0, help="random seed (0)")
+    serve = sub.add_parser("serve-recipe", help="check adapters against vLLM/SGLang and print the "
+                           "launch command and a request")
+    serve.add_argument("adapters", nargs="+", metavar="ADAPTER", help="saved adapter folder, or NAME=FOLDER")
+    serve.add_argument("--engine", choices=("vllm", "sglang"), default="vllm", help="serving engine (vllm)")
+    serve.add_argument("--base", help="base model id or folder (default: the one the adapter names)")
     args = parser.parse_args(argv)
     if args.command == "info":
         print("\n".join(info_lines()))
         return 0
-    if args.command == "scan":
+    if args.command in ("scan", "demo", "serve-recipe"):
         try:
+            if args.command == "demo":
+                demo(args.out, args.steps, args.task, args.rank, args.seed)
+                return 0
+            if args.command == "serve-recipe":
+                from lora_lab.export.serving_recipes import serving_recipe
+
+                recipe = serving_recipe(args.adapters, args.engine, args.base)
+                print(recipe)
+                return 0 if recipe.ok else 1
             return scan_command(args)
         except LoraLabError as exc:
             fix = f" Fix: {exc.fix}" if exc.fix else ""
-            print(f"lora-lab scan: {exc.problem}{fix}".replace("\n", " "), file=sys.stderr)
+            print(f"lora-lab {args.command}: {exc.problem}{fix}".replace("\n", " "), file=sys.stderr)
             return 2
         except OSError as exc:                      # e.g. the --html folder is not writable
-            print(f"lora-lab scan: {exc}", file=sys.stderr)
-            return 2
-    if args.command == "demo":
-        try:
-            demo(args.out, args.steps, args.task, args.rank, args.seed)
-            return 0
-        except LoraLabError as exc:
-            fix = f" Fix: {exc.fix}" if exc.fix else ""
-            print(f"lora-lab demo: {exc.problem}{fix}".replace("\n", " "), file=sys.stderr)
+            print(f"lora-lab {args.command}: {exc}", file=sys.stderr)
             return 2
     try:
         return spectrum_command(args)
