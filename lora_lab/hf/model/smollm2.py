@@ -75,11 +75,14 @@ def available() -> bool:
 
 
 def _dtype_name(dtype) -> str:
-    from .device import dtype_name
+    """``"fp32"``, ``"bf16"`` or ``"fp16"`` for a torch dtype or its name (``"bf16"``,
+    ``"float32"``: binder/postBuild passes one)."""
+    from .device import as_dtype, dtype_name
 
-    name = dtype_name(dtype)
+    name = dtype_name(as_dtype(dtype) if isinstance(dtype, str) else dtype)
     if name is None:
-        raise ModelLoadError(f"builtin:smollm2 cannot be stored as {dtype}.", "use fp32, bf16 or fp16")
+        raise ModelLoadError(f"builtin:smollm2 cannot be stored as {dtype!r}.",
+                             "use torch.float32, torch.bfloat16 or torch.float16 (or 'fp32', 'bf16', 'fp16')")
     return name
 
 

@@ -108,6 +108,9 @@ def test_every_quant_mode_loads_and_still_answers(smollm2, quant, layer):
 def test_bf16_is_cached_in_its_own_folder(smollm2_dir):
     folder = resolve_builtin("builtin:smollm2", torch.bfloat16)
     assert folder != smollm2_dir and folder.name.startswith("smollm2-135m-instruct-bf16")
+    assert resolve_builtin("builtin:smollm2", "bf16") == folder  # binder/postBuild's call
+    with pytest.raises(ll.LoraLabError, match="'int8' is not one"):
+        resolve_builtin("builtin:smollm2", "int8")
     model, _ = ll.load_model("builtin:smollm2", dtype="bf16", device="cpu")
     assert model.dtype == torch.bfloat16
     size = (folder / "model.safetensors").stat().st_size
