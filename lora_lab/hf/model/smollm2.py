@@ -75,13 +75,11 @@ def available() -> bool:
 
 
 def _dtype_name(dtype) -> str:
-    """``"fp32"``, ``"bf16"`` or ``"fp16"`` for a torch dtype or its name (``"bf16"``,
-    ``"float32"``: binder/postBuild passes one)."""
-    from .device import as_dtype, dtype_name
+    from .device import dtype_name
 
-    name = dtype_name(as_dtype(dtype) if isinstance(dtype, str) else dtype)
+    name = dtype_name(dtype)
     if name is None:
-        raise ModelLoadError(f"builtin:smollm2 cannot be stored as {dtype!r}.",
+        raise ModelLoadError(f"builtin:smollm2 cannot be stored as {dtype}.",
                              "use torch.float32, torch.bfloat16 or torch.float16 (or 'fp32', 'bf16', 'fp16')")
     return name
 
@@ -105,7 +103,9 @@ def smollm2_folder(cache: Path, dtype=None) -> Path:
     """
     import torch
 
-    dtype = dtype or torch.float32
+    from .device import as_dtype
+
+    dtype = as_dtype(dtype) or torch.float32  # a name ("bf16", as binder/postBuild passes) too
     target = cache / "builtin" / f"smollm2-135m-instruct-{_dtype_name(dtype)}-{_VERSION}"
     if (target / "model.safetensors").exists():
         return target
