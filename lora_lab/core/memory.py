@@ -66,7 +66,10 @@ Each term, in bytes (``c`` = bytes of the compute dtype: 2 for fp16/bf16, 4 for 
     both linear outputs in ``c`` under autocast: ``+ 2c·out`` (peft 0.21, counted with
     ``saved_tensors_hooks``: tests/core/test_memory.py).  Without autocast (a 16-bit base, fp32
     adapters) peft casts the adapter input to fp32, which keeps ``4·(in + r)`` and a fp32 LoRA
-    output: more than modelled here.
+    output: more than modelled here.  Each IA3 module keeps what its vector's gradient needs
+    (peft 0.21's forward): a feed-forward module its input cast to the fp32 vector's dtype,
+    ``+ 4·in``; any other its base output, ``+ c·out`` (Liu et al. 2022, §3.3: IA3 scales the
+    keys, the values and the feed-forward activations).
 
   Without checkpointing: ``T·L·layer``.  With gradient checkpointing only each layer's input is
   kept (``T·L·c·h``; ``T·L·4h`` where the residual stream is fp32: a prepared k-bit base, fp32
@@ -237,6 +240,7 @@ class TrainableLayout:
     dora: bool = False
     extra_tokens: int = 0                             # prefix/prompt virtual tokens
     autocast_copies: int = 0                          # weights autocast copies in the forward
+    ia3: tuple[tuple[int, int, bool], ...] = ()       # (in, out, feed-forward) of every IA3 module
 
     def master_weights(self, c: int) -> bool:
         """Full FT of ``param_bytes`` weights under a ``c``-byte autocast: fp32 master weights."""
@@ -283,6 +287,8 @@ def _adapter_activation_bytes(t: TrainableLayout, c: int, layers: int) -> float:
             total += (1 + c) * fin
         if t.dora:                          # base output and LoRA output, autocast to c
             total += 2 * c * fout
+    for fin, fout, feedforward in t.ia3:    # what the vector's gradient needs (peft's IA3 forward):
+        total += 4 * fin if feedforward else c * fout  # the fp32 input it scales, or the output
     return total / max(layers, 1)
 
 

@@ -103,13 +103,6 @@ def lora_fp32_input_extra(modules, dora: bool = False) -> int:
     return sum(2 * (i + r) + (2 * o if dora else 0) for i, o, r in modules)
 
 
-def ia3_kept(modules, feedforward) -> int:
-    """Bytes per token that peft's IA3 keeps and the planner leaves out: the scaled tensor of each
-    module, for its vector's gradient: the 16-bit base output (``2·out``) of an output-scaled
-    module, the fp32 cast of the input (``4·in``) of a feed-forward (input-scaled) one."""
-    return sum(4 * i if name in feedforward else 2 * o for name, (i, o) in modules.items())
-
-
 def _act_modules(cfg: dict):
     """``{name: (in, out)}`` of one layer's linear modules of a Llama config."""
     h, i = cfg["hidden_size"], cfg["intermediate_size"]
@@ -122,8 +115,9 @@ def _act_modules(cfg: dict):
 def test_the_gaps_of_peft_s_setup_measured_on_cpu(kind):
     """What the corrections below are made of, measured: bytes autograd keeps after a forward
     without autocast (bf16 base, fp32 adapters: peft's loop) on the CPU, against the estimate plus
-    the correction, within ±3% for all three (measured: LoRA 21.39 MB, DoRA 36.25, IA3 15.41;
-    DoRA's estimate + correction is 36.34)."""
+    the correction, within ±3% (measured: LoRA 21.39 MB, DoRA 36.25, DoRA's estimate + correction
+    36.34).  IA3 keeps the same bytes with or without autocast, and the planner models them: 15.60
+    estimated, 15.41 measured."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -139,9 +133,10 @@ def test_the_gaps_of_peft_s_setup_measured_on_cpu(kind):
                           padded=False, device="A100-80GB", chunked_loss=False)
     modelled = est.breakdown["activations"] + batch * seq * cfg.vocab_size * 4
     mods = _act_modules(ACT_CFG)
-    per_layer = (ia3_kept({k: mods[k] for k in ("k_proj", "v_proj", "down_proj")}, ("down_proj",))
-                 if kind == "ia3" else
-                 lora_fp32_input_extra([(i, o, 8) for i, o in mods.values()], kind == "dora"))
+    if kind == "ia3":   # the planner models IA3's kept tensors itself (the same bytes with autocast)
+        assert modelled == pytest.approx(measured, rel=0.03)
+        return
+    per_layer = lora_fp32_input_extra([(i, o, 8) for i, o in mods.values()], kind == "dora")
     corrected = modelled + batch * seq * ACT_CFG["num_hidden_layers"] * per_layer
     assert modelled < 0.85 * measured                        # the gap is real
     assert corrected == pytest.approx(measured, rel=0.03)
@@ -151,40 +146,39 @@ def test_the_gaps_of_peft_s_setup_measured_on_cpu(kind):
 # down_proj), in bytes per token and layer; the allocator adds its 10% on top.
 _QV = [(3072, 3072, 32), (3072, 1024, 32)]
 PEFT_EXTRA = {"LoRA": lora_fp32_input_extra(_QV), "DoRA": lora_fp32_input_extra(_QV, dora=True),
-              "IA3": ia3_kept({k: _act_modules(LLAMA32_3B)[k] for k in ("k_proj", "v_proj",
-                                                                        "down_proj")},
-                              ("down_proj",)),
+              "IA3": 0,   # IA3's kept tensors are in the planner's activation term
               "prefix": 0, FULL_FT: 0}
 
 
 @pytest.mark.parametrize("method", list(PEFT))
 def test_peft_training_step_peak_is_the_estimate_at_the_data_s_row_length(method):
     """The training-step peak (reserved, 99th percentile).  At the 768-token limit the estimate is
-    7-26% above it (LoRA 20.7 GiB estimated vs 16.5 measured, DoRA 22.2 vs 20.6, IA3 19.5 vs 17.1,
+    7-33% above it (LoRA 20.7 GiB estimated vs 16.5 measured, DoRA 22.2 vs 20.6, IA3 22.8 vs 17.1,
     prefix 19.7 vs 15.8, full FT 35.7 vs 31.3): the planner pads every batch to ``seq_len``, and
     MetaMathQA's rows are shorter (210 tokens on average; the longest batches set the
     percentile).  The check that can fail: one padded row length explains all five runs.  Solving
-    estimate (+ the measured gaps of peft's no-autocast setup, above) == measured for the row
+    estimate (+ the measured gap of peft's no-autocast setup for LoRA and DoRA, above) == measured for the row
     length gives 508 (LoRA), 625 (DoRA), 510 (IA3), 548 (prefix) and 578 (full FT) tokens; a term
-    off by 25% moves its run out of [490, 650].  Without the corrections LoRA and IA3 read 546 and
-    632.  DoRA sits highest: each step peft builds the full ``out × in`` matrix W + s·BA
-    of every DoRA module for its weight norm (transient, not kept, and not in the estimate)."""
+    off by 25% moves its run out of [490, 650].  Without the correction LoRA reads 546, and IA3
+    without the planner's IA3 term 632.  DoRA sits highest: each step peft builds the full
+    ``out × in`` matrix W + s·BA of every DoRA module for its weight norm (transient, not kept,
+    and not in the estimate)."""
     est, scen = _peft_estimate(method)
     ratio = est.peak_reserved(scen) / PEFT[method][2]
-    assert 1.05 <= ratio <= 1.30, ratio
+    assert 1.05 <= ratio <= 1.35, ratio
     extra = LLAMA32_3B["num_hidden_layers"] * PEFT_EXTRA[method] * 1.10
     assert 490 <= _implied_seq_len(method, extra) <= 650
 
 
-def test_peft_ia3_run_shows_the_activations_the_planner_leaves_out():
-    """IA3 is the run the planner under-counts most: the kept IA3 tensors (2·(2·1024) + 4·8192 =
-    36.9 kB per token and layer, +37% of the frozen layer's 98 kB) are not in its activation term.
-    Without them the implied row length is 632, the highest of the five; with them 510, with
-    LoRA's 508."""
-    extra = LLAMA32_3B["num_hidden_layers"] * 1.10
-    without = _implied_seq_len("IA3")
-    with_ia3 = _implied_seq_len("IA3", extra * PEFT_EXTRA["IA3"])
-    lora = _implied_seq_len("LoRA", extra * PEFT_EXTRA["LoRA"])
+def test_peft_ia3_run_needs_the_ia3_activation_term():
+    """IA3 was the run the planner under-counted most: the kept IA3 tensors (2·(2·1024) + 4·8192 =
+    36.9 kB per token and layer in bf16, +37% of the frozen layer's 98 kB; measured on the CPU
+    above) were not in its activation term.  Without them the implied row length is 632, the
+    highest of the five; with them (the planner now) 510, with LoRA's 508."""
+    ia3_bytes = 2 * (2 * 1024) + 4 * 8192                  # k, v outputs (bf16); down_proj's fp32 input
+    without = _implied_seq_len("IA3", -LLAMA32_3B["num_hidden_layers"] * ia3_bytes * 1.10)
+    with_ia3 = _implied_seq_len("IA3")
+    lora = _implied_seq_len("LoRA", LLAMA32_3B["num_hidden_layers"] * PEFT_EXTRA["LoRA"] * 1.10)
     assert without > 620 and without > lora + 80
     assert abs(with_ia3 - lora) < 25
 

@@ -25,6 +25,7 @@ class AdapterCount:
     params: int
     modules: tuple[tuple[int, int, int], ...]
     targets: tuple[str, ...]
+    ia3_modules: tuple[tuple[int, int, bool], ...] = ()   # (in, out, feed-forward) for IA3
 
 
 def _ia3_targets(facts: ModelFacts, spec: AdapterSpec) -> tuple[list[str], list[str]]:
@@ -77,7 +78,9 @@ def count_adapter(facts: ModelFacts, spec: AdapterSpec) -> AdapterCount:
             rows = rows[rows["layer"].isin(spec.layers)]
         ff_rows = rows["module_type"].isin(ff)
         params = int(rows["in_features"][ff_rows].sum() + rows["out_features"][~ff_rows].sum())
-        return AdapterCount(params, (), tuple(targets))
+        ia3 = tuple((int(i), int(o), bool(f)) for i, o, f in
+                    zip(rows["in_features"], rows["out_features"], ff_rows))
+        return AdapterCount(params, (), tuple(targets), ia3)
     targets = _resolve(facts, spec)
     rows = t[t["module_type"].isin(targets)]
     if spec.layers is not None:
