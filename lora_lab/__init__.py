@@ -102,6 +102,7 @@ _LAZY = {
     "switch_adapter": "hf.adapters.switch",
     "GenerationResult": "hf.generate.stream",
     "hotswap_adapter": "hf.adapters.hotswap",
+    "mixed_throughput": "hf.generate.throughput",
     "check_serving": "hf.adapters.serving_check",
     "ServingCheck": "hf.adapters.serving_check",
     "serving_recipe": "export.serving_recipes",

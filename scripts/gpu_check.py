@@ -833,20 +833,31 @@ def check_switching(ctx: Ctx) -> dict:
         fwd_ms = _median_ms(lambda i: model(input_ids=x), 5, ctx)
     expect(failures, ll_ms < peft_ms,
            f"lora_lab switch {ll_ms:.3f} ms not faster than peft's {peft_ms:.3f} ms")
-    # mixed-adapter batches: peft's adapter_names= forward; lora_lab has no API for it yet
+    # mixed-adapter batches: peft's adapter_names= forward (the oracle) and lora_lab's stacked route
+    from lora_lab.hf.generate.routing import stack_reason, stacked_lora
+
     b = max(len(names), 8 if ctx.cuda else 2)
     batch = make_probe_ids(model, n=b, length=64 if ctx.cuda else 16).to(ctx.device)
     mixed = [names[i % len(names)] for i in range(b)]
     model.eval()                      # peft refuses adapter_names= in training mode
     with torch.no_grad():
+        peft_logits = model(input_ids=batch, adapter_names=mixed).logits
         mixed_ms = _median_ms(lambda i: model(input_ids=batch, adapter_names=mixed), 5, ctx)
         single_ms = _median_ms(lambda i: model(input_ids=batch), 5, ctx)
+        reason = stack_reason(model, mixed)
+        expect(failures, reason is None, f"lora_lab cannot stack these adapters: {reason}")
+        with stacked_lora(model, mixed):
+            stacked_gap = logit_gap(peft_logits, model(input_ids=batch).logits).rel
+            stacked_ms = _median_ms(lambda i: model(input_ids=batch), 5, ctx)
+    expect(failures, stacked_gap < 1e-3,
+           f"lora_lab's stacked mixed batch differs from peft's adapter_names= ({stacked_gap:.2e})")
     tokens = batch.numel()
     model = None
     free_memory(ctx)
     return verdict(failures, adapters=len(names), logit_gap_vs_peft=rnd(gap), lora_lab_switch_ms=rnd(ll_ms),
                    peft_switch_ms=rnd(peft_ms), speedup=rnd(peft_ms / ll_ms), forward_1x16_ms=rnd(fwd_ms),
-                   mixed_batch={"lora_lab": "no mixed-adapter batch API in lora_lab (not measured)",
+                   mixed_batch={"lora_lab_stacked_tokens_per_s": rnd(tokens / stacked_ms * 1e3),
+                                "lora_lab_stacked_logit_gap_vs_peft": rnd(stacked_gap),
                                 "peft_adapter_names_tokens_per_s": rnd(tokens / mixed_ms * 1e3),
                                 "single_adapter_tokens_per_s": rnd(tokens / single_ms * 1e3),
                                 "batch": list(batch.shape)})

@@ -105,6 +105,7 @@ def test_cpu_smoke_runs_the_checks_at_tiny_sizes(tmp_path):
     assert c["merge"]["qlora_merged_copy"]["vs_unmerged_fp32_rel"] < 1e-5
     assert c["switching"]["speedup"] > 1 and c["switching"]["logit_gap_vs_peft"] < 1e-6
     assert c["switching"]["mixed_batch"]["peft_adapter_names_tokens_per_s"] > 0
+    assert c["switching"]["mixed_batch"]["lora_lab_stacked_logit_gap_vs_peft"] < 1e-5
 
 
 @pytest.mark.slow

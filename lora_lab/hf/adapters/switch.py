@@ -196,6 +196,14 @@ def merged_adapters(model: nn.Module) -> list[str]:
     return sorted(names)
 
 
+def adapter_layers(model) -> list[nn.Module] | None:
+    """Every adapter layer of ``model`` from the list this module keeps until an adapter is added
+    or deleted (walking the modules costs ~10 ms on builtin:tiny with 16 adapters); None where the
+    direct switch does not apply (see :func:`_routing`)."""
+    routing = _routing(model)
+    return None if routing is None else routing.layers
+
+
 def _routing(model) -> _Routing | None:
     """The model's :class:`_Routing`, cached until an adapter is added or deleted; None where the
     direct switch does not apply (prompt learning, ``modules_to_save``,

@@ -7,28 +7,36 @@ base once over all rows and add each adapter's low-rank term to its own rows onl
     Y = X Wᵀ                                     (batch × T × out: one big matmul for every row)
     Y[rows_k] += s_k · (X[rows_k] A_kᵀ) B_kᵀ     (per adapter k: two thin matmuls, rank r)
 
-This is peft's mixed-batch forward (``adapter_names=[...]`` with ``"__base__"`` for the base model),
-the idea S-LoRA and Punica scale up to thousands of adapters (S-LoRA, Sheng et al. 2023, §4:
-thousands of adapters at close to single-adapter throughput).  :func:`generate_batch` runs it inside
-transformers' ``model.generate``: the prompts are left-padded into one batch (so every row's next
+peft's mixed-batch forward (``adapter_names=[...]`` with ``"__base__"`` for the base model) runs that
+second line as a Python loop over the adapters, which on a small model costs more than the matmuls
+(4 adapters: 0.47 of single-adapter throughput on builtin:tiny).  So lora_lab stacks the batch's
+adapters along the rank once per call and computes every row's LoRA term in two matmuls and a mask,
+whatever the number of adapters (:mod:`~lora_lab.hf.generate.routing`; the idea of Punica's and
+S-LoRA's batched LoRA kernels, Sheng et al. 2023: thousands of adapters at close to
+single-adapter throughput); peft's loop remains for what cannot be stacked (``modules_to_save``,
+non-Linear LoRA layers), and ``settings["batch_note"]`` then says why.  :func:`generate_batch` runs
+it inside transformers' ``model.generate``: the prompts are left-padded into one batch (so every row's next
 token sits in the last column), there is one forward pass per new token for the whole batch, the KV
 cache holds every row, and a row that reaches its stop token (eos, or the chat template's end of
 turn, :func:`~lora_lab.hf.generate.decode.stop_token_ids`) is finished on its own while the others go on.
 
 **The oracle.**  Greedy decoding of a row in the mixed batch gives, token for token, what that prompt
 gives alone with that adapter (``tests/hf/generate/test_mixed_batch.py`` checks it on builtin:tiny and
-SmolLM2-135M).
+SmolLM2-135M, ``test_stacked_routing.py`` for mixed ranks, rsLoRA, 4-bit layers and peft's loop).
 
 **Which adapters can mix.**  Plain LoRA and rsLoRA (any rank, any targets) and the base.  peft refuses
 DoRA in a mixed batch (its magnitude vector rescales the whole ``W + s·BA`` column, so it is not an
 added term), IA3 has no mixed forward, and prompt / prefix tuning change the input sequence itself.
-For those, lora_lab routes the rows itself: the rows are grouped by adapter and each group runs as
+So do adapters that train whole modules (``modules_to_save``) mixed with adapters that have no copy
+of those modules (peft's loop looks every row's adapter up in them).  For those, lora_lab routes the
+rows itself: the rows are grouped by adapter and each group runs as
 its own batch (one forward per token per group), which gives the same tokens; the result's
 ``settings["batch_mode"]`` says ``"grouped"`` and ``settings["batch_note"]`` says why.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import torch
@@ -39,6 +47,7 @@ from ..adapters.switch import ACTIVE, active_adapter, merged_adapters, using_ada
 from ..model.lm_head import keep_head_input_contiguous
 from .batch import left_pad
 from .decode import complete, is_prompt_learning, stop_requested
+from .routing import peft_mix_reason, stack_reason, stacked_lora
 
 __all__ = ["BASE", "generate_batch", "is_batch", "mixable", "plan_rows"]
 
@@ -134,19 +143,25 @@ class _RowsHook:
         return torch.full((input_ids.shape[0],), self.stopped, dtype=torch.bool, device=input_ids.device)
 
 
-def _run(model, tokenizer, ids_list, rows, names, config, hook_args, adapter_names=None):
+def _run(model, tokenizer, ids_list, rows, names, config, hook_args, routing=None):
     """Generate ``rows`` (indices into ``ids_list``) as one left-padded batch; return
-    ``{row: new token ids}`` (cut after the row's first stop token)."""
+    ``{row: new token ids}`` (cut after the row's first stop token).  ``routing``: None (the active
+    adapter for every row), ``"stacked"`` (:func:`~.routing.stacked_lora`) or ``"peft"`` (peft's
+    ``adapter_names``)."""
     device = next(model.parameters()).device
     ids, mask = (t.to(device) for t in left_pad([ids_list[r] for r in rows], config.pad_token_id))
     hook = _RowsHook(tokenizer, rows, ids.shape[1], *hook_args)
     kwargs = {"generation_config": config}
-    if adapter_names is not None:
+    per_row = contextlib.nullcontext()
+    if routing == "stacked":
+        per_row = stacked_lora(model, [names[r] for r in rows])
+    elif routing == "peft":
         kwargs["adapter_names"] = [BASE if names[r] is None else names[r] for r in rows]
-    out = complete(model, ids, mask, max_new_tokens=config.max_new_tokens,
-                   eos_ids=config.eos_token_id or [], generate_kwargs=kwargs,
-                   greedy=not config.do_sample, temperature=config.temperature or 1.0,
-                   top_p=config.top_p or 1.0, step_hook=hook)
+    with per_row:
+        out = complete(model, ids, mask, max_new_tokens=config.max_new_tokens,
+                       eos_ids=config.eos_token_id or [], generate_kwargs=kwargs,
+                       greedy=not config.do_sample, temperature=config.temperature or 1.0,
+                       top_p=config.top_p or 1.0, step_hook=hook)
     eos, got = hook.eos, {}
     for j, r in enumerate(rows):
         new = out[j, ids.shape[1]:].tolist()
@@ -175,8 +190,9 @@ def generate_batch(model, tokenizer, ids_list: list[list[int]], names: list[str 
     Returns ``(tokens, timing, mode, note)``: ``tokens[k]`` the new ids of row k, ``timing`` the
     seconds to each row's first token (``"first"``) and stop token (``"done"``) and the call's total
     (``"total"``) and stop flag (``"stopped"``), ``mode`` one of ``"uniform"`` (one adapter for all
-    rows: one batch), ``"mixed"`` (peft's per-row routing: one batch) or ``"grouped"`` (one batch
-    per adapter, for adapters that cannot mix; ``note`` says why).
+    rows: one batch), ``"mixed"`` (per-row routing, one batch: stacked adapters, or peft's loop with
+    ``note`` saying why) or ``"grouped"`` (one batch per adapter, for adapters that cannot mix;
+    ``note`` says why).
     """
     keep_head_input_contiguous(model)
     eos = set(config.eos_token_id or [])
@@ -185,9 +201,17 @@ def generate_batch(model, tokenizer, ids_list: list[list[int]], names: list[str 
     hook_args = (eos, on_token, stop, t0, log)
     unique = list(dict.fromkeys(names))
     reasons = [r for r in (mixable(model, n) for n in unique) if r] if len(unique) > 1 else []
-    mode = "uniform" if len(unique) == 1 else "grouped" if reasons else "mixed"
+    routing = None
+    if len(unique) > 1 and not reasons:   # stacked along the rank (routing.py) where it can, else peft's loop
+        slow = stack_reason(model, names)
+        routing = "peft" if slow else "stacked"
+        reasons = [f"peft's per-adapter mixed forward: {slow}"] if slow else []
+        if slow and peft_mix_reason(model, names):
+            routing, reasons = None, [peft_mix_reason(model, names)]
+    mode = "uniform" if len(unique) == 1 else "mixed" if routing else "grouped"
     plan = ([(unique[0], list(range(len(names))), None)] if mode == "uniform" else
-            [(next(n for n in unique if n is not None), list(range(len(names))), True)]
+            [(ACTIVE if routing == "stacked" else next(n for n in unique if n is not None),
+              list(range(len(names))), routing)]
             if mode == "mixed" else
             [(n, [k for k, m in enumerate(names) if m == n], None) for n in unique])
     device = next(model.parameters()).device
@@ -200,14 +224,14 @@ def generate_batch(model, tokenizer, ids_list: list[list[int]], names: list[str 
         with rng:
             if seed is not None:
                 torch.manual_seed(seed)
-            for name, rows, mixed in plan:
+            for name, rows, how in plan:
                 with using_adapter(model, name):
                     for part in _groups(model, rows, ids_list):
                         if stopped:
                             tokens.update({r: [] for r in part})
                             continue
                         got, stopped = _run(model, tokenizer, ids_list, part, names, config,
-                                            hook_args, adapter_names=mixed)
+                                            hook_args, routing=how)
                         tokens.update(got)
     finally:
         model.train(was_training)
