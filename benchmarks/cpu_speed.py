@@ -12,7 +12,10 @@ measured against the chip's own matrix-product throughput in the same run (issue
    * ``autocast``: the fp32 base + ``precision="bf16"`` (bf16 autocast, each weight converted to
      bf16 as it is multiplied: what a notebook that loads with the default dtype gets);
    * ``bf16``:     ``load_model(dtype="bf16")`` + ``precision="bf16"``: a bf16 frozen base (half the
-     memory; the 4-bit layers compute in bf16) and bf16 autocast; the adapter stays fp32.
+     memory; the 4-bit layers compute in bf16) and bf16 autocast; the adapter stays fp32;
+   * ``default`` (QLoRA only): ``load_model(quant="nf4")`` + ``TrainSpec()``, no dtype asked: the
+     unquantized parts (embeddings, norms, LM head) stay fp32 while the 4-bit layers compute by
+     the "auto" rule (bf16 for SmolLM2 on a bf16 CPU), under ``precision="auto"``.
 
    ``auto`` is whichever of these ``load_model(dtype="auto")`` + ``precision="auto"`` picks for the
    model on this chip (``bf16`` for SmolLM2 on a bf16 CPU, ``fp32`` for ``builtin:tiny``, whose
@@ -50,7 +53,8 @@ import torch
 import lora_lab as ll
 from lora_lab.hf.model.device import cpu_bf16_native
 
-SETUPS = {"fp32": ("fp32", "fp32"), "autocast": ("fp32", "bf16"), "bf16": ("bf16", "bf16")}
+SETUPS = {"fp32": ("fp32", "fp32"), "autocast": ("fp32", "bf16"), "bf16": ("bf16", "bf16"),
+          "default": (None, "auto")}
 
 
 def auto_setup(model_name: str) -> str:
@@ -153,8 +157,8 @@ def main(argv=None) -> dict:
     for _ in range(args.repeats):
         for model_name, quant in configs:
             for setup in SETUPS:
-                if quant and setup == "autocast":
-                    continue  # a 4-bit base has no fp32 weights to autocast; "auto" covers it
+                if (quant and setup == "autocast") or (not quant and setup == "default"):
+                    continue  # a 4-bit base has no fp32 weights to autocast; LoRA's default IS autocast
                 r = run_setup(model_name, quant, setup, args)
                 results.setdefault((model_name, quant, setup), []).append(r)
                 print(f"  {model_name:16} {quant or 'lora':5} {setup:9} {r['precision']:14} "

@@ -71,14 +71,14 @@ def info_lines() -> list[str]:
     dev = default_device()
     lines = [f"python        {platform.python_version()} ({platform.machine()})"]
     lines += [f"{p:<13} {_version(p)}" for p in PACKAGES]
-    gpu = torch.cuda.get_device_name(0) if dev == "cuda" else "none"
-    lines += [f"device        {dev} (GPU: {gpu})",
+    lines += [f"device        {dev} (GPU: {torch.cuda.get_device_name(0) if dev == 'cuda' else 'none'})",
               f"GPU bf16      {'yes' if bf16_supported(dev) else 'no'}",
               f"CPU bf16      {'native' if cpu_bf16_native() else 'no (emulated: fp32 is faster)'}",
               f"training      precision='auto' trains in {_auto_training(dev, default_train_precision)}"
               + (f" (fp32 below hidden size {CPU_BF16_MIN_HIDDEN})" if dev == "cpu" and cpu_bf16_native()
                  else ""),
-              f"compute dtype {str(default_compute_dtype(dev)).replace('torch.', '')}",
+              f"compute dtype {str(default_compute_dtype(dev)).replace('torch.', '')}" + (f" (bfloat16 "
+              f"from hidden {CPU_BF16_MIN_HIDDEN})" if dev == "cpu" and cpu_bf16_native() else ""),
               f"4-bit (bnb)   {four_bit_check()}",
               f"models        {', '.join(builtin_names())}"]
     if not smollm2.available():

@@ -165,8 +165,9 @@ class QuantSpec:
     per parameter, and double quantization (QLoRA §3) stores those constants in 8 bits, which cuts
     that to about 0.127 bit.  ``bits=8`` is LLM.int8() (Dettmers et al. 2022).
 
-    ``compute_dtype=None`` picks bf16 on GPUs that have it, fp16 on those without (a T4), and fp32
-    on CPU.  Shorthands: ``QuantSpec.parse("nf4" | "fp4" | "int8")``.
+    ``compute_dtype=None`` picks bf16 on GPUs that have it, fp16 on those without (a T4); on a CPU
+    bf16 where the chip multiplies bf16 natively and the model is at least 512 wide, else fp32
+    (``lora_lab.hf.model.device``'s rule).  Shorthands: ``QuantSpec.parse("nf4" | "fp4" | "int8")``.
     """
 
     bits: Literal[4, 8] = 4

@@ -1,8 +1,13 @@
 """Optimizer, learning-rate schedule and mixed precision, chosen from the spec and the device.
 
-* **Precision** (``TrainSpec.precision="auto"``): fp32 on CPU; on CUDA, bf16 autocast where the GPU
-  supports it (Ampere and later), else fp16 autocast with a ``GradScaler`` (a T4).  fp16 gradients
-  underflow without loss scaling; bf16 has fp32's exponent range, so it needs none.
+* **Precision** (``TrainSpec.precision="auto"``): on CUDA, bf16 autocast where the GPU supports it
+  (Ampere and later), else fp16 autocast with a ``GradScaler`` (a T4).  On a CPU, bf16 autocast where
+  the chip multiplies bf16 natively (AVX512-BF16, AMX, Arm BF16) and the model's hidden size is
+  >= 512 (SmolLM2-135M LoRA: about 1.8x fp32's tokens/s on 2 cores), else fp32: the training loop
+  makes "auto" concrete with :func:`lora_lab.hf.model.device.train_precision_choice`, which knows
+  the model's width, before :func:`resolve_precision` (which alone, without the model, keeps fp32
+  for "auto" on a CPU).  The trained adapter stays fp32 in every case.  fp16 gradients underflow
+  without loss scaling; bf16 has fp32's exponent range, so it needs none.
 * **Optimizer**: ``"adamw"`` is torch's fused AdamW where the device supports it (CPU and CUDA in
   torch >= 2.4), which is what ``transformers.Trainer`` defaults to (``adamw_torch_fused``) and
   about 9% faster than the per-parameter loop on CPU.  ``"adamw_8bit"``, ``"paged_adamw_8bit"``
@@ -55,7 +60,8 @@ def _bf16_ok(device: torch.device) -> bool:
 
 
 def resolve_precision(choice: str, device: torch.device) -> Precision:
-    """The precision for ``TrainSpec.precision`` on ``device`` (see the module docstring)."""
+    """The precision for ``TrainSpec.precision`` on ``device`` (see the module docstring; "auto" on a
+    CPU should be made concrete first by ``train_precision_choice``, else it is fp32 here)."""
     cuda = device.type == "cuda"
     if choice == "auto":
         choice = ("bf16" if _bf16_ok(device) else "fp16") if cuda else "fp32"
@@ -64,7 +70,9 @@ def resolve_precision(choice: str, device: torch.device) -> Precision:
     if choice == "fp16":
         if not cuda:
             raise TrainingError(f"TrainSpec.precision='fp16' needs a CUDA GPU; this model is on "
-                                f"{device}.", "pass precision='auto' (fp32 on CPU)")
+                                f"{device}.",
+                                "pass precision='auto' (bf16 autocast or fp32 on a CPU, by what the chip "
+                                "has) or 'bf16'")
         return Precision("fp16", torch.float16, True, "cuda")
     if cuda and not _bf16_ok(device):
         raise TrainingError("TrainSpec.precision='bf16' but this GPU has no bf16 support.",

@@ -102,8 +102,32 @@ def test_auto_picks_bf16_autocast_where_the_rule_says_so(tiny_llama_dir, tmp_pat
     assert base.dtype == torch.bfloat16
     q, _ = ll.load_model(tiny_llama_dir, "nf4", device="cpu", dtype="auto")
     assert q.config.quantization_config.bnb_4bit_compute_dtype == torch.bfloat16
-    plain, _ = ll.load_model(tiny_llama_dir, "nf4", device="cpu")  # the default stays fp32
-    assert plain.config.quantization_config.bnb_4bit_compute_dtype == torch.float32
+
+
+def _compute_dtypes(model):
+    import bitsandbytes as bnb
+
+    return {m.compute_dtype for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)}
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_qlora_compute_dtype_follows_the_rule_by_default(tiny_llama_dir, one_thread, monkeypatch, native):
+    """With no dtype asked, a 4-bit base's layers compute in what the rule says for this model
+    (oracle: device.auto_dtype, the rule's own function), while its unquantized parts stay fp32;
+    dtype="fp32" and QuantSpec(compute_dtype=...) still force their dtype."""
+    monkeypatch.setattr(dev, "cpu_bf16_native", lambda: native)
+    monkeypatch.setattr(dev, "CPU_BF16_MIN_HIDDEN", 64)
+    want = dev.auto_dtype("cpu", 64)
+    assert want == (torch.bfloat16 if native else torch.float32)
+    q, _ = ll.load_model(tiny_llama_dir, "nf4", device="cpu")
+    assert q.config.quantization_config.bnb_4bit_compute_dtype == want
+    assert _compute_dtypes(q) == {want} and q.lm_head.weight.dtype == torch.float32
+    forced, _ = ll.load_model(tiny_llama_dir, "nf4", device="cpu", dtype="fp32")
+    assert _compute_dtypes(forced) == {torch.float32}
+    spec = ll.QuantSpec(compute_dtype="float32")
+    assert _compute_dtypes(ll.load_model(tiny_llama_dir, spec, device="cpu")[0]) == {torch.float32}
+    monkeypatch.setattr(dev, "CPU_BF16_MIN_HIDDEN", 512)  # the real threshold: the tiny Llama is too narrow
+    assert _compute_dtypes(ll.load_model(tiny_llama_dir, "nf4", device="cpu")[0]) == {torch.float32}
 
 
 def test_a_bf16_base_evaluates_like_the_fp32_one(tiny_llama_dir, one_thread):

@@ -5,9 +5,11 @@ Rule (DESIGN.md, "device-aware defaults"): bf16 on GPUs that support it, fp16 on
 has native bf16 matrix products (:func:`cpu_bf16_native`: x86 AVX512-BF16 or AMX, Arm's BF16
 extension) and the model is wide enough to gain from it (hidden size >= 512,
 :data:`CPU_BF16_MIN_HIDDEN`), and fp32 elsewhere; weights load in fp32 on a CPU unless
-``load_model(dtype="auto")`` asks for the same rule.  Measured on 2 cores with AVX512-BF16
-(benchmarks/cpu_speed.py): a 2048² matrix product runs about 2× faster in bf16
-than in fp32.  Users never need to know this.
+``load_model(dtype="auto")`` asks for the same rule, and a 4-bit base's layers compute by it unless
+a dtype is asked for (``load_model(quant=...)``: the unquantized parts stay fp32); the memory
+planner (``estimate_memory(device="cpu")``) and exported scripts plan and train by it too.
+Measured on 2 cores with AVX512-BF16 (benchmarks/cpu_speed.py): a 2048² matrix product runs about
+2× faster in bf16 than in fp32.  Users never need to know this.
 """
 
 from __future__ import annotations
@@ -104,7 +106,8 @@ def auto_dtype(device: str | None = None, hidden_size: int | None = None) -> tor
 
 
 def default_compute_dtype(device: str | None = None) -> torch.dtype:
-    """The compute dtype for ``device``: fp32 on CPU, bf16 where supported, else fp16."""
+    """The device's default compute dtype, whatever the model: fp32 on CPU, bf16 on GPUs where
+    supported, else fp16 (on a CPU, :func:`auto_dtype` applies the bf16 rule for a model)."""
     device = device or default_device()
     if not device.startswith("cuda"):
         return torch.float32

@@ -15,7 +15,9 @@ estimate says which recipe it assumed (``est.recipes``, its repr and the designe
   = 4 + 4 + 8 = 16 bytes/param, plus fp16 weight copies in the forward: pure fp16 does not train,
   because ``GradScaler.unscale_`` refuses fp16 gradients;
 * full FT where bf16 is native (A100, A10G, L4, H100): pure bf16, 2 + 2 + 4 = 8 bytes/param;
-* full FT on the CPU: fp32, 16 bytes/param;
+* full FT on the CPU: fp32, 16 bytes/param; where the chip has native bf16 and the model's hidden
+  size is >= 512 (:func:`~lora_lab.hf.model.device.default_train_precision`, what
+  ``load_model(dtype="auto")`` and ``TrainSpec(precision="auto")`` pick there), pure bf16 as above;
 * adapters (LoRA, QLoRA, ...) everywhere: fp32 adapter weights, gradients and AdamW (peft's
   ``autocast_adapter_dtype=True``), 16 bytes per *adapter* parameter, on a frozen base.
 
@@ -41,6 +43,7 @@ from ...core.recipes import Recipe, adapter_recipe, full_ft_recipe
 from ...errors import SpecError
 from ...specs import PRECISIONS, AdapterSpec, DataSpec, QuantSpec, TrainSpec
 from .adapter_count import AdapterCount, count_adapter  # noqa: F401  (re-exported)
+from .device import default_train_precision
 from .facts import ModelFacts, model_facts
 
 __all__ = ["FULL_FT", "TERMS", "MemoryEstimate", "count_adapter", "estimate_from_facts",
@@ -218,7 +221,8 @@ def _check_args(batch_size, seq_len, optimizer, precision, grad_accum):
                         f"choose one of {mem.OPTIMIZERS}", "pass optimizer='adamw'")
     if precision not in PRECISIONS:
         raise SpecError("estimate_memory", "precision", precision, f"choose one of {PRECISIONS}",
-                        "pass precision='auto' (fp32 on the CPU, fp16 on a T4, else bf16)")
+                        "pass precision='auto' (fp16 on a T4, bf16 on other GPUs and on CPUs with "
+                        "native bf16 for models of hidden size >= 512, else fp32)")
 
 
 def system_ram_bytes() -> int:
@@ -243,17 +247,24 @@ def _device(device):
         raise SpecError("estimate_memory", "device", device, str(exc), fix) from exc
 
 
-def _precision(precision: str, q: QuantSpec | None, dev_label: str) -> tuple[str, int]:
+def _precision(precision: str, q: QuantSpec | None, dev_label: str,
+               hidden: int | None = None) -> tuple[str, int]:
     """``(name, bytes)`` of the compute dtype: ``precision``, else the quantization's compute dtype,
-    else the device's (as :func:`lora_lab.train` picks it: fp32 on the CPU, fp16 on a T4, bf16)."""
+    else the device's, as :func:`lora_lab.train` and ``load_model(dtype="auto")`` pick it: fp16 on a
+    T4, bf16 on other GPUs, and on this machine's CPU the rule of
+    :func:`~lora_lab.hf.model.device.default_train_precision` (bf16 where the chip has native bf16
+    and the model's hidden size is >= 512, else fp32)."""
     if precision == "auto":
         if q is not None and q.compute_dtype is not None:
             precision = _DTYPE_NAMES[q.compute_dtype]
+        elif dev_label == mem.CPU:
+            precision = default_train_precision("cpu", hidden)
         else:
-            precision = "fp32" if dev_label == mem.CPU else "fp16" if dev_label == "T4" else "bf16"
+            precision = "fp16" if dev_label == "T4" else "bf16"
     if precision == "fp16" and dev_label == mem.CPU:
         raise SpecError("estimate_memory", "precision", "fp16", "fp16 training needs a CUDA GPU",
-                        "pass precision='auto' (fp32 on the CPU) or 'bf16'")
+                        "pass precision='auto' (bf16 or fp32 on the CPU, by what the chip has) or "
+                        "'bf16'")
     return precision, 4 if precision == "fp32" else 2
 
 
@@ -276,7 +287,9 @@ def estimate_memory(model, adapter: AdapterSpec | None = None, quant=None,
     ``"nf4"``/``"fp4"``/``"int8"``; the quantized scenario uses it (NF4 with double quantization
     when None).  ``device``: ``"T4"``, ``"L4"``, ``"A10G"``, ``"A100-40GB"``, ``"A100-80GB"``,
     ``"H100"``, ``"cpu"`` (this machine's total RAM, for training on the CPU) or the memory in GiB
-    (``24`` = 24·2³⁰ bytes).  ``precision``: ``"auto"`` (fp32 on the CPU, fp16 on a T4, else bf16),
+    (``24`` = 24·2³⁰ bytes).  ``precision``: ``"auto"`` (fp16 on a T4, bf16 on other GPUs; on the
+    CPU bf16 where this chip has native bf16 and the hidden size is >= 512, as ``lora_lab.train``
+    and ``load_model(dtype="auto")`` pick it there, else fp32),
     ``"fp32"``, ``"fp16"`` or ``"bf16"``: the dtype of the frozen weights and the activations.  It
     also picks full FT's recipe (:mod:`lora_lab.core.recipes`): fp16 trains fp32 master weights
     under fp16 autocast (4 + 4 + 8 = 16 bytes/param for weights, gradients and AdamW), bf16 trains
@@ -341,7 +354,7 @@ def estimate_from_facts(facts: ModelFacts, spec: AdapterSpec | None, quant=None,
                         f"pass loss_chunk_size={_TRAIN['loss_chunk_size']} (it need not divide the "
                         "sequence length)")
     dev_label, dev_bytes = _device(device)
-    prec = _precision(precision, q, dev_label)
+    prec = _precision(precision, q, dev_label, facts.arch.hidden)
     adapter = spec if spec is not None else AdapterSpec()
     count = count_adapter(facts, adapter)
     setup = {"batch": batch_size, "seq": seq_len, "checkpointing": gradient_checkpointing,
@@ -357,7 +370,8 @@ def _estimate(facts, spec, q, count, setup, dev_label, dev_bytes, prec):
     full_r, adapter_r = full_ft_recipe(prec[0]), adapter_recipe(prec[0])
     layout = mem.TrainableLayout(params=count.params, param_bytes=adapter_r.weight_bytes,
                                  modules=count.modules, dropout=spec.dropout > 0, dora=spec.use_dora,
-                                 extra_tokens=spec.num_virtual_tokens if spec.method == "prompt" else 0)
+                                 extra_tokens=spec.num_virtual_tokens if spec.method == "prompt" else 0,
+                                 ia3=count.ia3_modules)
     # autocast copies every linear weight it multiplies (the LM head too) to 16 bits
     copies = facts.linear_params + facts.arch.vocab * facts.arch.hidden if full_r.master_weights else 0
     full = mem.TrainableLayout(params=facts.total_params, param_bytes=full_r.weight_bytes, full=True,
