@@ -48,7 +48,7 @@ from pathlib import Path
 import torch
 
 from ..errors import TrainingError
-from ..hf._peft import active_name, is_peft
+from ..hf._peft import InputCastOff, active_name, is_peft, tuner_layers
 from ..hf.model import heap
 from ..hf.model.device import hidden_size_of, train_precision_choice
 from ..hf.model.kbit import unpack_4bit_weights
@@ -111,6 +111,8 @@ class _Run:
         self.device = _device(model)
         choice = train_precision_choice(spec.precision, self.device.type, hidden_size_of(model))  # CPU "auto"
         self.precision = resolve_precision(choice, self.device)
+        # under autocast peft's fp32 cast of each adapter input is undone at once: skip it (hf/_peft.py)
+        self.cast_off = InputCastOff(tuner_layers(model) if self.precision.dtype is not None else [])
         pad = tokenizer.pad_token_id
         self.pad_id = int(tokenizer.eos_token_id if pad is None else pad)
         self.batches = Batches(train_rows, spec.batch_size, spec.seed, self.pad_id)
@@ -157,8 +159,9 @@ class _Run:
         batches = [{n: t.to(self.device, non_blocking=True)
                     for n, t in self.batches(self.micro + k).items()} for k in range(spec.grad_accum)]
         try:
-            acc = accumulate(self.model, batches, forward_kwargs=self.fwd, precision=self.precision,
-                             scaler=self.scaler, step=self.step + 1, chunk_size=self.chunk)
+            with self.cast_off:
+                acc = accumulate(self.model, batches, forward_kwargs=self.fwd, precision=self.precision,
+                                 scaler=self.scaler, step=self.step + 1, chunk_size=self.chunk)
         except NonFinite:
             self.optimizer.zero_grad(set_to_none=True)
             raise
@@ -199,7 +202,7 @@ class _Run:
         num, den = 0.0, 0
         for batch in eval_batches(self.eval_rows, self.spec.batch_size, self.pad_id):
             batch = {n: t.to(self.device) for n, t in batch.items()}
-            with self.precision.autocast():
+            with self.precision.autocast(), self.cast_off:
                 summed, n = loss_sum(self.model, batch, self.fwd, self.chunk)
             num, den = num + summed, den + n
         self.model.train()
