@@ -94,11 +94,13 @@ class InputCastOff:
     ``cast_input_dtype_enabled``).  Under a 16-bit autocast the linear layers cast it straight
     back, so the 16-bit → fp32 → 16-bit round trip changes no bit (every 16-bit value is exact in
     fp32) and costs two copies per layer and their backward.  Measured on SmolLM2-135M (bf16 base,
-    LoRA r=8 on 210 layers, batch 4×64, CPU): identical loss and gradients, 0.93 s a step against
-    2.40 s.  With LoRA dropout the mask is applied in 16 bits instead of fp32: equal within bf16's
-    rounding (gradients 0.5% apart at most on builtin:tiny), not bit for bit.  Only for a forward *and* its backward under autocast: without autocast the fp32 adapter
-    weights need the cast, and a checkpointed layer recomputed in the backward must see the same
-    setting as its forward.  ``layers``: ``tuner_layers(model)``, listed once."""
+    LoRA r=8 on 210 layers, batch 4×64, 2-core CPU, idle, interleaved medians): identical loss and
+    gradients, 0.926 s a step against 0.955 s (3%; a first run on a loaded machine read 0.93
+    against 2.40, which was the load).  With LoRA dropout the mask is applied in 16 bits instead
+    of fp32: equal within bf16's rounding (gradients 0.5% apart at most on builtin:tiny), not bit
+    for bit.  Only for a forward *and* its backward under autocast: without autocast the fp32
+    adapter weights need the cast, and a checkpointed layer recomputed in the backward must see
+    the same setting as its forward.  ``layers``: ``tuner_layers(model)``, listed once."""
 
     def __init__(self, layers: list[nn.Module]):
         self.layers, self.saved = layers, []
