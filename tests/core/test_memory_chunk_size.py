@@ -9,12 +9,10 @@ and gradient: ``lora_lab.core.memory.logits_bytes``).
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
 
 import pytest
+from loss_rss_probe import measure
 from transformers import LlamaConfig
 
 import lora_lab as ll
@@ -26,49 +24,14 @@ SMALL, LARGE = 64, 512
 CONFIG = LlamaConfig(vocab_size=V, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=T)
 
-SCRIPT = r"""
-import json, sys, torch
-torch.set_num_threads(1)
-from transformers import LlamaConfig, LlamaForCausalLM
-import peft
-from lora_lab.hf.training.chunked_loss import chunked_causal_lm_loss
-B, T, V = map(int, sys.argv[1:4])
-cfg = LlamaConfig(vocab_size=V, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=T)
-torch.manual_seed(0)
-model = peft.get_peft_model(LlamaForCausalLM(cfg), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
-ids = torch.randint(0, V, (B, T))
-batch = {"input_ids": ids, "labels": ids}
-from lora_lab.train.measure import peak_rss_mb, reset_peak_rss, rss_mb
-def rss():
-    return round(rss_mb() * 2**20)
-def high_water():  # VmHWM: this process's own peak since the last reset_peak_rss()
-    return round(peak_rss_mb() * 2**20)
-out = {}
-for chunk in map(int, sys.argv[4:]):  # one step per chunk size, each from a fresh high-water mark
-    model.zero_grad(set_to_none=True)
-    reset_peak_rss()  # reset VmHWM to the current RSS
-    before = rss()
-    total, n = chunked_causal_lm_loss(model, batch, chunk_size=chunk, use_cache=False)
-    (total / n).backward()
-    out[chunk] = {"extra": high_water() - before, "loss": float(total / n)}
-    del total
-print(json.dumps(out))
-"""
-
-
 def _measure(*chunks: int) -> list[dict]:
     """One subprocess (imports are most of the time).  An unmeasured warm-up step first (the first
     step's one-off allocations), then the steps in the order given, the smaller chunk first, so
     that memory one step leaves mapped cannot hide the next one's."""
-    cmd = [sys.executable, "-c", SCRIPT, str(B), str(T), str(V), str(chunks[0]), *map(str, chunks)]
     # a fixed mmap threshold: glibc's dynamic one would keep freed chunks of a few MiB in the heap,
     # so the smaller chunk's logits would reuse pages already counted and read as ~0
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(1 << 20))
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
-    assert out.returncode == 0, out.stderr[-2000:]
-    result = json.loads(out.stdout.strip().splitlines()[-1])
-    return [result[str(c)] for c in chunks]
+    return measure(B, T, V, [chunks[0], *chunks], env=env)[1:]
 
 
 def _logits(chunk: int) -> float:
