@@ -34,7 +34,10 @@ torch.set_num_threads(1)
 MODEL = "builtin:tiny-random"
 
 def randomized(model, name, r, seed):
-    """Attach a LoRA adapter and give it a random B, as if trained (peft starts with B = 0)."""
+    """Attach a LoRA adapter and give it a random B, as if trained (peft starts with B = 0).
+    Seeded before attach too: A's init draws from the global generator, and an unseeded A once
+    made alpha's greedy reply start with eos (an empty generation, a flaky test)."""
+    torch.manual_seed(seed)
     model = ll.attach(model, ll.AdapterSpec(r=r, alpha=2 * r), name=name)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
