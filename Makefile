@@ -40,7 +40,8 @@ test-fast: setup
 # JSON line (benchmarks/_report.py); the lines are gathered in $(BENCH_JSON).  Timings move with the
 # machine's load: compare only ratios measured in the same run.  A benchmark not in the tree is skipped.
 BENCHMARKS := train_overhead spectrum switch designer_update export_merged builtin_tasks \
-              memory_accuracy quant_scan rank_explorer loss_memory cpu_speed serving bf16_quality
+              memory_accuracy quant_scan rank_explorer loss_memory cpu_speed serving bf16_quality \
+              padding
 BENCH_JSON ?= build/bench-results.jsonl
 
 bench: setup

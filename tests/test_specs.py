@@ -45,6 +45,8 @@ BAD = {
         (dict(save_every=1.5), "save_every"), (dict(optimizer="lion"), "optimizer"),
         (dict(precision="fp8"), "precision"), (dict(chunked_loss="yes"), "chunked_loss"),
         (dict(loss_chunk_size=0), "loss_chunk_size"), (dict(loss_chunk_size=2.5), "loss_chunk_size"),
+        (dict(pad_to_multiple_of=0), "pad_to_multiple_of"),
+        (dict(pad_to_multiple_of="8"), "pad_to_multiple_of"),
     ],
 }
 UNCHECKED = {   # any value is accepted: flags read for their truth, seeds, paths

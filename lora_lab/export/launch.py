@@ -190,16 +190,21 @@ TRAINER_MAIN = '''
 # ----------------------------------------------------------------------------- training
 
 class PadCollator:
-    """Right-pad rows from tokenize() into (B, T) tensors, T = the longest row: input_ids with the
+    """Right-pad rows from tokenize() into (B, T) tensors, T = the longest row rounded up to a
+    multiple of TRAIN["pad_to_multiple_of"] (never past the model's positions): input_ids with the
     pad id, labels with -100 (no loss), and attention_mask with 0 -- or, for packed rows, the
     position_ids with 0 and no attention_mask (see pack()).  A padding token at position 0 is a
     sequence of its own: no real token attends to it."""
 
-    def __init__(self, pad_id: int):
-        self.pad_id = pad_id
+    def __init__(self, pad_id: int, multiple_of=None, max_length=None):
+        self.pad_id, self.multiple_of, self.max_length = pad_id, multiple_of, max_length
 
     def __call__(self, rows):
-        B, T = len(rows), max(len(r["input_ids"]) for r in rows)
+        B = len(rows)
+        T = longest = max(len(r["input_ids"]) for r in rows)
+        if self.multiple_of:
+            T = -(-longest // self.multiple_of) * self.multiple_of
+            T = max(longest, min(T, self.max_length)) if self.max_length else T
         third = "position_ids" if "position_ids" in rows[0] else "attention_mask"
         batch = {"input_ids": torch.full((B, T), self.pad_id, dtype=torch.long),
                  third: torch.zeros((B, T), dtype=torch.long),
@@ -227,7 +232,9 @@ def build_trainer(device, output_dir):
     callbacks = [MetricsLogger(device, output_dir / "metrics.jsonl")]
     return CountingTrainer(
         model=model, args=TrainingArguments(**training_kwargs(device, output_dir, eval_ds is not None)),
-        train_dataset=train_ds, eval_dataset=eval_ds, data_collator=PadCollator(tokenizer.pad_token_id),
+        train_dataset=train_ds, eval_dataset=eval_ds, data_collator=PadCollator(
+            tokenizer.pad_token_id, TRAIN.get("pad_to_multiple_of"),
+            getattr(model.config, "max_position_embeddings", None)),
         processing_class=tokenizer, callbacks=callbacks)
 
 

@@ -87,10 +87,11 @@ def resolve_data(train_data, eval_data, tokenizer, model=None) -> tuple[list[dic
     return rows, (_rows(ev) if ev is not None and len(ev) else None)
 
 
-def _pad(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+def _pad(rows: list[dict], pad_id: int, multiple_of: int | None = None,
+         max_length: int | None = None) -> dict[str, torch.Tensor]:
     from ..hf.data.prepare import pad_batch
 
-    return pad_batch(rows, pad_id)
+    return pad_batch(rows, pad_id, multiple_of=multiple_of, max_length=max_length)
 
 
 def batch_tokens(batch: dict[str, torch.Tensor]) -> int:
@@ -104,8 +105,10 @@ def batch_tokens(batch: dict[str, torch.Tensor]) -> int:
 class Batches:
     """Micro-batch ``i`` of ``rows``, shuffled per epoch from ``seed`` (see the module docstring)."""
 
-    def __init__(self, rows: list[dict], batch_size: int, seed: int, pad_id: int):
+    def __init__(self, rows: list[dict], batch_size: int, seed: int, pad_id: int,
+                 multiple_of: int | None = None, max_length: int | None = None):
         self.rows, self.batch_size, self.seed, self.pad_id = rows, batch_size, seed, pad_id
+        self.multiple_of, self.max_length = multiple_of, max_length
         self.per_epoch = math.ceil(len(rows) / batch_size)
         self._epoch, self._order = None, None
 
@@ -124,12 +127,13 @@ class Batches:
         epoch, j = divmod(i, self.per_epoch)
         order = self._perm(epoch)
         idx = order[j * self.batch_size:(j + 1) * self.batch_size]
-        return _pad([self.rows[k] for k in idx], self.pad_id)
+        return _pad([self.rows[k] for k in idx], self.pad_id, self.multiple_of, self.max_length)
 
     def epoch_of(self, i: int) -> float:
         return i / self.per_epoch
 
 
-def eval_batches(rows: list[dict], batch_size: int, pad_id: int):
+def eval_batches(rows: list[dict], batch_size: int, pad_id: int, multiple_of: int | None = None,
+                 max_length: int | None = None):
     for s in range(0, len(rows), batch_size):
-        yield _pad(rows[s:s + batch_size], pad_id)
+        yield _pad(rows[s:s + batch_size], pad_id, multiple_of, max_length)

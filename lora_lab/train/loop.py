@@ -97,6 +97,16 @@ def _default_dir(model) -> Path:
     return path
 
 
+def _max_positions(model) -> int | None:
+    """The longest row the model can take, less prompt tuning's virtual tokens: padding to a
+    multiple stops there (a model with learned absolute positions fails past it)."""
+    n = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    config = getattr(model, "active_peft_config", None)
+    if n and getattr(config, "peft_type", None) is not None and config.peft_type.value == "PROMPT_TUNING":
+        n -= int(config.num_virtual_tokens or 0)
+    return int(n) if n else None
+
+
 def _forward_kwargs(model) -> dict:
     """``use_cache=False``: training never reuses the KV cache (prompt learning needs it on)."""
     config = getattr(model, "active_peft_config", None)
@@ -115,7 +125,9 @@ class _Run:
         self.cast_off = InputCastOff(tuner_layers(model) if self.precision.dtype is not None else [])
         pad = tokenizer.pad_token_id
         self.pad_id = int(tokenizer.eos_token_id if pad is None else pad)
-        self.batches = Batches(train_rows, spec.batch_size, spec.seed, self.pad_id)
+        # round padded lengths (fewer shapes), never past the model's positions
+        self.pad_shape = (spec.pad_to_multiple_of, _max_positions(model))
+        self.batches = Batches(train_rows, spec.batch_size, spec.seed, self.pad_id, *self.pad_shape)
         self.max_steps = spec.steps or self.batches.steps_for(spec.epochs, spec.grad_accum)
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(spec, model, self.device)
@@ -200,7 +212,7 @@ class _Run:
         """Mean eval loss over all supervised tokens: Σ_batches mean_b · n_b / Σ n_b."""
         self.model.eval()
         num, den = 0.0, 0
-        for batch in eval_batches(self.eval_rows, self.spec.batch_size, self.pad_id):
+        for batch in eval_batches(self.eval_rows, self.spec.batch_size, self.pad_id, *self.pad_shape):
             batch = {n: t.to(self.device) for n, t in batch.items()}
             with self.precision.autocast(), self.cast_off:
                 summed, n = loss_sum(self.model, batch, self.fwd, self.chunk)

@@ -106,14 +106,15 @@ def test_template_that_rewrites_the_prompt_is_refused(script, monkeypatch):
         script.tokenize(PAIRS[:1], tok)
 
 
+@pytest.mark.parametrize("multiple", [None, 8, 64])
 @pytest.mark.parametrize("packing", [False, True], ids=["padded", "packed"])
-def test_collator_and_token_count_are_pad_batch_and_batch_tokens(script, monkeypatch, packing):
+def test_collator_and_token_count_are_pad_batch_and_batch_tokens(script, monkeypatch, packing, multiple):
     tok = _tokenizer("chatml")
     dspec = ll.DataSpec(packing=packing, max_length=48, eval_fraction=0)
     _with_format(monkeypatch, script, dspec)
     rows = script.tokenize(PAIRS, tok, packing=packing).to_list()
-    got = script.PadCollator(tok.pad_token_id)(rows)
-    want = pad_batch(rows, tok.pad_token_id)
+    got = script.PadCollator(tok.pad_token_id, multiple, 50)(rows)
+    want = pad_batch(rows, tok.pad_token_id, multiple_of=multiple, max_length=50)
     assert set(got) == set(want)
     assert all(torch.equal(got[k], want[k]) for k in want), {k: (got[k], want[k]) for k in want}
     lengths = [len(r["input_ids"]) for r in rows]

@@ -35,10 +35,12 @@ def test_same_loss_history_as_the_full_loss(tmp_path, one_thread, shape):
     full = _run(tmp_path, "full", False, **shape)
     chunked = _run(tmp_path, "chunked", True, **shape)
     a, b = full.history, chunked.history
-    for col in ("loss", "eval_loss", "grad_norm"):
+    # the gradient norm sums over every parameter's float rounding: measured up to 1.6e-5 relative
+    # with batches padded to a multiple of 8 (a dropped or doubled chunk moves it by percents)
+    for col, rel in (("loss", 1e-5), ("eval_loss", 1e-5), ("grad_norm", 5e-5)):
         x, y = a[col].dropna().to_numpy(float), b[col].dropna().to_numpy(float)
         assert len(x) == len(y) > 0
-        assert abs(x - y).max() <= 1e-5 * abs(x).max(), (col, x, y)
+        assert abs(x - y).max() <= rel * abs(x).max(), (col, x, y)
     assert full.final["loss_kind"] == "full"
     assert chunked.final["loss_kind"] == "chunked (7 tokens)"
 

@@ -90,13 +90,14 @@ def _no_padding_inside(row: dict, i: int) -> None:
                         "each example starts")
 
 
-def pad_packed(rows: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad packed rows into ``input_ids``, ``labels`` and ``position_ids`` of shape (B, T).
+def pad_packed(rows: list[dict], pad_token_id: int, length: int | None = None) -> dict[str, torch.Tensor]:
+    """Right-pad packed rows into ``input_ids``, ``labels`` and ``position_ids`` of shape (B, T),
+    T = ``length`` or the longest row.
 
     No ``attention_mask`` is returned (see the module docstring).  A row without ``position_ids``
     counts as one example (0 … n-1); padding gets position 0, labels -100 and ``pad_token_id``.
     """
-    B, T = len(rows), max(len(r["input_ids"]) for r in rows)
+    B, T = len(rows), max([len(r["input_ids"]) for r in rows] + [length or 0])
     out = {"input_ids": torch.full((B, T), int(pad_token_id), dtype=torch.long),
            "labels": torch.full((B, T), IGNORE_INDEX, dtype=torch.long),
            "position_ids": torch.zeros((B, T), dtype=torch.long)}

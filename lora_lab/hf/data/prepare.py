@@ -42,7 +42,7 @@ from .packing import pack_examples, pad_packed
 from .sources import load_columns
 from .turns import close_responses, template_response, uses_chat_template
 
-__all__ = ["PreparedData", "prepare_dataset", "format_prompt", "encode_prompt", "pad_batch",
+__all__ = ["PreparedData", "prepare_dataset", "format_prompt", "encode_prompt", "pad_batch", "padded_length",
            "prompts_responses", "split_columns", "IGNORE_INDEX"]
 
 IGNORE_INDEX = -100  # torch.nn.CrossEntropyLoss(ignore_index=-100): these positions add no loss
@@ -336,12 +336,19 @@ def prepare_dataset(source, tokenizer, spec: DataSpec = DataSpec()) -> PreparedD
         packing=spec.packing)
 
 
-def pad_batch(rows: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
+def pad_batch(rows: list[dict], pad_token_id: int, *, multiple_of: int | None = None,
+              max_length: int | None = None) -> dict[str, torch.Tensor]:
     """Right-pad examples into a batch: the collate function for training.
 
     Returns LongTensors of shape (B, T), T = the longest row: ``input_ids`` padded with
     ``pad_token_id``, ``attention_mask`` with 0 and ``labels`` with -100 (no loss on padding).
     A row without ``attention_mask`` gets ones; a row without ``labels`` gets its ``input_ids``.
+
+    ``multiple_of`` rounds T up to a multiple (as transformers' collators' ``pad_to_multiple_of``),
+    but never past ``max_length`` (the model's positions) when T itself fits.  The extra columns
+    are padding like the rest: with right padding and a causal mask no real token attends to them
+    and they carry no loss, so the loss and gradients do not change.  What changes is the number
+    of distinct shapes a run sees (``TrainSpec.pad_to_multiple_of``).
 
     Packed rows (rows with ``position_ids``, from ``DataSpec(packing=True)``) give ``input_ids``,
     ``labels`` and ``position_ids`` and no ``attention_mask``: call the model with
@@ -354,10 +361,16 @@ def pad_batch(rows: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
                         "tokenizer.eos_token first)")
     if not rows:
         raise DataError("pad_batch got no rows.", "pass a non-empty list of examples")
+    if multiple_of is not None and (isinstance(multiple_of, bool) or multiple_of < 1
+                                    or not isinstance(multiple_of, numbers.Integral)):
+        raise DataError(f"pad_batch got multiple_of = {multiple_of!r}, not a positive integer.",
+                        "pass multiple_of=None (no rounding) or a small power of two such as 8")
+    longest = max(len(r["input_ids"]) for r in rows)
+    T = padded_length(longest, multiple_of, max_length)
     if any("position_ids" in r for r in rows):
-        return pad_packed(rows, pad_token_id)
+        return pad_packed(rows, pad_token_id, length=T)
     ids = [torch.as_tensor(r["input_ids"], dtype=torch.long).flatten() for r in rows]
-    B, T = len(ids), max(len(x) for x in ids)
+    B = len(ids)
     out = {"input_ids": torch.full((B, T), int(pad_token_id), dtype=torch.long),
            "attention_mask": torch.zeros((B, T), dtype=torch.long),
            "labels": torch.full((B, T), IGNORE_INDEX, dtype=torch.long)}
@@ -367,3 +380,12 @@ def pad_batch(rows: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
         out["attention_mask"][i, :n] = torch.as_tensor(row.get("attention_mask", 1)).flatten()
         out["labels"][i, :n] = torch.as_tensor(row.get("labels", x)).flatten()
     return out
+
+
+def padded_length(longest: int, multiple_of: int | None, max_length: int | None = None) -> int:
+    """``longest`` rounded up to a multiple of ``multiple_of``; past ``max_length`` only when
+    ``longest`` already is.  ``padded_length(37, 8) == 40``, ``padded_length(37, 8, 38) == 38``."""
+    if not multiple_of or multiple_of == 1:
+        return longest
+    T = -(-longest // multiple_of) * multiple_of
+    return max(longest, min(T, max_length)) if max_length else T
