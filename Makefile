@@ -65,7 +65,7 @@ screenshots: setup
 
 # Build the Binder environment from binder/ in a fresh venv, run the notebooks, check peak memory.
 check-binder:
-	$(PYTHON) scripts/check_binder.py --server
+	$(PYTHON) scripts/check_binder.py notebooks/0*.ipynb notebooks/workshop/solutions.ipynb --server
 
 clean:
 	rm -rf $(VENV) build *.egg-info
