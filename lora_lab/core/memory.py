@@ -84,9 +84,10 @@ Each term, in bytes (``c`` = bytes of the compute dtype: 2 for fp16/bf16, 4 for 
   outputs before ``backward()`` as :func:`lora_lab.train` and ``transformers.Trainer`` do
   (holding them adds ``T·V·c``).  At V = 128k this dominates short-context LoRA.
   With the **chunked loss** (``TrainSpec.chunked_loss``, :mod:`lora_lab.hf.training.chunked_loss`)
-  the head and the loss run over chunks of ``C`` tokens, each recomputed in the backward, so only
-  one chunk is ever alive: ``min(C, T)·V·max(c + 8, 12)``.  ``"auto"`` chooses it for
-  ``V ≥`` :data:`CHUNKED_LOSS_MIN_VOCAB`.
+  only one chunk of ``C`` tokens is alive: ``min(C, T)·V·max(c + 8, 12)`` for a trained head (each
+  chunk recomputed in the backward), ``min(C, T)·V·(2c + 4)`` for a frozen one (``4`` when c = 4):
+  its gradient is taken in the forward, the fp32 logits turned into it in place (the head's output
+  and its c-byte copy for autograd beside them).  ``"auto"`` chooses it for ``V ≥ 32k``.
 * **allocator overhead** — the caching allocator rounds and fragments: ``reserved − allocated``,
   modelled as a fraction (default 10%) of the dynamic memory at the peak (the activations, logits
   and gradients, which each step allocates and frees).  On the CPU glibc's malloc keeps freed
@@ -319,11 +320,13 @@ def resolve_loss_chunk(chunked, vocab: int, chunk_size: int = DEFAULT_LOSS_CHUNK
     return chunk_size if on else None
 
 
-def logits_bytes(arch: Architecture, batch: int, seq: int, c: int, chunk: int | None = None) -> float:
-    """Worst moment of the loss: ``T·V·max(c + 8, 12)``, or ``min(chunk, T)·V·max(c + 8, 12)``
-    for the chunked loss (see the module docstring)."""
+def logits_bytes(arch: Architecture, batch: int, seq: int, c: int, chunk: int | None = None,
+                 frozen_head: bool = False) -> float:
+    """Worst moment of the loss: ``T·V·max(c + 8, 12)``, or for the chunked loss ``min(chunk, T)·V``
+    times that, or ``2c + 4`` (4 when c = 4) with a frozen head (see the module docstring)."""
     tokens = batch * seq if chunk is None else min(chunk, batch * seq)
-    return tokens * arch.vocab * max(c + 8, 12)
+    fused = chunk is not None and frozen_head
+    return tokens * arch.vocab * ((4 if c >= 4 else 2 * c + 4) if fused else max(c + 8, 12))
 
 
 def memory_terms(*, arch: Architecture, total_params: int, unquantized_params: int,
@@ -356,7 +359,8 @@ def memory_terms(*, arch: Architecture, total_params: int, unquantized_params: i
     padded = batch > 1 if padded is None else bool(padded)
     acts, one_layer = activation_bytes(arch, trainable, batch, seq, checkpointing, c,
                                        padded=padded, fp32_stream=quant is not None)
-    logits = logits_bytes(arch, batch, seq + trainable.extra_tokens, c, loss_chunk)
+    frozen_head = not trainable.full and all(out != arch.vocab for _, out, _ in trainable.modules)
+    logits = logits_bytes(arch, batch, seq + trainable.extra_tokens, c, loss_chunk, frozen_head)
     if quant is not None:     # bitsandbytes dequantizes one weight at a time for its matmul
         acts += max((o * i for o, i in quant.shapes), default=0) * c
     acts += trainable.autocast_copies * c      # fp32 master weights: autocast's 16-bit copies

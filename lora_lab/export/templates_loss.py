@@ -48,9 +48,12 @@ def chunk_loss_and_grad(head, hidden, targets):
     z = out.detach().float()  # fp32 shares out's storage: a Linear's backward never reads its output
     valid = targets != IGNORE_INDEX
     safe = torch.where(valid, targets, 0)[:, None]
-    lse = torch.logsumexp(z, dim=-1)
-    part = ((lse - z.gather(1, safe).squeeze(1)) * valid).sum()
-    z.sub_(lse[:, None]).exp_().mul_(valid[:, None])
+    z_y = z.gather(1, safe).squeeze(1)
+    m = z.amax(dim=-1, keepdim=True)
+    total = z.sub_(m).exp_().sum(dim=-1, keepdim=True)  # in place: torch.logsumexp allocates twice
+    lse = total.log().add_(m).squeeze(1)
+    part = ((lse - z_y) * valid).sum()
+    z.mul_(valid[:, None] / total)
     z.scatter_add_(1, safe, -valid[:, None].to(z.dtype))
     (g,) = torch.autograd.grad(out, h, grad_outputs=z.to(out.dtype))
     return part, g

@@ -17,8 +17,9 @@ Here the ``N = B·(T-1)`` positions that have a next token are flattened and cut
     ℓ_chunk = Σ_{t ∈ chunk} CE(lm_head(h_t).float(), y_t)          (C, V) logits, freed at once
 
 At any moment at most one chunk's ``C·V`` logits (and their gradient) are alive: the extra peak
-is ``C·V·max(c + 8, 12)`` bytes (``c`` = bytes of the compute dtype,
-:func:`lora_lab.core.memory.logits_bytes`) instead of ``B·T·V·max(c + 8, 12)``.  Two ways:
+is ``C·V·(2c + 4)`` bytes with a frozen head (``4`` in fp32) and ``C·V·max(c + 8, 12)`` with a
+trained one (``c`` = bytes of the compute dtype, :func:`lora_lab.core.memory.logits_bytes`),
+instead of ``B·T·V·max(c + 8, 12)`` for the full loss.  Two ways:
 
 - **frozen head** (LoRA/QLoRA without ``lm_head`` among the targets: the usual case): the chunk's
   gradient ``∂ℓ_chunk/∂h`` (C, H) is computed in the forward pass, right after its loss, and kept
@@ -180,16 +181,24 @@ def _chunk_loss_and_grad(head, hidden: torch.Tensor, targets: torch.Tensor):
     ``z = head(h).float()`` (C, V); ``ℓ_t = logsumexp(z_t) − z_t[y_t]``; ``∂ℓ_t/∂z_t = softmax(z_t)
     − onehot(y_t)`` (zero rows where ``y_t = -100``), written over ``z`` in place, then taken back
     through the head by autograd (``grad_outputs``): one (C, V) fp32 buffer instead of the
-    log-probs, their gradient and the logits' gradient."""
+    log-probs, their gradient and the logits' gradient.
+
+    The log-sum-exp is built in place from the same passes the softmax needs (``m = max z_t``,
+    ``e = exp(z_t − m)``, ``lse = m + log Σe``, ``softmax = e / Σe``): ``torch.logsumexp`` on a CPU
+    allocates two (C, V) temporaries and took 108 ms for 512 × 49,152 logits, the whole of this
+    function 40 ms after against 114–127 ms before (2-core CPU), with the same loss."""
     with torch.enable_grad():
         h = hidden.detach().requires_grad_()
         out = head(h)                                          # (C, V), the compute dtype
     z = out.detach().float()  # fp32 (the same storage in fp32: a Linear's backward never reads its output)
     valid = targets != IGNORE_INDEX
     safe = torch.where(valid, targets, 0)[:, None]             # (C, 1)
-    lse = torch.logsumexp(z, dim=-1)                           # (C,)
-    part = ((lse - z.gather(1, safe).squeeze(1)) * valid).sum()
-    z.sub_(lse[:, None]).exp_().mul_(valid[:, None])           # softmax, 0 on ignored rows
+    z_y = z.gather(1, safe).squeeze(1)                         # (C,): the target's logit
+    m = z.amax(dim=-1, keepdim=True)                           # (C, 1)
+    total = z.sub_(m).exp_().sum(dim=-1, keepdim=True)         # z is now e = exp(z − m)
+    lse = total.log().add_(m).squeeze(1)                       # (C,)
+    part = ((lse - z_y) * valid).sum()
+    z.mul_(valid[:, None] / total)                             # softmax, 0 on ignored rows
     z.scatter_add_(1, safe, -valid[:, None].to(z.dtype))       # − onehot(y)
     (g,) = torch.autograd.grad(out, h, grad_outputs=z.to(out.dtype))
     return part, g
