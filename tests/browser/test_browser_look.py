@@ -30,16 +30,18 @@ from test_browser_widgets import CELLS
 
 pytestmark = pytest.mark.browser
 
+# the README's dashboard picture: builtin:tiny (trained, not random) learning a new task, so the
+# loss falls as a user's would; the run is named as a user's is ("<time>-<adapter>" by default)
 TRAIN = '''
-import tempfile
+import tempfile, pathlib
 dash = TrainingDashboard(redraw_every_s=0.2)
 dash.add_class("ll-dash")
 display(dash)
-tmodel, ttok = ll.load_model(MODEL)
-tmodel = ll.attach(tmodel, ll.AdapterSpec(r=4, alpha=8))
+tmodel, ttok = ll.load_model("builtin:tiny")
+tmodel = ll.attach(tmodel, ll.AdapterSpec(r=4, alpha=8), name="upper")
 data = ll.prepare_dataset(ll.builtin_task("upper", n=64, seed=0), ttok, ll.DataSpec(max_length=32))
-result = ll.train(tmodel, ttok, data, spec=ll.TrainSpec(steps=30, batch_size=8, lr=3e-3,
-                  schedule="cosine", output_dir=tempfile.mkdtemp()), callbacks=[dash])
+result = ll.train(tmodel, ttok, data, spec=ll.TrainSpec(steps=30, batch_size=8, lr=3e-3, schedule="cosine",
+                  output_dir=str(pathlib.Path(tempfile.mkdtemp()) / "upper-r4")), callbacks=[dash])
 '''
 STATIC = '''
 still = TrainingDashboard(static=True)

@@ -81,7 +81,7 @@ def test_switching_equals_each_adapter_alone_and_base_exactly(tiny_llama_dir, ti
     assert list(t.index) == list(NAMES) and t.at["gamma", "active"]
     assert t.at["beta", "targets"] == "q_proj,v_proj" and t.at["gamma", "r"] == 2
     assert t.at["alpha", "source"] == str(folders["alpha"])
-    assert t.at["alpha", "size_MB"] == round(t.at["alpha", "params"] * 4 / 2**20, 3)
+    assert t.at["alpha", "size_MiB"] == round(t.at["alpha", "params"] * 4 / 2**20, 3)
     assert sb.active.options == (BASE, *NAMES) and "beta" in sb.table.value
     for name in ("alpha", "gamma", "beta", "alpha"):
         timed.clear()

@@ -121,8 +121,8 @@ class AdapterSwitchboard(widgets.VBox):
         if structure:
             table = list_adapters(self.model)
             sizes = adapter_sizes(self.model)
-            table["size_MB"] = [round(sizes[n]["bytes"] / 2**20, 3) for n in table["name"]]
-            self.adapters = table[["name", "method", "r", "targets", "params", "size_MB", "source",
+            table["size_MiB"] = [round(sizes[n]["bytes"] / 2**20, 3) for n in table["name"]]
+            self.adapters = table[["name", "method", "r", "targets", "params", "size_MiB", "source",
                                    "active"]].copy()
         active = active_adapter(self.model)
         self.adapters["active"] = self.adapters["name"] == active
