@@ -34,7 +34,7 @@ def test_pad_batch_rounds_up_with_padding_and_never_past_max_length():
     packed = pad_batch([{"input_ids": [1, 2, 3, 4, 5], "position_ids": [0, 1, 2, 0, 1]}], 0, multiple_of=4)
     assert packed["position_ids"].tolist() == [[0, 1, 2, 0, 1, 0, 0, 0]]
     assert packed["labels"][0, 5:].tolist() == [IGNORE_INDEX] * 3
-    for bad in (0, -8, 2.5, True):
+    for bad in (0, -8, 2.5, True, "8"):
         with pytest.raises(DataError, match="multiple_of"):
             pad_batch(_rows([3]), 0, multiple_of=bad)
 

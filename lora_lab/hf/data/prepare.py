@@ -361,8 +361,8 @@ def pad_batch(rows: list[dict], pad_token_id: int, *, multiple_of: int | None = 
                         "tokenizer.eos_token first)")
     if not rows:
         raise DataError("pad_batch got no rows.", "pass a non-empty list of examples")
-    if multiple_of is not None and (isinstance(multiple_of, bool) or multiple_of < 1
-                                    or not isinstance(multiple_of, numbers.Integral)):
+    whole = isinstance(multiple_of, numbers.Integral) and not isinstance(multiple_of, bool)
+    if multiple_of is not None and not (whole and multiple_of >= 1):
         raise DataError(f"pad_batch got multiple_of = {multiple_of!r}, not a positive integer.",
                         "pass multiple_of=None (no rounding) or a small power of two such as 8")
     longest = max(len(r["input_ids"]) for r in rows)
