@@ -28,6 +28,7 @@ class TrainState:
     runs: ``"full"`` (the model's own) or ``"chunked (C tokens)"`` (``TrainSpec.chunked_loss``).
     ``precision`` says what the matrix products run in: ``"fp32"``, ``"bf16 autocast"`` or
     ``"fp16 autocast"`` (``TrainSpec.precision``; "auto" picks bf16 autocast on a bf16 CPU or GPU).
+    ``compiled``: the decoder layers run through ``torch.compile`` (``TrainSpec.compile``).
     """
 
     event: str
@@ -51,6 +52,7 @@ class TrainState:
     stop_reason: str | None = None
     loss_kind: str | None = None
     precision: str | None = None
+    compiled: bool = False
 
     def replace(self, **changes) -> "TrainState":
         values = {f.name: getattr(self, f.name) for f in fields(self)}

@@ -263,6 +263,8 @@ class TrainSpec:
     then follows ``schedule``.  ``precision="auto"`` is bf16 autocast where the chip has native bf16
     (GPUs from Ampere; CPUs with AVX512-BF16, AMX or Arm BF16, for models of hidden size >= 512),
     fp16 autocast on GPUs without bf16 (a T4), and fp32 on other CPUs; ``"fp32"`` forces fp32.
+    Under bf16 autocast on a CPU the attention runs in fp32 (PyTorch's CPU flash attention is about
+    twice as fast in fp32 there, and exact; ``lora_lab.hf.model.attention``).
     ``gradient_checkpointing`` trades about a third of the speed for activation memory; it is off
     unless you turn it on.  ``chunked_loss`` computes the
     LM head and the loss over chunks of ``loss_chunk_size`` tokens, so only one chunk's logits are
@@ -279,6 +281,16 @@ class TrainSpec:
     (``benchmarks/padding.py``; 16 and 32 gave the same, so it is the alignment more than the
     number of shapes).  The price is the padding computed: 12.8% of real tokens there against 3.5%,
     tokens/s 0.94× (median; within run-to-run noise).  ``None`` pads to the longest row only.
+    ``compile=True`` runs each decoder layer through ``torch.compile`` (TorchInductor) while
+    training, fusing the norms, casts, rotary and activation kernels between the matrix products;
+    the layers are eager again after the run, so generation is not recompiled per length
+    (``lora_lab.hf.training.compile``).  The first step pays the compilation (25–30 s on 2 cores for
+    SmolLM2, 4 s once inductor's disk cache is warm; its worker processes add about 400 MB
+    meanwhile), so it is for runs of more than a few dozen steps on a real model: notebook 07's
+    cell steps 1.34× faster, and 40 steps take 79 s cold, 39 s warm, 45 s eager
+    (``benchmarks/compile.py``).  It needs a C++ compiler on a CPU (Triton on a GPU) and works with
+    gradient checkpointing; losses match eager training within float rounding
+    (``tests/train/test_compile.py``).
     """
 
     steps: int | None = 100
@@ -301,6 +313,7 @@ class TrainSpec:
     chunked_loss: bool | Literal["auto"] = "auto"
     loss_chunk_size: int = 512
     pad_to_multiple_of: int | None = 8
+    compile: bool = False
 
     def __post_init__(self):
         S = "TrainSpec"
@@ -348,6 +361,8 @@ class TrainSpec:
         _check(m is None or (_is_int(m) and m >= 1), S, "pad_to_multiple_of", self.pad_to_multiple_of,
                "pad_to_multiple_of must be None or a positive number of tokens",
                "pass pad_to_multiple_of=8 (the default) or None for no rounding")
+        _check(isinstance(self.compile, bool), S, "compile", self.compile, "compile must be True or False",
+               "pass compile=True to compile the decoder layers with torch.compile, or False (eager)")
 
     def replace(self, **changes: Any) -> "TrainSpec":
         return replace(self, **changes)

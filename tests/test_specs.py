@@ -47,6 +47,7 @@ BAD = {
         (dict(loss_chunk_size=0), "loss_chunk_size"), (dict(loss_chunk_size=2.5), "loss_chunk_size"),
         (dict(pad_to_multiple_of=0), "pad_to_multiple_of"),
         (dict(pad_to_multiple_of="8"), "pad_to_multiple_of"),
+        (dict(compile="yes"), "compile"), (dict(compile=1), "compile"),
     ],
 }
 UNCHECKED = {   # any value is accepted: flags read for their truth, seeds, paths

@@ -40,6 +40,7 @@ deliver them on another thread.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import asdict
@@ -50,9 +51,11 @@ import torch
 from ..errors import TrainingError
 from ..hf._peft import InputCastOff, active_name, is_peft, tuner_layers
 from ..hf.model import heap
+from ..hf.model.attention import Fp32Attention
 from ..hf.model.device import hidden_size_of, train_precision_choice
 from ..hf.model.kbit import unpack_4bit_weights
 from ..hf.training.chunked_loss import use_chunked
+from ..hf.training.compile import CompiledLayers, compile_failure, is_compile_error
 from ..specs import TrainSpec
 from .checkpoint import load_training_state, restore_rng_state, restore_trainable, rng_state, save_checkpoint
 from .data import Batches, eval_batches, resolve_data
@@ -139,7 +142,12 @@ class _Run:
         self.run_dir, self.adapter = Path(run_dir), active_name(model)
         self.step, self.tokens, self.session_tokens, self.session_supervised = 0, 0, 0, 0
         self.chunk = spec.loss_chunk_size if use_chunked(spec.chunked_loss, model) else None
-        self.last: dict = {"loss_kind": loss_kind(self.chunk), "precision": precision_label(self.precision)}
+        # the decoder layers compiled while the loop runs (hf/training/compile.py); refused up front
+        self.compiled = CompiledLayers(model, self.device.type) if spec.compile else None
+        # CPU + bf16 autocast: attention in fp32, faster there and exact (hf/model/attention.py)
+        self.attention = Fp32Attention(model, self.device.type, self.precision.dtype)
+        self.last: dict = {"loss_kind": loss_kind(self.chunk), "precision": precision_label(self.precision),
+                           "compiled": spec.compile}
         self.checkpoint: str | None = None
         self.timer = StepTimer()
 
@@ -177,6 +185,10 @@ class _Run:
         except NonFinite:
             self.optimizer.zero_grad(set_to_none=True)
             raise
+        except Exception as exc:
+            if self.compiled is not None and is_compile_error(exc):  # named, with the fix
+                raise compile_failure(exc) from exc
+            raise
         lr = spec.lr * lr_factor(self.step, self.max_steps, spec)
         norm = self._update(lr) if acc.supervised else 0.0  # nothing supervised: no update
         if self.device.type == "cuda":
@@ -212,11 +224,13 @@ class _Run:
         """Mean eval loss over all supervised tokens: Σ_batches mean_b · n_b / Σ n_b."""
         self.model.eval()
         num, den = 0.0, 0
-        for batch in eval_batches(self.eval_rows, self.spec.batch_size, self.pad_id, *self.pad_shape):
-            batch = {n: t.to(self.device) for n, t in batch.items()}
-            with self.precision.autocast(), self.cast_off:
-                summed, n = loss_sum(self.model, batch, self.fwd, self.chunk)
-            num, den = num + summed, den + n
+        eager = self.compiled.eager() if self.compiled else contextlib.nullcontext()  # no 2nd graph
+        with eager:
+            for batch in eval_batches(self.eval_rows, self.spec.batch_size, self.pad_id, *self.pad_shape):
+                batch = {n: t.to(self.device) for n, t in batch.items()}
+                with self.precision.autocast(), self.cast_off:
+                    summed, n = loss_sum(self.model, batch, self.fwd, self.chunk)
+                num, den = num + summed, den + n
         self.model.train()
         self.last["eval_loss"] = num / max(den, 1)
         return self.last["eval_loss"]
@@ -268,7 +282,8 @@ def _final(run: _Run) -> dict:
             "supervised_tokens_per_s": run.session_supervised / step_s, "elapsed_s": elapsed,
             "tokens": run.tokens, ("peak_cuda_allocated_mb" if cuda else "peak_rss_mb"): peak,
             "precision": precision_label(run.precision), "optimizer": type(run.optimizer).__name__,
-            "gradient_checkpointing": _checkpointing_on(run.model), "loss_kind": loss_kind(run.chunk)}
+            "gradient_checkpointing": _checkpointing_on(run.model), "loss_kind": loss_kind(run.chunk),
+            "compiled": run.compiled is not None, "attention": "sdpa fp32" if run.attention.active else None}
 
 
 def _checkpointing_on(model) -> bool:
@@ -325,11 +340,10 @@ def train(model, tokenizer, train_data, eval_data=None, spec: TrainSpec = TrainS
     return _loop(run)
 
 
-def _loop(run: _Run) -> TrainResult:
+def _steps(run: _Run) -> str:
+    """Optimizer steps, evaluations and saves until the last step or a stop; the stop reason."""
     spec, control = run.spec, run.control
-    reason, error = "completed", None
-    run.emit("begin")
-    try:
+    with run.compiled or contextlib.nullcontext():  # eager again before the last evaluation
         while run.step < run.max_steps:
             if control.paused:
                 run.timer.exclude(wait_while_paused(run.callbacks, run.state("wait"), control))
@@ -345,17 +359,27 @@ def _loop(run: _Run) -> TrainResult:
                 run.save("checkpoint")
             if control.should_stop:
                 break
-        if control.should_stop:
-            reason = f"stopped: {control.reason}"
-        elif run.eval_rows and not (spec.eval_every and run.step % spec.eval_every == 0):
-            run.evaluate()  # a completed run always ends with an evaluation when it has eval data
-            run.emit("eval")
-    except NonFinite as exc:
-        reason, error = "non-finite", exc
-    except KeyboardInterrupt:
-        reason = "interrupted"
-    except Exception as exc:  # noqa: BLE001  (saved below, then re-raised unchanged)
-        reason, error = "error", exc
+    if control.should_stop:
+        return f"stopped: {control.reason}"
+    if run.eval_rows and not (spec.eval_every and run.step % spec.eval_every == 0):
+        run.evaluate()  # a completed run always ends with an evaluation when it has eval data
+        run.emit("eval")
+    return "completed"
+
+
+def _loop(run: _Run) -> TrainResult:
+    reason, error = "completed", None
+    run.emit("begin")
+    with contextlib.ExitStack() as scope:  # the run's attention is undone before the last save
+        try:
+            scope.enter_context(run.attention)
+            reason = _steps(run)
+        except NonFinite as exc:
+            reason, error = "non-finite", exc
+        except KeyboardInterrupt:
+            reason = "interrupted"
+        except Exception as exc:  # noqa: BLE001  (saved below, then re-raised unchanged)
+            reason, error = "error", exc
     path = run.save(reason)
     if run.device.type == "cpu":
         heap.trim()  # the steps' freed memory goes back to the OS
@@ -372,4 +396,4 @@ def _loop(run: _Run) -> TrainResult:
         raise error
     return TrainResult(rows=run.history.rows, final=_final(run), adapter_path=path,
                        output_dir=str(run.run_dir), stop_reason=reason, steps=run.step,
-                       max_steps=run.max_steps, spec=spec)
+                       max_steps=run.max_steps, spec=run.spec)

@@ -129,7 +129,8 @@ def _builtin_names() -> set[str]:
 
 def _signature(model_source, quant, task, adapter_spec, spec, alpha_rule, n_train, n_eval) -> dict:
     """The settings a saved row must share with this call to be reused (JSON-normalised)."""
-    train = {k: v for k, v in asdict(spec).items() if k != "output_dir"}
+    # where it is written and whether the layers were compiled do not change what a row holds
+    train = {k: v for k, v in asdict(spec).items() if k not in ("output_dir", "compile")}
     sig = dict(model_source=str(model_source), quant=quant.name if quant else None,
                data=task if task else "user data", adapter=adapter_spec.to_dict(), train=train,
                alpha_rule=alpha_rule, n_train=n_train if task else None,

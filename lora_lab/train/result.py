@@ -24,7 +24,9 @@ class TrainResult:
     :mod:`lora_lab.train.history`), built from ``rows`` (plain dicts) on first use.
     ``final``: the last loss and eval loss, tokens/s and supervised tokens/s over the time spent in
     training steps (evaluations and saves excluded), elapsed wall seconds, peak memory, ``precision``
-    (the matrix products': ``"fp32"``, ``"bf16 autocast"``; hf/model/device.py has "auto"'s rule).
+    (the matrix products': ``"fp32"``, ``"bf16 autocast"``; hf/model/device.py has "auto"'s rule),
+    ``attention`` (``"sdpa fp32"`` when a CPU bf16 run ran it in fp32, else None) and ``compiled``
+    (``TrainSpec.compile``).
     ``adapter_path``: the last checkpoint (a peft adapter folder, loadable by ``load_adapter``).
     ``stop_reason``: ``"completed"``, ``"stopped: <why>"``, ``"interrupted"``, ``"non-finite"`` or
     ``"error"``.

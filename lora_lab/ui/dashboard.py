@@ -277,6 +277,9 @@ class TrainingDashboard(widgets.VBox):
         prec = getattr(state, "precision", None)  # "fp32", "bf16 autocast" (TrainSpec.precision)
         kind += (f" · <span title='what the matrix products run in (TrainSpec.precision; \"auto\" "
                  f"picks bf16 autocast on a CPU or GPU with native bf16)'>{prec}</span>") if prec else ""
+        if getattr(state, "compiled", False):
+            kind += (" · <span title='the decoder layers run through torch.compile (TrainSpec.compile); "
+                     "the first step includes compiling them'>compiled</span>")
         self.status.value = (f"{state.step}/{state.max_steps} · {loss}{ev}{tps}{kind} · "
                              f"elapsed {_fmt_s(state.elapsed_s)} · ETA {_fmt_s(state.eta_s)} · "
                              f"<i>{what}</i>")
