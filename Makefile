@@ -41,7 +41,7 @@ test-fast: setup
 # machine's load: compare only ratios measured in the same run.  A benchmark not in the tree is skipped.
 BENCHMARKS := train_overhead spectrum switch designer_update export_merged builtin_tasks \
               memory_accuracy quant_scan rank_explorer loss_memory cpu_speed serving bf16_quality \
-              padding
+              padding compile
 BENCH_JSON ?= build/bench-results.jsonl
 
 bench: setup

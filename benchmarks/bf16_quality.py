@@ -17,7 +17,8 @@ costs accuracy is measured here, through ``lora_lab.train`` (the same loop a not
    ``precision="auto"``: a bf16 base and bf16 autocast on a CPU with native bf16).  Measured: the
    share of the 15 held-out prompts answered in the format (``follows_format``) and exactly right,
    and the held-out loss (fp32 evaluation of each trained model, so both are judged the same way).
-   ``--qlora`` adds the same pair on an NF4 base (4-bit matmuls in fp32 or, by the rule, bf16).
+   ``compiled`` is ``auto`` with ``TrainSpec(compile=True)`` (the decoder layers through torch.compile).
+   ``--qlora`` adds the same setups on an NF4 base (4-bit matmuls in fp32 or, by the rule, bf16).
 
 Prints a table and the JSON line of ``benchmarks/_report.py``: ``*_bf16_minus_fp32`` accuracy
 differences (in accuracy points, 1.0 = 100%), the fp32 seed spread, and the ratio of held-out
@@ -46,14 +47,15 @@ from lora_lab.hf.data.tasks import builtin_task
 from lora_lab.hf.generate.batch import task_accuracy, task_completions
 from lora_lab.hf.model.device import cpu_bf16_native
 
-SMOL = {"fp32": ("fp32", "fp32"), "auto": ("auto", "auto")}   # setup -> (load dtype, precision)
+# setup -> (load dtype, precision, TrainSpec.compile)
+SMOL = {"fp32": ("fp32", "fp32", False), "auto": ("auto", "auto", False), "compiled": ("auto", "auto", True)}
 
 
 def train_run(model, tok, data, steps: int, batch: int, lr: float, precision: str, seed: int,
-              warmup: int) -> ll.TrainResult:
+              warmup: int, compile: bool = False) -> ll.TrainResult:
     with tempfile.TemporaryDirectory() as out:
         spec = ll.TrainSpec(steps=steps, batch_size=batch, lr=lr, schedule="linear", warmup_steps=warmup,
-                            precision=precision, seed=seed, output_dir=out)
+                            precision=precision, seed=seed, output_dir=out, compile=compile)
         return ll.train(model, tok, data, None, spec)
 
 
@@ -83,14 +85,16 @@ def held_out_loss(model, tok, rows) -> float:
 
 
 def smollm2_run(setup: str, quant, args) -> dict:
-    dtype, precision = SMOL[setup]
+    dtype, precision, compiled = SMOL[setup]
+    if quant and dtype == "auto":
+        dtype = None  # a 4-bit base keeps its fp32 parts; its layers compute by the "auto" rule
     model, tok = ll.load_model("builtin:smollm2", quant, device="cpu", dtype=dtype)
     torch.manual_seed(0)
     model = ll.attach(model, ll.AdapterSpec(r=8, target_modules="all-linear"), name="json")
     rows = builtin_task("capitals", n=args.smol_steps * 8, seed=0)
     data = prepare_dataset(rows, tok, ll.DataSpec(max_length=96, eval_fraction=0))
     t0 = time.perf_counter()
-    res = train_run(model, tok, data, args.smol_steps, 8, 1e-3, precision, 0, 2)
+    res = train_run(model, tok, data, args.smol_steps, 8, 1e-3, precision, 0, 2, compiled)
     wall = time.perf_counter() - t0
     test = builtin_task("capitals", n=15, split="test")
     after = task_completions(model, tok, test, max_new_tokens=16)
@@ -103,7 +107,7 @@ def smollm2_run(setup: str, quant, args) -> dict:
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--tasks", nargs="+", default=["upper", "subtract"])
+    ap.add_argument("--tasks", nargs="*", default=["upper", "subtract"], help="none: skip builtin:tiny")
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--batch", type=int, default=16)
@@ -152,11 +156,13 @@ def main(argv=None) -> dict:
                     print(f"| builtin:smollm2 | {quant or 'lora'} | {s} | {r['precision']} | {r['base']} | "
                           f"{r['format']:.0%} | {r['exact']:.0%} | {r['train_loss']:.3f} | "
                           f"{r['held_out_loss']:.3f} | {r['train_s']:.0f} |", flush=True)
-                key, auto, fp32 = f"smollm2_{quant or 'lora'}", runs["auto"], runs["fp32"]
-                ratios[f"{key}_format_auto_minus_fp32"] = round(auto["format"] - fp32["format"], 4)
-                ratios[f"{key}_exact_auto_minus_fp32"] = round(auto["exact"] - fp32["exact"], 4)
-                ratios[f"{key}_held_out_loss_auto_over_fp32"] = round(
-                    auto["held_out_loss"] / fp32["held_out_loss"], 4)
+                key, fp32 = f"smollm2_{quant or 'lora'}", runs["fp32"]
+                for s in ("auto", "compiled"):
+                    r = runs[s]
+                    ratios[f"{key}_format_{s}_minus_fp32"] = round(r["format"] - fp32["format"], 4)
+                    ratios[f"{key}_exact_{s}_minus_fp32"] = round(r["exact"] - fp32["exact"], 4)
+                    ratios[f"{key}_held_out_loss_{s}_over_fp32"] = round(
+                        r["held_out_loss"] / fp32["held_out_loss"], 4)
                 for s, r in runs.items():
                     extra[f"{key}_{s}"] = {k: round(v, 4) if isinstance(v, float) else v
                                            for k, v in r.items()}

@@ -21,12 +21,9 @@ Usage: python benchmarks/padding.py [--steps 40] [--repeats 3] [--multiple 8] [-
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
-import subprocess
-import sys
 
+from _child import run_child
 from _report import report
 
 CHILD = r"""
@@ -51,13 +48,7 @@ print("__RESULT__" + json.dumps({"maxrss_mib": resource.getrusage(resource.RUSAG
 
 
 def run(model: str, multiple: int, steps: int, out: str) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
-    proc = subprocess.run([sys.executable, "-c", CHILD, model, str(multiple), str(steps), out],
-                          capture_output=True, text=True, env=env)
-    line = [x for x in proc.stdout.splitlines() if x.startswith("__RESULT__")]
-    if not line:
-        raise SystemExit(f"child failed:\n{proc.stderr[-3000:]}")
-    return json.loads(line[0][len("__RESULT__"):])
+    return run_child(CHILD, model, str(multiple), str(steps), out)
 
 
 def main() -> None:
