@@ -25,7 +25,9 @@ export_accelerate  the exported ``train.py`` under ``accelerate launch`` (one GP
 throughput         tokens/s of ``lora_lab.train`` against ``transformers.Trainer`` and a plain
                    loop on the 1B shape (QLoRA)
 switching          ``lora_lab.set_adapter`` latency against peft's, with a logit oracle; and
-                   peft's mixed-adapter batch (lora_lab has no such API yet)
+                   lora_lab's stacked mixed-adapter batch against peft's ``adapter_names=``
+compile            ``TrainSpec(compile=True)`` on builtin:tiny in each precision: dynamo captured
+                   the layers, and the losses match the eager run's (5%)
 =================  ==========================================================================
 
 Modes::
@@ -861,6 +863,44 @@ def check_switching(ctx: Ctx) -> dict:
                                 "peft_adapter_names_tokens_per_s": rnd(tokens / mixed_ms * 1e3),
                                 "single_adapter_tokens_per_s": rnd(tokens / single_ms * 1e3),
                                 "batch": list(batch.shape)})
+
+
+@check(("transformers", "peft"), 90)
+def check_compile(ctx: Ctx) -> dict:
+    """``TrainSpec(compile=True)`` on builtin:tiny: the eager run's losses (oracle), graphs captured."""
+    import lora_lab as ll
+    from lora_lab.hf.training.compile import compiler_missing
+
+    missing = compiler_missing("cuda" if ctx.cuda else "cpu")
+    if missing:
+        return {"status": "skipped", "reason": missing}
+    from torch._dynamo.utils import counters
+
+    failures, runs = [], {}
+    for precision in ctx.precisions():
+        losses = {}
+        for compiled in (False, True):
+            model, tok = load(ctx, "builtin:tiny", "LoRA", precision)
+            model = ll.attach(model, ll.AdapterSpec(r=8))
+            data, _ = task_data(tok, "reverse", ctx.sizes.train_steps * ctx.sizes.train_batch)
+            before = counters["stats"]["calls_captured"]
+            out = run_dir(ctx, f"compile-{precision}-{compiled}")
+            res = ll.train(model, tok, data, spec=ll.TrainSpec(
+                steps=ctx.sizes.train_steps, batch_size=ctx.sizes.train_batch, lr=3e-3, schedule="constant",
+                precision=precision, compile=compiled, output_dir=out))
+            losses[compiled] = [float(x) for x in res.loss]
+            runs[f"{precision} {'compiled' if compiled else 'eager'}"] = {
+                "loss_last": rnd(losses[compiled][-1]), "tokens_per_s": rnd(res.final["tokens_per_s"]),
+                "calls_captured": counters["stats"]["calls_captured"] - before}
+            model = None
+            free_memory(ctx)
+        key = f"{precision} compiled"
+        expect(failures, runs[key]["calls_captured"] > 0, f"{key}: dynamo captured no graph")
+        finite, falls, _, last = losses_fall(losses[True])
+        expect(failures, finite and falls, f"{key}: the loss is not finite or does not fall")
+        gap = abs(last - losses_fall(losses[False])[3]) / max(abs(last), 1e-9)
+        expect(failures, gap < 0.05, f"{key}: the last losses differ from eager's by {gap:.1%}")
+    return verdict(failures, runs=runs)
 
 
 # ----------------------------------------------------------------------------- packages, wheels

@@ -19,7 +19,7 @@ import pytest
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "gpu_check.py"
 CHECKS = ["env", "bnb_4bit", "qlora_train", "memory_planner", "merge", "paged_optimizer",
-          "export_accelerate", "throughput", "switching"]
+          "export_accelerate", "throughput", "switching", "compile"]
 STATUSES = {"pass", "fail", "error", "skipped", "info"}
 
 
@@ -89,13 +89,15 @@ def test_without_a_gpu_the_real_run_refuses(tmp_path):
 
 
 def test_cpu_smoke_runs_the_checks_at_tiny_sizes(tmp_path):
-    proc = _run(["--cpu-smoke", str(tmp_path / "out"), "--only", "env,bnb_4bit,qlora_train,merge,switching"],
-                tmp_path, timeout=400)
+    proc = _run(["--cpu-smoke", str(tmp_path / "out"), "--only",
+                 "env,bnb_4bit,qlora_train,merge,switching,compile"], tmp_path, timeout=400)
     s = _summary(proc, tmp_path / "out", "cpu-smoke")
     status = {c["name"]: c["status"] for c in s["checks"]}
     assert proc.returncode == 0 and s["ok"], json.dumps(s, indent=1)[-4000:]
+    from lora_lab.hf.training.compile import compiler_missing
+
     assert status == {"env": "pass", "bnb_4bit": "pass", "qlora_train": "pass", "merge": "pass",
-                      "switching": "pass"}
+                      "switching": "pass", "compile": "skipped" if compiler_missing("cpu") else "pass"}
     c = {c["name"]: c for c in s["checks"]}
     assert c["env"]["lora_lab_train_precision"] == "fp32"
     assert abs(c["bnb_4bit"]["nf4"]["cpu_mean_abs_err"] - 0.073) < 0.003
@@ -106,6 +108,10 @@ def test_cpu_smoke_runs_the_checks_at_tiny_sizes(tmp_path):
     assert c["switching"]["speedup"] > 1 and c["switching"]["logit_gap_vs_peft"] < 1e-6
     assert c["switching"]["mixed_batch"]["peft_adapter_names_tokens_per_s"] > 0
     assert c["switching"]["mixed_batch"]["lora_lab_stacked_logit_gap_vs_peft"] < 1e-5
+    if status["compile"] == "pass":
+        compiled = c["compile"]["runs"]
+        assert set(compiled) == {"fp32 eager", "fp32 compiled"}
+        assert compiled["fp32 compiled"]["calls_captured"] > 0
 
 
 @pytest.mark.slow
