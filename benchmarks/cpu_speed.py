@@ -29,7 +29,10 @@ measured against the chip's own matrix-product throughput in the same run (issue
    Tokens/s is counted over the steps after ``--warmup``, per second of wall time and per second of
    process CPU time × torch threads (the second moves less when other jobs share the machine).  The
    setups are interleaved ``--repeats`` times and the medians are reported.
-3. **Fraction of the chip**: training FLOP/s over the matrix-product FLOP/s in the precision used.
+3. **Fraction of the chip**: training FLOP/s over the matrix-product FLOP/s in the precision used,
+   the probe of step 1 repeated right after each training run (the VM's speed drifts by ±12% over
+   minutes, and a probe from the start of the run judged later runs against another moment); the
+   median over repeats of each run's own fraction.
    FLOPs per token (Chowdhery et al. 2022, PaLM, appendix B, with a frozen base)::
 
        4·N_frozen + 6·N_adapter + 12·L·T·d
@@ -255,9 +258,15 @@ def main(argv=None) -> dict:
                 if (quant and setup == "autocast") or (not quant and setup == "default"):
                     continue  # a 4-bit base has no fp32 weights to autocast; LoRA's default IS autocast
                 r = run_setup(model_name, quant, setup, args)
+                # the chip's rate right after this run, in its precision: the VM's speed drifts
+                # over minutes, so each run is judged against its own moment
+                dtype = torch.bfloat16 if r["precision"].startswith("bf16") else torch.float32
+                r["chip"] = matmul_gflops(dtype, args.n, args.matmul_reps)
+                r["fraction"] = r["wall"] * r["flops_per_token"] / 1e9 / r["chip"]
                 results.setdefault((model_name, quant, setup), []).append(r)
                 print(f"  {model_name:16} {quant or 'lora':5} {setup:9} {r['precision']:14} "
-                      f"{r['wall']:7.0f} tokens/s wall, {r['cpu']:7.0f} per CPU-s  (loss {r['loss']:.3f})",
+                      f"{r['wall']:7.0f} tokens/s wall, {r['cpu']:7.0f} per CPU-s  (loss {r['loss']:.3f}; "
+                      f"chip {r['chip']:.0f} GFLOP/s after it: {r['fraction']:.0%})",
                       flush=True)
 
     print("\n| model | base | setup | precision | tokens/s (wall) | per CPU-s | × fp32 | GFLOP/s | "
@@ -270,7 +279,7 @@ def main(argv=None) -> dict:
         base = statistics.median(r["wall"] for r in results[(model_name, quant, "fp32")])
         prec = runs[0]["precision"]
         gflops = wall * runs[0]["flops_per_token"] / 1e9
-        frac = gflops / chip["bf16" if prec.startswith("bf16") else "fp32"]
+        frac = statistics.median(r["fraction"] for r in runs)  # each run against the probe after it
         short = model_name.split(":")[-1]
         key = f"{short}_{quant or 'lora'}_{setup}"
         if setup != "fp32":
