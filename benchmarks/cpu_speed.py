@@ -147,21 +147,27 @@ def rows(vocab: int, n: int, seq: int) -> list[dict]:
     return [{"input_ids": x, "attention_mask": [1] * seq, "labels": list(x)} for x in ids]
 
 
-def run_setup(name: str, quant, setup: str, args) -> dict:
-    """Load, attach, train ``warmup + steps`` steps; tokens/s (wall and CPU) and the run's precision."""
+def train_setup(name: str, quant, setup: str, args, steps: int, callback):
+    """Load ``name`` as ``setup`` asks, attach LoRA r=8 on all linear layers, train ``steps`` steps
+    of random rows with ``callback``; (model, TrainResult)."""
     dtype, precision, compiled = SETUPS[setup]
     if quant and dtype == "auto":
         dtype = None  # as "default": a 4-bit base keeps its fp32 parts, its layers compute by "auto"
     model, tok = ll.load_model(name, quant, device="cpu", dtype=dtype)
     torch.manual_seed(0)
     model = ll.attach(model, ll.AdapterSpec(r=8, target_modules="all-linear"))
-    steps = args.warmup + args.steps
-    clock = _Clock()
     with tempfile.TemporaryDirectory() as out:
         spec = ll.TrainSpec(steps=steps, batch_size=args.batch, lr=1e-4, precision=precision,
                             output_dir=out, schedule="constant", compile=compiled)
         res = ll.train(model, tok, rows(model.config.vocab_size, steps * args.batch, args.seq), None,
-                       spec, callbacks=[clock])
+                       spec, callbacks=[callback])
+    return model, res
+
+
+def run_setup(name: str, quant, setup: str, args) -> dict:
+    """Train ``warmup + steps`` steps; tokens/s (wall and CPU) and the run's precision."""
+    clock = _Clock()
+    model, res = train_setup(name, quant, setup, args, args.warmup + args.steps, clock)
     t = clock.times
     tokens = args.steps * args.batch * args.seq
     wall = tokens / (t[-1][0] - t[args.warmup - 1][0])
@@ -190,16 +196,8 @@ def profile_setup(name: str, setup: str, args, chip: dict) -> dict:
     """Where a step's time goes (``--profile``): the top operators by self time over two steps, and
     the matrix products' share of the step and their rate against the chip's (FLOPs 4·N_frozen +
     6·N_adapter per token: ``flops_per_token`` without its attention term)."""
-    dtype, precision, compiled = SETUPS[setup]
-    model, tok = ll.load_model(name, device="cpu", dtype=dtype)
-    torch.manual_seed(0)
-    model = ll.attach(model, ll.AdapterSpec(r=8, target_modules="all-linear"))
-    prof, steps = _Profile(args.warmup), args.warmup + 3
-    with tempfile.TemporaryDirectory() as out:
-        spec = ll.TrainSpec(steps=steps, batch_size=args.batch, lr=1e-4, precision=precision,
-                            output_dir=out, schedule="constant", compile=compiled)
-        res = ll.train(model, tok, rows(model.config.vocab_size, steps * args.batch, args.seq), None,
-                       spec, callbacks=[prof])
+    prof = _Profile(args.warmup)
+    model, res = train_setup(name, None, setup, args, args.warmup + 3, prof)
     events = [e for e in prof.prof.key_averages() if e.self_cpu_time_total > 0]
     total = sum(e.self_cpu_time_total for e in events)
     mm = sum(e.self_cpu_time_total for e in events if e.key in ("aten::mm", "aten::addmm", "aten::bmm"))
