@@ -37,8 +37,7 @@ Each term, in bytes (``c`` = bytes of the compute dtype: 2 for fp16/bf16, 4 for 
   :func:`lora_lab.train` and ``transformers.Trainer`` do), all of them at the end of the backward
   pass or with ``grad_accum > 1``.  ``gradients_total`` is always all of them.  Full FT of tied
   embeddings adds ``2·V·h·w`` bytes of gradient temporaries at the end of the backward pass (the
-  embedding's dense gradient and its sum with the LM head's: measured with torch's CPU
-  allocator).
+  embedding's dense gradient and its sum with the LM head's: measured, torch's CPU allocator).
 * **optimizer** — AdamW (torch): two moments per trainable parameter in the parameter's dtype
   (``exp_avg`` and ``exp_avg_sq`` are ``zeros_like(param)``): 2 × 4 bytes for fp32 adapters and
   for full FT of fp32 (master) weights, 2 × 2 for pure bf16 full FT.  So weights + gradients +
@@ -85,9 +84,9 @@ Each term, in bytes (``c`` = bytes of the compute dtype: 2 for fp16/bf16, 4 for 
   (holding them adds ``T·V·c``).  At V = 128k this dominates short-context LoRA.
   With the **chunked loss** (``TrainSpec.chunked_loss``, :mod:`lora_lab.hf.training.chunked_loss`)
   only one chunk of ``C`` tokens is alive: ``min(C, T)·V·max(c + 8, 12)`` for a trained head (each
-  chunk recomputed in the backward), ``min(C, T)·V·(2c + 4)`` for a frozen one (``4`` when c = 4):
-  its gradient is taken in the forward, the fp32 logits turned into it in place (the head's output
-  and its c-byte copy for autograd beside them).  ``"auto"`` chooses it for ``V ≥ 32k``.
+  chunk recomputed in the backward), ``min(C, T)·V·c`` plus one fp32 block of
+  :data:`LOSS_BLOCK_BYTES` (none when c = 4) for a frozen one: its gradient is taken in the
+  forward, written over the head's output in place.  ``"auto"`` chooses it for ``V ≥ 32k``.
 * **allocator overhead** — the caching allocator rounds and fragments: ``reserved − allocated``,
   modelled as a fraction (default 10%) of the dynamic memory at the peak (the activations, logits
   and gradients, which each step allocates and frees).  On the CPU glibc's malloc keeps freed
@@ -118,17 +117,16 @@ from dataclasses import dataclass
 
 from .quant_storage import QuantStorage, quant_storage
 
-__all__ = ["AMBIGUOUS_DEVICES", "CPU", "CPU_FRAGMENTATION", "CPU_RUNTIME", "CUDA_CONTEXT",
-           "DEVICES", "GIB", "OPTIMIZERS", "Architecture", "QuantLayout", "QuantStorage",
-           "TrainableLayout", "activation_bytes", "device_bytes", "four_bit_bytes", "int8_bytes",
-           "layer_activation_bytes", "logits_bytes", "memory_terms", "optimizer_bytes_per_param",
-           "quant_storage", "verdict", "CHUNKED_LOSS_MIN_VOCAB", "DEFAULT_LOSS_CHUNK", "resolve_loss_chunk"]
+__all__ = ["AMBIGUOUS_DEVICES", "CPU", "CPU_FRAGMENTATION", "CPU_RUNTIME", "CUDA_CONTEXT", "DEVICES",
+           "GIB", "OPTIMIZERS", "Architecture", "QuantLayout", "QuantStorage", "TrainableLayout",
+           "activation_bytes", "device_bytes", "four_bit_bytes", "int8_bytes", "layer_activation_bytes",
+           "logits_bytes", "memory_terms", "optimizer_bytes_per_param", "quant_storage", "verdict",
+           "CHUNKED_LOSS_MIN_VOCAB", "DEFAULT_LOSS_CHUNK", "LOSS_BLOCK_BYTES", "resolve_loss_chunk"]
 
 GIB = 2**30
 # Memory of each card in GiB (2**30 bytes), the unit of every size in this module and of a number
 # passed as ``device``; the CUDA context is a separate term of the estimate.
-DEVICES: dict[str, float] = {"T4": 16, "L4": 24, "A10G": 24, "A100-40GB": 40, "A100-80GB": 80,
-                             "H100": 80}
+DEVICES: dict[str, float] = {"T4": 16, "L4": 24, "A10G": 24, "A100-40GB": 40, "A100-80GB": 80, "H100": 80}
 # Names sold with more than one memory size: an error lists the choices instead of guessing.
 AMBIGUOUS_DEVICES: dict[str, tuple[str, ...]] = {"A100": ("A100-40GB", "A100-80GB")}
 CPU = "CPU system RAM"                  # the label of device="cpu"
@@ -138,6 +136,7 @@ CPU_FRAGMENTATION = 0.45                # glibc heap kept after freeing, share o
 OPTIMIZERS = ("adamw", "adamw_fused", "adamw_8bit", "paged_adamw_8bit", "paged_adamw", "sgd")
 CHUNKED_LOSS_MIN_VOCAB = 32_000         # chunked_loss="auto" from this vocabulary on
 DEFAULT_LOSS_CHUNK = 512                # tokens per chunk of the chunked loss (TrainSpec's default)
+LOSS_BLOCK_BYTES = 16 * 2**20           # fp32 rows of a frozen head's logits at a time (chunked_loss)
 
 
 def device_bytes(device: str | float, system_ram: int | None = None) -> tuple[str, int]:
@@ -323,10 +322,12 @@ def resolve_loss_chunk(chunked, vocab: int, chunk_size: int = DEFAULT_LOSS_CHUNK
 def logits_bytes(arch: Architecture, batch: int, seq: int, c: int, chunk: int | None = None,
                  frozen_head: bool = False) -> float:
     """Worst moment of the loss: ``T·V·max(c + 8, 12)``, or for the chunked loss ``min(chunk, T)·V``
-    times that, or ``2c + 4`` (4 when c = 4) with a frozen head (see the module docstring)."""
+    times that, or ``c`` plus one fp32 block with a frozen head (see the module docstring)."""
     tokens = batch * seq if chunk is None else min(chunk, batch * seq)
-    fused = chunk is not None and frozen_head
-    return tokens * arch.vocab * ((4 if c >= 4 else 2 * c + 4) if fused else max(c + 8, 12))
+    if chunk is None or not frozen_head:
+        return tokens * arch.vocab * max(c + 8, 12)
+    block = min(tokens, max(1, LOSS_BLOCK_BYTES // (4 * arch.vocab))) * arch.vocab * 4 if c < 4 else 0
+    return tokens * arch.vocab * c + block
 
 
 def memory_terms(*, arch: Architecture, total_params: int, unquantized_params: int,

@@ -20,9 +20,12 @@ def test_logits_term_is_one_chunk():
     assert mem.logits_bytes(ARCH, 4, 2048, 2) == 4 * 2048 * 128_256 * 12
     assert mem.logits_bytes(ARCH, 4, 2048, 2, chunk=512) == 512 * 128_256 * 12
     assert mem.logits_bytes(ARCH, 1, 100, 4, chunk=512) == mem.logits_bytes(ARCH, 1, 100, 4)  # T < C
-    # a frozen head's fused chunk: the c-byte output, its fp32 copy turned into the gradient in
-    # place, and the c-byte gradient handed to autograd; in fp32 the three are one buffer
-    assert mem.logits_bytes(ARCH, 4, 2048, 2, chunk=512, frozen_head=True) == 512 * 128_256 * 8
+    # a frozen head's fused chunk: the c-byte output, turned into its gradient in place one fp32
+    # block of rows at a time (16 MiB: 32 rows of 128,256); in fp32 the block is the output itself
+    assert mem.LOSS_BLOCK_BYTES // (4 * 128_256) == 32
+    chunk = mem.logits_bytes(ARCH, 4, 2048, 2, chunk=512, frozen_head=True)
+    assert chunk == 512 * 128_256 * 2 + 32 * 128_256 * 4
+    assert mem.logits_bytes(ARCH, 1, 8, 2, chunk=512, frozen_head=True) == 8 * 128_256 * (2 + 4)  # one block
     assert mem.logits_bytes(ARCH, 4, 2048, 4, chunk=512, frozen_head=True) == 512 * 128_256 * 4
     assert mem.logits_bytes(ARCH, 4, 2048, 2, frozen_head=True) == 4 * 2048 * 128_256 * 12  # full loss
 
@@ -38,7 +41,7 @@ def test_auto_rule_and_defaults_match_trainspec():
 
 
 def test_estimate_memory_models_the_chunked_loss():
-    """Llama-3.2-1B LoRA, 4 × 2048 on a T4: the logits drop from 11.7 GiB to 0.49 GiB."""
+    """Llama-3.2-1B LoRA, 4 × 2048 on a T4: the logits drop from 11.7 GiB to 0.14 GiB."""
     kw = dict(adapter=ll.AdapterSpec(r=16), batch_size=4, seq_len=2048, device="T4")
     full = ll.estimate_memory(LLAMA_1B, chunked_loss=False, **kw)
     chunked = ll.estimate_memory(LLAMA_1B, chunked_loss=True, **kw)
@@ -46,7 +49,7 @@ def test_estimate_memory_models_the_chunked_loss():
     assert ll.estimate_memory(LLAMA_1B, **kw).loss_chunk == 512  # TrainSpec's default: "auto"
     assert full.loss_chunk is None and chunked.loss_chunk == auto.loss_chunk == 512
     lf, lc = full.scenarios[full.chosen]["logits"], chunked.scenarios[chunked.chosen]["logits"]
-    assert lf == 4 * 2048 * 128_256 * 12 and lc == 512 * 128_256 * 8   # the head is frozen
+    assert lf == 4 * 2048 * 128_256 * 12 and lc == 128_256 * (512 * 2 + 32 * 4)  # a frozen head
     assert full.need() - chunked.need() == pytest.approx((lf - lc) * 1.10, rel=1e-9)  # + 10% allocator
     with pytest.raises(SpecError, match="chunked_loss"):
         ll.estimate_memory(LLAMA_1B, chunked_loss="yes", **kw)

@@ -297,7 +297,7 @@ def estimate_memory(model, adapter: AdapterSpec | None = None, quant=None,
 
     ``chunked_loss``: True, False or ``"auto"`` (on for vocabularies ≥ 32k), as in
     :class:`~lora_lab.TrainSpec`: the chunked loss holds one chunk of ``loss_chunk_size`` tokens
-    of logits instead of all of them (``est.loss_chunk``; ``min(C, B·T)·V·(2c + 4)`` bytes, 4·… in fp32).
+    of logits instead of all of them (``est.loss_chunk``; ``min(C, B·T)·V·c`` bytes + a 16 MiB block).
 
     ``batch_size``, ``gradient_checkpointing``, ``optimizer``, ``precision``, ``grad_accum`` and
     ``chunked_loss`` default to :class:`~lora_lab.TrainSpec`'s defaults and ``seq_len`` to

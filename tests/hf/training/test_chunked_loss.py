@@ -95,6 +95,24 @@ def test_same_loss_and_grads_as_transformers(one_thread, tied, chunk):
     _assert_same(_lora(_tiny(tied)), _batch(), chunk)
 
 
+@pytest.mark.parametrize("rows", [1, 3, 8])
+@pytest.mark.parametrize("chunk", [7, B * (T - 1)])
+def test_blocks_of_rows_give_the_same_loss_and_grads(one_thread, monkeypatch, rows, chunk):
+    """A frozen head's logits become their gradient ``rows`` at a time (ragged last blocks, ignored
+    rows inside blocks): still transformers' loss and gradients, in fp32 and under bf16 autocast."""
+    from lora_lab.hf.training import chunked_loss
+
+    monkeypatch.setattr(chunked_loss, "LOSS_BLOCK_BYTES", rows * 4 * VOCAB)
+    assert chunked_loss._block_rows(VOCAB) == rows
+    model, batch = _lora(_tiny(True)), _batch()
+    _assert_same(model, batch, chunk)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref_loss, ref = _full(model, batch)
+        loss, got, _ = _chunked(model, batch, chunk)
+    assert abs(loss - ref_loss) <= 1e-3 * abs(ref_loss)
+    assert max(_rel(got[k], ref[k]) for k in ref) <= 2e-2
+
+
 @pytest.mark.parametrize("how", ["lora", "trainable"])
 def test_adapted_or_trainable_lm_head_is_handled(one_thread, how):
     """lm_head as a LoRA target, or fully trainable (peft's modules_to_save): it is just a module
