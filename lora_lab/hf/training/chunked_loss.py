@@ -194,8 +194,8 @@ def _chunk_loss_and_grad(head, hidden: torch.Tensor, targets: torch.Tensor):
     (``grad_outputs``).
 
     The logits are turned into their gradient **in place**, one block of rows at a time
-    (:func:`_block_rows`: :data:`LOSS_BLOCK_BYTES` of fp32 values): each block is upcast to fp32
-    (the same storage when the head runs in fp32), its log-sum-exp built from the passes the
+    (:func:`_block_rows`: :data:`LOSS_BLOCK_BYTES` of fp32 values): each block is copied into one
+    fp32 buffer (worked on where it is when the head runs in fp32), its log-sum-exp built from the passes the
     softmax needs (``m = max z_t``, ``e = exp(z_t − m)``, ``lse = m + log Σe``, ``softmax = e / Σe``),
     and the gradient written back over the head's output, in the head's dtype (a Linear's
     backward never reads its output; a head whose backward did would make autograd raise, not
