@@ -248,9 +248,10 @@ class AdapterDesigner(widgets.VBox):
                         gradient_checkpointing=self.checkpointing.value,
                         optimizer=self.optimizer.value, device=self._device_arg())
             est = estimate_from_facts(self._facts, spec, quant, **args)
-            # the other loss, for comparison: full-vocabulary logits vs the chunked loss
-            other = estimate_from_facts(self._facts, spec, quant, chunked_loss=est.loss_chunk is None,
-                                        **args)
+            # the other loss, for comparison: full-vocabulary logits vs the chunked loss (prefix and
+            # prompt tuning train with the full loss only: peft adds their virtual tokens itself)
+            other = None if spec is not None and spec.method in ("prefix", "prompt") else estimate_from_facts(
+                self._facts, spec, quant, chunked_loss=est.loss_chunk is None, **args)
         except LoraLabError as exc:
             self.error = str(exc)
             self.message.value = (ERROR_DIV + "⚠ "
@@ -284,10 +285,11 @@ class AdapterDesigner(widgets.VBox):
                 f"{self._recipes(est)}{merge}")
 
     @staticmethod
-    def _loss_text(est: MemoryEstimate, other: MemoryEstimate) -> str:
-        """Both losses side by side: the logits term and the need of the chosen scenario."""
+    def _loss_text(est: MemoryEstimate, other: MemoryEstimate | None) -> str:
+        """Both losses side by side: the logits term and the need of the chosen scenario (one when
+        ``other`` is None: prefix and prompt tuning, which the chunked loss cannot train)."""
         parts = []
-        for e in sorted((est, other), key=lambda e: e.loss_chunk is None):
+        for e in sorted((est, other) if other is not None else (est,), key=lambda e: e.loss_chunk is None):
             name = "full-vocabulary loss" if e.loss_chunk is None else f"chunked loss ({e.loss_chunk} tokens)"
             mark = " (TrainSpec default)" if e is est else ""
             parts.append(f"{name}{mark}: logits {e.scenarios[e.chosen]['logits'] / GIB:.2f} GiB, "

@@ -61,3 +61,46 @@ def test_designer_shows_both_losses():
     d = AdapterDesigner(LLAMA_1B, static=True)
     text = d.summary.value
     assert "chunked loss (512 tokens) (TrainSpec default)" in text and "full-vocabulary loss:" in text
+
+
+@pytest.mark.parametrize("method", ["prefix", "prompt"])
+def test_prompt_learning_is_planned_with_the_full_loss_as_training_runs_it(method):
+    """Prefix and prompt tuning: ``chunked_loss="auto"`` trains with the full loss (peft adds their
+    virtual tokens in its own forward, which the chunked loss bypasses) and True is refused.  The
+    oracle is training's own rule, ``use_chunked``, asked of a real peft model of a 32k vocabulary;
+    the estimate's adapter scenarios follow it, while full FT keeps its chunked loss."""
+    import peft
+    from transformers import LlamaForCausalLM
+
+    from lora_lab.errors import TrainingError
+    from lora_lab.hf.training.chunked_loss import use_chunked
+
+    cfg = LlamaConfig(vocab_size=32_000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2)
+    kind = {"prefix": peft.PrefixTuningConfig, "prompt": peft.PromptTuningConfig}[method]
+    model = peft.get_peft_model(LlamaForCausalLM(cfg), kind(task_type="CAUSAL_LM", num_virtual_tokens=4))
+    assert use_chunked("auto", model) is False
+    with pytest.raises(TrainingError):
+        use_chunked(True, model)
+
+    spec = ll.AdapterSpec(method=method, num_virtual_tokens=4)
+    est = ll.estimate_memory(cfg, spec, batch_size=2, seq_len=64, device="T4")
+    assert est.loss_chunk is None
+    tokens = 2 * (64 + (4 if method == "prompt" else 0))     # prompt tuning's virtual tokens are rows too
+    assert est.scenarios[est.chosen]["logits"] == tokens * 32_000 * 12     # T·V·max(c + 8, 12), c = 2
+    assert est.scenarios["full FT"]["logits"] == 128 * 32_000 * 12        # full FT: chunked (128 < 512)
+    lora = ll.estimate_memory(cfg, ll.AdapterSpec(r=8), batch_size=2, seq_len=64, device="T4")
+    assert lora.loss_chunk == 512
+    with pytest.raises(SpecError, match="chunked_loss") as err:
+        ll.estimate_memory(cfg, spec, batch_size=2, seq_len=64, device="T4", chunked_loss=True)
+    assert "virtual tokens" in str(err.value)
+
+
+def test_designer_shows_one_loss_for_prompt_tuning():
+    from lora_lab.ui.designer import AdapterDesigner
+
+    d = AdapterDesigner(LLAMA_1B, static=True)
+    d.method.value = "prompt"
+    assert d.error == "", d.error
+    text = d.summary.value
+    assert "full-vocabulary loss (TrainSpec default)" in text and "chunked loss" not in text

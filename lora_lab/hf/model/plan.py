@@ -32,8 +32,7 @@ estimate says which recipe it assumed (``est.recipes``, its repr and the designe
 from __future__ import annotations
 
 import html
-import os
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 
 import pandas as pd
 import torch
@@ -41,10 +40,20 @@ import torch
 from ...core import memory as mem
 from ...core.recipes import Recipe, adapter_recipe, full_ft_recipe
 from ...errors import SpecError
-from ...specs import PRECISIONS, AdapterSpec, DataSpec, QuantSpec, TrainSpec
+from ...specs import AdapterSpec, QuantSpec
 from .adapter_count import AdapterCount, count_adapter  # noqa: F401  (re-exported)
-from .device import default_train_precision
 from .facts import ModelFacts, model_facts
+from .plan_args import (  # noqa: F401  (system_ram_bytes re-exported)
+    SEQ_LEN_DEFAULT,
+    TRAIN_DEFAULTS,
+    check_args,
+    resolve_device,
+    resolve_loss_chunk,
+    resolve_precision,
+    system_ram_bytes,
+)
+
+_TRAIN, _SEQ_LEN = TRAIN_DEFAULTS, SEQ_LEN_DEFAULT   # TrainSpec's and DataSpec's defaults (plan_args)
 
 __all__ = ["FULL_FT", "TERMS", "MemoryEstimate", "count_adapter", "estimate_from_facts",
            "estimate_memory", "system_ram_bytes"]
@@ -54,11 +63,6 @@ TERMS = ("base_weights", "quant_constants", "adapter_weights", "gradients", "opt
 
 
 # ----------------------------------------------------------------------------- the estimate
-# The defaults of a training run, read from TrainSpec's and DataSpec's fields, so that an estimate
-# with no arguments is the memory of lora_lab.train with no arguments.
-_TRAIN = {f.name: f.default for f in fields(TrainSpec)}
-_SEQ_LEN = next(f.default for f in fields(DataSpec) if f.name == "max_length")
-_DTYPE_NAMES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 FULL_FT = "full FT"
 
 
@@ -211,63 +215,6 @@ class MemoryEstimate:
         return head + verdicts + recipes + self.table().round(2).to_html()
 
 
-def _check_args(batch_size, seq_len, optimizer, precision, grad_accum):
-    for name, v in (("batch_size", batch_size), ("seq_len", seq_len), ("grad_accum", grad_accum)):
-        if not (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
-            raise SpecError("estimate_memory", name, v, f"{name} must be an integer >= 1",
-                            f"pass {name}={_TRAIN.get(name, _SEQ_LEN)}")
-    if optimizer not in mem.OPTIMIZERS:
-        raise SpecError("estimate_memory", "optimizer", optimizer,
-                        f"choose one of {mem.OPTIMIZERS}", "pass optimizer='adamw'")
-    if precision not in PRECISIONS:
-        raise SpecError("estimate_memory", "precision", precision, f"choose one of {PRECISIONS}",
-                        "pass precision='auto' (fp16 on a T4, bf16 on other GPUs and on CPUs with "
-                        "native bf16 for models of hidden size >= 512, else fp32)")
-
-
-def system_ram_bytes() -> int:
-    """The machine's total RAM in bytes (psutil when installed, else ``os.sysconf``)."""
-    try:
-        import psutil
-
-        return int(psutil.virtual_memory().total)
-    except ImportError:
-        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
-
-
-def _device(device):
-    cpu = isinstance(device, str) and device.strip().lower() == "cpu"
-    try:
-        return mem.device_bytes(device, system_ram_bytes() if cpu else None)
-    except (ValueError, OSError, AttributeError) as exc:   # no sysconf: not a POSIX system
-        choices = {k.lower(): v for k, v in mem.AMBIGUOUS_DEVICES.items()}.get(
-            str(device).strip().lower())
-        fix = (" or ".join(f"pass device={c!r}" for c in choices) if choices else
-               f"pass one of {[*mem.DEVICES, 'cpu']} or the memory in GiB, such as device=24")
-        raise SpecError("estimate_memory", "device", device, str(exc), fix) from exc
-
-
-def _precision(precision: str, q: QuantSpec | None, dev_label: str,
-               hidden: int | None = None) -> tuple[str, int]:
-    """``(name, bytes)`` of the compute dtype: ``precision``, else the quantization's compute dtype,
-    else the device's, as :func:`lora_lab.train` and ``load_model(dtype="auto")`` pick it: fp16 on a
-    T4, bf16 on other GPUs, and on this machine's CPU the rule of
-    :func:`~lora_lab.hf.model.device.default_train_precision` (bf16 where the chip has native bf16
-    and the model's hidden size is >= 512, else fp32)."""
-    if precision == "auto":
-        if q is not None and q.compute_dtype is not None:
-            precision = _DTYPE_NAMES[q.compute_dtype]
-        elif dev_label == mem.CPU:
-            precision = default_train_precision("cpu", hidden)
-        else:
-            precision = "fp16" if dev_label == "T4" else "bf16"
-    if precision == "fp16" and dev_label == mem.CPU:
-        raise SpecError("estimate_memory", "precision", "fp16", "fp16 training needs a CUDA GPU",
-                        "pass precision='auto' (bf16 or fp32 on the CPU, by what the chip has) or "
-                        "'bf16'")
-    return precision, 4 if precision == "fp32" else 2
-
-
 def estimate_memory(model, adapter: AdapterSpec | None = None, quant=None,
                     batch_size: int = _TRAIN["batch_size"], seq_len: int = _SEQ_LEN,
                     gradient_checkpointing: bool = _TRAIN["gradient_checkpointing"],
@@ -344,27 +291,20 @@ def estimate_from_facts(facts: ModelFacts, spec: AdapterSpec | None, quant=None,
                         f"{q.name} base keeps its weights frozen in {q.bits} bits",
                         "pass adapter=lora_lab.AdapterSpec(r=8) to train an adapter on the "
                         "quantized base (QLoRA), or quant=None for full fine-tuning")
-    _check_args(batch_size, seq_len, optimizer, precision, grad_accum)
-    if not (isinstance(chunked_loss, bool) or chunked_loss == "auto"):
-        raise SpecError("estimate_memory", "chunked_loss", chunked_loss,
-                        "chunked_loss must be True, False or 'auto'", "pass chunked_loss='auto'")
-    if isinstance(loss_chunk_size, bool) or not isinstance(loss_chunk_size, int) or loss_chunk_size < 1:
-        raise SpecError("estimate_memory", "loss_chunk_size", loss_chunk_size,
-                        "loss_chunk_size must be a positive number of tokens",
-                        f"pass loss_chunk_size={_TRAIN['loss_chunk_size']} (it need not divide the "
-                        "sequence length)")
-    dev_label, dev_bytes = _device(device)
-    prec = _precision(precision, q, dev_label, facts.arch.hidden)
+    check_args(batch_size, seq_len, optimizer, precision, grad_accum)
+    dev_label, dev_bytes = resolve_device(device)
+    prec = resolve_precision(precision, q, dev_label, facts.arch.hidden)
     adapter = spec if spec is not None else AdapterSpec()
     count = count_adapter(facts, adapter)
     setup = {"batch": batch_size, "seq": seq_len, "checkpointing": gradient_checkpointing,
              "optimizer": optimizer, "padded": padded, "grad_accum": grad_accum,
-             "loss_chunk": mem.resolve_loss_chunk(chunked_loss, facts.arch.vocab, loss_chunk_size)}
-    est = _estimate(facts, adapter, q, count, setup, dev_label, dev_bytes, prec)
+             "loss_chunk": resolve_loss_chunk(chunked_loss, loss_chunk_size, facts.arch.vocab)}
+    adapter_chunk = resolve_loss_chunk(chunked_loss, loss_chunk_size, facts.arch.vocab, adapter)
+    est = _estimate(facts, adapter, q, count, setup, dev_label, dev_bytes, prec, adapter_chunk)
     return replace(est, chosen=FULL_FT) if spec is None else est
 
 
-def _estimate(facts, spec, q, count, setup, dev_label, dev_bytes, prec):
+def _estimate(facts, spec, q, count, setup, dev_label, dev_bytes, prec, adapter_chunk):
     qs = q or QuantSpec()
     c = prec[1]
     full_r, adapter_r = full_ft_recipe(prec[0]), adapter_recipe(prec[0])
@@ -384,9 +324,10 @@ def _estimate(facts, spec, q, count, setup, dev_label, dev_bytes, prec):
     qlayout = mem.QuantLayout(bits=qs.bits, shapes=facts.quant_shapes, double_quant=qs.double_quant)
     label = _label(spec)
     qlabel = "QLoRA" if (spec.method == "lora" and qs.bits == 4) else f"{label} + {qs.name}"
+    adapted = {**common, "loss_chunk": adapter_chunk}   # prompt learning: the full loss (plan_args)
     scenarios = {FULL_FT: mem.memory_terms(trainable=full, **common),
-                 label: mem.memory_terms(trainable=layout, **common),
-                 qlabel: mem.memory_terms(trainable=layout, quant=qlayout, **common)}
+                 label: mem.memory_terms(trainable=layout, **adapted),
+                 qlabel: mem.memory_terms(trainable=layout, quant=qlayout, **adapted)}
     trainable = {FULL_FT: facts.total_params, label: count.params, qlabel: count.params}
     recipes = {FULL_FT: full_r, label: adapter_r, qlabel: adapter_r}
     return MemoryEstimate(
@@ -396,4 +337,4 @@ def _estimate(facts, spec, q, count, setup, dev_label, dev_bytes, prec):
         batch_size=setup["batch"], seq_len=setup["seq"],
         gradient_checkpointing=bool(setup["checkpointing"]), optimizer=setup["optimizer"],
         precision=prec[0], grad_accum=setup["grad_accum"], recipes=recipes,
-        loss_chunk=setup["loss_chunk"])
+        loss_chunk=adapter_chunk)
