@@ -115,13 +115,22 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from .logits import (
+    CHUNKED_LOSS_MIN_VOCAB,
+    DEFAULT_LOSS_CHUNK,
+    LOSS_BLOCK_BYTES,
+    logits_bytes,
+    loss_block_rows,
+    resolve_loss_chunk,
+)
 from .quant_storage import QuantStorage, quant_storage
 
 __all__ = ["AMBIGUOUS_DEVICES", "CPU", "CPU_FRAGMENTATION", "CPU_RUNTIME", "CUDA_CONTEXT", "DEVICES",
            "GIB", "OPTIMIZERS", "Architecture", "QuantLayout", "QuantStorage", "TrainableLayout",
            "activation_bytes", "device_bytes", "four_bit_bytes", "int8_bytes", "layer_activation_bytes",
            "logits_bytes", "memory_terms", "optimizer_bytes_per_param", "quant_storage", "verdict",
-           "CHUNKED_LOSS_MIN_VOCAB", "DEFAULT_LOSS_CHUNK", "LOSS_BLOCK_BYTES", "resolve_loss_chunk"]
+           "CHUNKED_LOSS_MIN_VOCAB", "DEFAULT_LOSS_CHUNK", "LOSS_BLOCK_BYTES", "loss_block_rows",
+           "resolve_loss_chunk"]
 
 GIB = 2**30
 # Memory of each card in GiB (2**30 bytes), the unit of every size in this module and of a number
@@ -134,9 +143,6 @@ CUDA_CONTEXT = 0.45 * GIB               # CUDA runtime + cuBLAS + kernels (not i
 CPU_RUNTIME = 0.47 * GIB                # resident size of Python + torch + transformers + peft
 CPU_FRAGMENTATION = 0.45                # glibc heap kept after freeing, share of dynamic memory
 OPTIMIZERS = ("adamw", "adamw_fused", "adamw_8bit", "paged_adamw_8bit", "paged_adamw", "sgd")
-CHUNKED_LOSS_MIN_VOCAB = 32_000         # chunked_loss="auto" from this vocabulary on
-DEFAULT_LOSS_CHUNK = 512                # tokens per chunk of the chunked loss (TrainSpec's default)
-LOSS_BLOCK_BYTES = 16 * 2**20           # fp32 rows of a frozen head's logits at a time (chunked_loss)
 
 
 def device_bytes(device: str | float, system_ram: int | None = None) -> tuple[str, int]:
@@ -309,25 +315,6 @@ def activation_bytes(arch: Architecture, trainable: TrainableLayout, batch: int,
     else:
         kept = T * arch.layers * layer
     return kept + shared, T * layer
-
-
-def resolve_loss_chunk(chunked, vocab: int, chunk_size: int = DEFAULT_LOSS_CHUNK) -> int | None:
-    """Tokens per chunk of the loss that ``chunked`` (True, False or ``"auto"``) selects for a
-    ``vocab``-sized head: ``chunk_size``, or None for the full-vocabulary loss.  ``"auto"``: on
-    for ``vocab ≥`` :data:`CHUNKED_LOSS_MIN_VOCAB` (the rule of ``TrainSpec``)."""
-    on = vocab >= CHUNKED_LOSS_MIN_VOCAB if chunked == "auto" else bool(chunked)
-    return chunk_size if on else None
-
-
-def logits_bytes(arch: Architecture, batch: int, seq: int, c: int, chunk: int | None = None,
-                 frozen_head: bool = False) -> float:
-    """Worst moment of the loss: ``T·V·max(c + 8, 12)``, or for the chunked loss ``min(chunk, T)·V``
-    times that, or ``c`` plus one fp32 block with a frozen head (see the module docstring)."""
-    tokens = batch * seq if chunk is None else min(chunk, batch * seq)
-    if chunk is None or not frozen_head:
-        return tokens * arch.vocab * max(c + 8, 12)
-    block = min(tokens, max(1, LOSS_BLOCK_BYTES // (4 * arch.vocab))) * arch.vocab * 4 if c < 4 else 0
-    return tokens * arch.vocab * c + block
 
 
 def memory_terms(*, arch: Architecture, total_params: int, unquantized_params: int,

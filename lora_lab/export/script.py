@@ -283,12 +283,13 @@ _TRAINER_CLASS = "class CountingTrainer(TokenCounting, Trainer):"
 def _trainer_main() -> str:
     """``train.py``'s main: the chunked loss (:data:`templates_loss.LOSS`, the rule of
     :mod:`lora_lab.hf.training.chunked_loss`) and a Trainer that runs it when TRAIN says so."""
-    from ..core.memory import CHUNKED_LOSS_MIN_VOCAB
+    from ..core.memory import CHUNKED_LOSS_MIN_VOCAB, LOSS_BLOCK_BYTES
 
     assert _TRAINER_CLASS in L.TRAINER_MAIN
     main = L.TRAINER_MAIN.replace(_TRAINER_CLASS,
                                   "class CountingTrainer(ChunkedLoss, TokenCounting, Trainer):")
-    return LOSS.replace("@MIN_VOCAB@", f"{CHUNKED_LOSS_MIN_VOCAB:_}") + main
+    return (LOSS.replace("@MIN_VOCAB@", f"{CHUNKED_LOSS_MIN_VOCAB:_}")
+            .replace("@BLOCK_BYTES@", f"{LOSS_BLOCK_BYTES:_}") + main)
 
 
 def _script(name: str, title: str, settings: str, main: str, main_import: str) -> str:

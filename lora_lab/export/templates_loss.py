@@ -1,8 +1,10 @@
 """The chunked language-model loss as written into an exported ``train.py``.
 
 The script must run where lora_lab is not installed, so the loss of
-:mod:`lora_lab.hf.training.chunked_loss` is embedded as source text; ``@MIN_VOCAB@`` is replaced by
-:data:`~lora_lab.hf.training.chunked_loss.CHUNKED_LOSS_MIN_VOCAB` when the script is written.
+:mod:`lora_lab.hf.training.chunked_loss` is embedded as source text; ``@MIN_VOCAB@`` and
+``@BLOCK_BYTES@`` are replaced by :data:`lora_lab.core.logits.CHUNKED_LOSS_MIN_VOCAB` and
+:data:`~lora_lab.core.logits.LOSS_BLOCK_BYTES` when the script is written
+(``tests/export/test_script_loss.py`` holds the two to the same results).
 """
 
 LOSS = '''
@@ -10,11 +12,12 @@ LOSS = '''
 # ----------------------------------------------------------------------------- the chunked loss
 # TRAIN["chunked_loss"]: the LM head and the cross-entropy run over chunks of
 # TRAIN["loss_chunk_size"] tokens (a frozen head's gradient taken chunk by chunk in the forward), so
-# a step holds one chunk's (C, V) fp32 logits instead of all B x T x V of them: 12.6 GB -> 0.8 GB
-# for 4 x 2048 tokens of a 128k vocabulary.  Same loss and gradients as the model's own loss
-# (lora_lab.hf.training.chunked_loss, line for line).  "auto": on for vocabularies of
-# CHUNKED_LOSS_MIN_VOCAB tokens or more.
+# a step holds one chunk's (C, V) logits instead of all B x T x V of them: 12.6 GB -> 0.8 GB for
+# 4 x 2048 tokens of a 128k vocabulary (0.15 GB with a frozen head).  Same loss and gradients as
+# the model's own loss (lora_lab.hf.training.chunked_loss, line for line).  "auto": on for
+# vocabularies of CHUNKED_LOSS_MIN_VOCAB tokens or more.
 CHUNKED_LOSS_MIN_VOCAB = @MIN_VOCAB@
+LOSS_BLOCK_BYTES = @BLOCK_BYTES@  # fp32 bytes of a frozen head's logits turned into their gradient at a time
 LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
 
 
@@ -39,23 +42,34 @@ def chunk_loss(head, hidden, targets):
 
 
 def chunk_loss_and_grad(head, hidden, targets):
-    """(sum of the CE, its gradient to hidden) of one chunk through a frozen head: z = head(h) in
-    fp32 (C, V), loss_t = logsumexp(z_t) - z_t[y_t], dloss_t/dz_t = softmax(z_t) - onehot(y_t)
-    (0 where y_t = -100) written over z in place, then taken through the head by autograd."""
+    """(sum of the CE, its gradient to hidden) of one chunk through a frozen head: z = head(h)
+    (C, V), loss_t = logsumexp(z_t) - z_t[y_t], dloss_t/dz_t = softmax(z_t) - onehot(y_t) (0 where
+    y_t = -100), written over the head's output in place one fp32 block of LOSS_BLOCK_BYTES at a
+    time (it stays in a CPU's cache; a Linear's backward never reads its output), then taken
+    through the head by autograd."""
     with torch.enable_grad():
         h = hidden.detach().requires_grad_()
         out = head(h)
-    z = out.detach().float()  # fp32 shares out's storage: a Linear's backward never reads its output
+    logits = out.detach()
     valid = targets != IGNORE_INDEX
     safe = torch.where(valid, targets, 0)[:, None]
-    z_y = z.gather(1, safe).squeeze(1)
-    m = z.amax(dim=-1, keepdim=True)
-    total = z.sub_(m).exp_().sum(dim=-1, keepdim=True)  # in place: torch.logsumexp allocates twice
-    lse = total.log().add_(m).squeeze(1)
-    part = ((lse - z_y) * valid).sum()
-    z.mul_(valid[:, None] / total)
-    z.scatter_add_(1, safe, -valid[:, None].to(z.dtype))
-    (g,) = torch.autograd.grad(out, h, grad_outputs=z.to(out.dtype))
+    weight = valid[:, None].to(torch.float32)
+    part = torch.zeros((), dtype=torch.float32, device=logits.device)
+    rows = min(max(1, LOSS_BLOCK_BYTES // (4 * logits.shape[1])), logits.shape[0])
+    fp32 = logits.dtype == torch.float32
+    buffer = None if fp32 else torch.empty(rows, logits.shape[1], dtype=torch.float32, device=logits.device)
+    for start in range(0, logits.shape[0], rows):
+        block = logits[start:start + rows]
+        z = block if fp32 else buffer[:block.shape[0]].copy_(block)
+        y, w = safe[start:start + rows], weight[start:start + rows]
+        z_y = z.gather(1, y)
+        m = z.amax(dim=-1, keepdim=True)
+        total = z.sub_(m).exp_().sum(dim=-1, keepdim=True)  # in place: torch.logsumexp allocates twice
+        part += torch.where(w > 0, total.log() + m - z_y, 0).sum()
+        z.mul_(w / total).masked_fill_(w == 0, 0).scatter_add_(1, y, -w)
+        if not fp32:
+            block.copy_(z)
+    (g,) = torch.autograd.grad(out, h, grad_outputs=logits)
     return part, g
 
 

@@ -52,8 +52,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from ...core import memory as _memory
 from ...core.memory import CHUNKED_LOSS_MIN_VOCAB, DEFAULT_LOSS_CHUNK
-from ...core.memory import LOSS_BLOCK_BYTES as _LOSS_BLOCK_BYTES
 from ...errors import TrainingError
 from .._peft import is_peft
 
@@ -63,9 +63,10 @@ __all__ = ["DEFAULT_CHUNK_SIZE", "AUTO_MIN_VOCAB", "IGNORE_INDEX", "ChunkedLossM
 
 IGNORE_INDEX = -100
 DEFAULT_CHUNK_SIZE = DEFAULT_LOSS_CHUNK
-"""Tokens per chunk.  At V = 128k one chunk costs 512·V·12 B ≈ 0.8 GB (fp16 compute) against
-12.6 GB for the full logits of 4 × 2048 tokens, and a (512 × H)·(H × V) matmul still keeps a GPU
-busy, so cutting the head into chunks costs no more than its FLOPs."""
+"""Tokens per chunk.  At V = 128k a trained head's chunk costs 512·V·12 B ≈ 0.8 GB (fp16 compute),
+a frozen head's 512·V·2 B + 16 MiB ≈ 0.15 GB, against 12.6 GB for the full logits of 4 × 2048
+tokens, and a (512 × H)·(H × V) matmul still keeps a GPU busy, so cutting the head into chunks
+costs no more than its FLOPs."""
 AUTO_MIN_VOCAB = CHUNKED_LOSS_MIN_VOCAB
 """``chunked_loss="auto"`` turns it on from this vocabulary size (Llama 2, Mistral: 32k; SmolLM2:
 49k; Qwen: 151k; Llama 3: 128k).  There the full logits cost ``12·V`` = 384 kB per token or more,
@@ -74,10 +75,6 @@ loss runs the same head matmuls as the full loss and fewer passes over the logit
 slower (``benchmarks/loss_memory.py``, measured on a CPU: see the README).  Below it (GPT-2-sized toy
 vocabularies, lora_lab's builtin models) the logits are small and the plain loss is kept: there is
 nothing to save, and a trainable head's chunks would be recomputed (one more head matmul)."""
-LOSS_BLOCK_BYTES = _LOSS_BLOCK_BYTES
-"""fp32 bytes per block of rows in a frozen head's loss (:func:`_chunk_loss_and_grad`), 16 MiB: 85
-rows of SmolLM2's 49,152 logits, 32 of Llama 3's 128,256.  Small enough to stay in a server CPU's
-last-level cache through the block's passes, large enough that a GPU runs few blocks per chunk."""
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
 
 
@@ -180,12 +177,6 @@ class _FrozenHeadLoss(torch.autograd.Function):
         return grad * grad_total.to(grad.dtype), None, None, None
 
 
-def _block_rows(vocab: int) -> int:
-    """Rows of logits per fp32 block in :func:`_chunk_loss_and_grad`: :data:`LOSS_BLOCK_BYTES` of
-    fp32 values, at least one row."""
-    return max(1, LOSS_BLOCK_BYTES // (4 * vocab))
-
-
 def _chunk_loss_and_grad(head, hidden: torch.Tensor, targets: torch.Tensor):
     """``(Σ CE, ∂ΣCE/∂hidden)`` of one chunk, hidden (C, H), targets (C,), for a frozen head.
 
@@ -194,12 +185,18 @@ def _chunk_loss_and_grad(head, hidden: torch.Tensor, targets: torch.Tensor):
     (``grad_outputs``).
 
     The logits are turned into their gradient **in place**, one block of rows at a time
-    (:func:`_block_rows`: :data:`LOSS_BLOCK_BYTES` of fp32 values): each block is copied into one
+    (:func:`lora_lab.core.memory.loss_block_rows`: 16 MiB of fp32 values, 85 rows of SmolLM2's
+    49,152 logits, 32 of Llama 3's 128,256, small enough to stay in a server CPU's last-level
+    cache through the block's passes, the planner's term): each block is copied into one
     fp32 buffer (worked on where it is when the head runs in fp32), its log-sum-exp built from the passes the
     softmax needs (``m = max z_t``, ``e = exp(z_t − m)``, ``lse = m + log Σe``, ``softmax = e / Σe``),
-    and the gradient written back over the head's output, in the head's dtype (a Linear's
-    backward never reads its output; a head whose backward did would make autograd raise, not
-    compute wrongly).  So a 16-bit head holds ``C·V`` 16-bit values and one fp32 block, not its
+    and the gradient written back over the head's output, in the head's dtype.  That is safe for
+    heads whose backward keeps their inputs, not their output: ``nn.Linear``, bitsandbytes' 4- and
+    8-bit layers, peft's LoRA and DoRA (a saved output would make autograd raise; a custom
+    ``autograd.Function`` keeping its output outside ``save_for_backward``, or a forward hook
+    holding it, would see the gradient instead).  Ignored rows are zeroed whatever their logits
+    (an fp16 overflow to ±inf there leaves the loss finite, as in ``F.cross_entropy``).  So a
+    16-bit head holds ``C·V`` 16-bit values and one fp32 block, not its
     output, an fp32 copy and a 16-bit copy of the gradient (``C·V·(2c + 4)`` bytes before: 201 MB
     against 67 MB for 512 tokens of SmolLM2's 49,152), and the block's passes stay in the CPU's
     cache: the whole function, both head matmuls included, took 178–197 ms against 232–258 ms with
@@ -213,7 +210,7 @@ def _chunk_loss_and_grad(head, hidden: torch.Tensor, targets: torch.Tensor):
     safe = torch.where(valid, targets, 0)[:, None]             # (C, 1)
     weight = valid[:, None].to(torch.float32)                  # (C, 1): 0 on ignored rows
     part = torch.zeros((), dtype=torch.float32, device=logits.device)
-    rows = min(_block_rows(logits.shape[1]), logits.shape[0])
+    rows = min(_memory.loss_block_rows(logits.shape[1]), logits.shape[0])
     fp32 = logits.dtype == torch.float32
     buffer = None if fp32 else torch.empty(rows, logits.shape[1], dtype=torch.float32, device=logits.device)
     for start in range(0, logits.shape[0], rows):
@@ -223,8 +220,8 @@ def _chunk_loss_and_grad(head, hidden: torch.Tensor, targets: torch.Tensor):
         z_y = z.gather(1, y)                                   # (b, 1): the target's logit
         m = z.amax(dim=-1, keepdim=True)                       # (b, 1)
         total = z.sub_(m).exp_().sum(dim=-1, keepdim=True)     # z is now e = exp(z − m)
-        part += ((total.log() + m - z_y) * w).sum()            # Σ (lse − z_y) over supervised rows
-        z.mul_(w / total).scatter_add_(1, y, -w)               # softmax − onehot(y), 0 on ignored rows
+        part += torch.where(w > 0, total.log() + m - z_y, 0).sum()  # Σ (lse − z_y), supervised rows
+        z.mul_(w / total).masked_fill_(w == 0, 0).scatter_add_(1, y, -w)  # softmax − onehot(y); 0 if ignored
         if not fp32:
             block.copy_(z)                                     # back into the head's dtype
     (g,) = torch.autograd.grad(out, h, grad_outputs=logits)

@@ -100,10 +100,10 @@ def test_same_loss_and_grads_as_transformers(one_thread, tied, chunk):
 def test_blocks_of_rows_give_the_same_loss_and_grads(one_thread, monkeypatch, rows, chunk):
     """A frozen head's logits become their gradient ``rows`` at a time (ragged last blocks, ignored
     rows inside blocks): still transformers' loss and gradients, in fp32 and under bf16 autocast."""
-    from lora_lab.hf.training import chunked_loss
+    from lora_lab.core import logits
 
-    monkeypatch.setattr(chunked_loss, "LOSS_BLOCK_BYTES", rows * 4 * VOCAB)
-    assert chunked_loss._block_rows(VOCAB) == rows
+    monkeypatch.setattr(logits, "LOSS_BLOCK_BYTES", rows * 4 * VOCAB)
+    assert logits.loss_block_rows(VOCAB) == rows
     model, batch = _lora(_tiny(True)), _batch()
     _assert_same(model, batch, chunk)
     with torch.autocast("cpu", dtype=torch.bfloat16):
