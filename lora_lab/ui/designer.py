@@ -30,6 +30,7 @@ from ..core.memory import DEVICES, GIB
 from ..errors import LoraLabError, SpecError
 from ..hf.model.facts import model_facts
 from ..hf.model.plan import MemoryEstimate, estimate_from_facts
+from ..hf.model.plan_args import PROMPT_LEARNING
 from ..specs import (
     INITS,
     OPTIMIZERS,
@@ -250,7 +251,7 @@ class AdapterDesigner(widgets.VBox):
             est = estimate_from_facts(self._facts, spec, quant, **args)
             # the other loss, for comparison: full-vocabulary logits vs the chunked loss (prefix and
             # prompt tuning train with the full loss only: peft adds their virtual tokens itself)
-            other = None if spec is not None and spec.method in ("prefix", "prompt") else estimate_from_facts(
+            other = None if spec is not None and spec.method in PROMPT_LEARNING else estimate_from_facts(
                 self._facts, spec, quant, chunked_loss=est.loss_chunk is None, **args)
         except LoraLabError as exc:
             self.error = str(exc)

@@ -84,15 +84,15 @@ def test_prompt_learning_is_planned_with_the_full_loss_as_training_runs_it(metho
         use_chunked(True, model)
 
     spec = ll.AdapterSpec(method=method, num_virtual_tokens=4)
-    est = ll.estimate_memory(cfg, spec, batch_size=2, seq_len=64, device="T4")
+    est = ll.estimate_memory(cfg, spec, batch_size=2, seq_len=1024, device="T4")
     assert est.loss_chunk is None
-    tokens = 2 * (64 + (4 if method == "prompt" else 0))     # prompt tuning's virtual tokens are rows too
+    tokens = 2 * (1024 + (4 if method == "prompt" else 0))   # prompt tuning's virtual tokens are rows too
     assert est.scenarios[est.chosen]["logits"] == tokens * 32_000 * 12     # T·V·max(c + 8, 12), c = 2
-    assert est.scenarios["full FT"]["logits"] == 128 * 32_000 * 12        # full FT: chunked (128 < 512)
-    lora = ll.estimate_memory(cfg, ll.AdapterSpec(r=8), batch_size=2, seq_len=64, device="T4")
+    assert est.scenarios["full FT"]["logits"] == 512 * 32_000 * 12        # full FT: one 512-token chunk
+    lora = ll.estimate_memory(cfg, ll.AdapterSpec(r=8), batch_size=2, seq_len=1024, device="T4")
     assert lora.loss_chunk == 512
     with pytest.raises(SpecError, match="chunked_loss") as err:
-        ll.estimate_memory(cfg, spec, batch_size=2, seq_len=64, device="T4", chunked_loss=True)
+        ll.estimate_memory(cfg, spec, batch_size=2, seq_len=1024, device="T4", chunked_loss=True)
     assert "virtual tokens" in str(err.value)
 
 

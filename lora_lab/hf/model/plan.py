@@ -47,8 +47,8 @@ from .plan_args import (  # noqa: F401  (system_ram_bytes re-exported)
     SEQ_LEN_DEFAULT,
     TRAIN_DEFAULTS,
     check_args,
+    planned_loss_chunk,
     resolve_device,
-    resolve_loss_chunk,
     resolve_precision,
     system_ram_bytes,
 )
@@ -106,7 +106,7 @@ class MemoryEstimate:
     precision: str = "bf16"
     grad_accum: int = 1
     recipes: dict = field(default_factory=dict, repr=False)   # scenario -> core.recipes.Recipe
-    loss_chunk: int | None = None     # tokens per chunk of the chunked loss; None: the full loss
+    loss_chunk: int | None = None     # the adapter rows' loss chunk (tokens); None: the full loss
 
     @property
     def breakdown(self) -> dict[str, float]:
@@ -296,10 +296,11 @@ def estimate_from_facts(facts: ModelFacts, spec: AdapterSpec | None, quant=None,
     prec = resolve_precision(precision, q, dev_label, facts.arch.hidden)
     adapter = spec if spec is not None else AdapterSpec()
     count = count_adapter(facts, adapter)
+    loss = dict(chunk_size=loss_chunk_size, vocab=facts.arch.vocab)
     setup = {"batch": batch_size, "seq": seq_len, "checkpointing": gradient_checkpointing,
              "optimizer": optimizer, "padded": padded, "grad_accum": grad_accum,
-             "loss_chunk": resolve_loss_chunk(chunked_loss, loss_chunk_size, facts.arch.vocab)}
-    adapter_chunk = resolve_loss_chunk(chunked_loss, loss_chunk_size, facts.arch.vocab, adapter)
+             "loss_chunk": planned_loss_chunk(chunked_loss, **loss)}       # full FT's loss
+    adapter_chunk = planned_loss_chunk(chunked_loss, adapter=adapter, **loss)  # prefix/prompt: the full loss
     est = _estimate(facts, adapter, q, count, setup, dev_label, dev_bytes, prec, adapter_chunk)
     return replace(est, chosen=FULL_FT) if spec is None else est
 

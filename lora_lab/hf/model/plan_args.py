@@ -12,15 +12,15 @@ from ...errors import SpecError
 from ...specs import PRECISIONS, AdapterSpec, DataSpec, QuantSpec, TrainSpec
 from .device import default_train_precision
 
-__all__ = ["SEQ_LEN_DEFAULT", "TRAIN_DEFAULTS", "check_args", "resolve_device", "resolve_loss_chunk",
-           "resolve_precision", "system_ram_bytes"]
+__all__ = ["PROMPT_LEARNING", "SEQ_LEN_DEFAULT", "TRAIN_DEFAULTS", "check_args", "planned_loss_chunk",
+           "resolve_device", "resolve_precision", "system_ram_bytes"]
 
 # The defaults of a training run, read from TrainSpec's and DataSpec's fields, so that an estimate
 # with no arguments is the memory of lora_lab.train with no arguments.
 TRAIN_DEFAULTS = {f.name: f.default for f in fields(TrainSpec)}
 SEQ_LEN_DEFAULT = next(f.default for f in fields(DataSpec) if f.name == "max_length")
 _DTYPE_NAMES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
-_PROMPT_LEARNING = ("prefix", "prompt")
+PROMPT_LEARNING = ("prefix", "prompt")   # methods the chunked loss cannot train (peft adds their tokens)
 
 
 def check_args(batch_size, seq_len, optimizer, precision, grad_accum):
@@ -80,7 +80,7 @@ def resolve_precision(precision: str, q: QuantSpec | None, dev_label: str,
     return precision, 4 if precision == "fp32" else 2
 
 
-def resolve_loss_chunk(chunked_loss, loss_chunk_size, vocab: int, adapter: AdapterSpec | None = None):
+def planned_loss_chunk(chunked_loss, *, chunk_size, vocab: int, adapter: AdapterSpec | None = None):
     """Tokens per chunk of the loss ``lora_lab.train`` will run, or None for the full loss:
     ``TrainSpec.chunked_loss``'s rule (``"auto"``: on from a 32k vocabulary).  With ``adapter`` a
     prefix or prompt tuning spec, ``"auto"`` is the full loss and True is refused, as in training
@@ -88,15 +88,15 @@ def resolve_loss_chunk(chunked_loss, loss_chunk_size, vocab: int, adapter: Adapt
     if not (isinstance(chunked_loss, bool) or chunked_loss == "auto"):
         raise SpecError("estimate_memory", "chunked_loss", chunked_loss,
                         "chunked_loss must be True, False or 'auto'", "pass chunked_loss='auto'")
-    if isinstance(loss_chunk_size, bool) or not isinstance(loss_chunk_size, int) or loss_chunk_size < 1:
-        raise SpecError("estimate_memory", "loss_chunk_size", loss_chunk_size,
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise SpecError("estimate_memory", "loss_chunk_size", chunk_size,
                         "loss_chunk_size must be a positive number of tokens",
                         f"pass loss_chunk_size={TRAIN_DEFAULTS['loss_chunk_size']} (it need not divide the "
                         "sequence length)")
-    if adapter is not None and adapter.method in _PROMPT_LEARNING:
+    if adapter is not None and adapter.method in PROMPT_LEARNING:
         if chunked_loss is True:
             raise SpecError("estimate_memory", "chunked_loss", True,
                             f"{adapter.method} tuning adds virtual tokens in peft's forward, which the "
                             "chunked loss bypasses, so training refuses it", "pass chunked_loss='auto'")
         return None
-    return mem.resolve_loss_chunk(chunked_loss, vocab, loss_chunk_size)
+    return mem.resolve_loss_chunk(chunked_loss, vocab, chunk_size)
