@@ -69,7 +69,8 @@ def info_lines() -> list[str]:
     )
     from lora_lab.hf.training.compile import compiler_missing
 
-    dev, no_compile = default_device(), compiler_missing(default_device())
+    dev = default_device()
+    no_compile = compiler_missing(dev)
     picked = default_train_precision(dev, None)               # TrainSpec(precision="auto") here
     picked = picked if picked == "fp32" else f"{picked} autocast"
     lines = [f"python        {platform.python_version()} ({platform.machine()})"]

@@ -12,9 +12,10 @@ def test_info_reports_versions_device_and_4bit():
     for name in ("torch", "transformers", "peft", "bitsandbytes", "device", "bf16", "4-bit"):
         assert name in out
     assert "4-bit (bnb)   works on" in out, out
+    from lora_lab.hf.model.device import default_device
     from lora_lab.hf.training.compile import compiler_missing
 
-    why = compiler_missing("cpu")   # this machine's answer (g++ here), as train(compile=True) asks it
+    why = compiler_missing(default_device())   # this machine's answer, as train(compile=True) asks it
     compile_line = next(line for line in out.splitlines() if line.startswith("compile"))
     assert compile_line.endswith("can run here" if why is None else why), compile_line
 
