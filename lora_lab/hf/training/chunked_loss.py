@@ -199,7 +199,7 @@ def _chunk_loss_and_grad(head, hidden: torch.Tensor, targets: torch.Tensor):
     16-bit head holds ``C·V`` 16-bit values and one fp32 block, not its
     output, an fp32 copy and a 16-bit copy of the gradient (``C·V·(2c + 4)`` bytes before: 201 MB
     against 67 MB for 512 tokens of SmolLM2's 49,152), and the block's passes stay in the CPU's
-    cache: the whole function, both head matmuls included, took 178–197 ms against 232–258 ms with
+    cache: the whole function, both head matmuls included, took 187–198 ms against 231–258 ms with
     whole-chunk passes, for 504 tokens of SmolLM2 in bf16 (2-core CPU), the same gradient bit for bit.
     ``torch.logsumexp`` is not used: on a CPU it allocates two (C, V) temporaries."""
     with torch.enable_grad():
