@@ -35,3 +35,20 @@ def randomize_lora(model, adapter, seed=0):
         for n, p in model.named_parameters():
             if f"lora_B.{adapter}." in n:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+
+
+def allocated_peak(step) -> int:
+    """Peak of the bytes torch allocates during one call of ``step`` over what existed before it,
+    from the profiler's allocation events in time order.  ``step`` runs once first, unprofiled, so
+    what persists from the first call (AdamW's moments, caches) is not counted."""
+    from torch.profiler import ProfilerActivity, profile
+
+    step()
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    live = peak = 0
+    for e in sorted((e for e in prof.profiler.kineto_results.events() if e.nbytes() != 0),
+                    key=lambda e: e.start_ns()):
+        live += e.nbytes()
+        peak = max(peak, live)
+    return peak

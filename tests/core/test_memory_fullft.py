@@ -8,6 +8,7 @@ as the CUDA one), so the oracles below are real steps, measured.
 
 import pytest
 import torch
+from lora_testing import allocated_peak
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 import lora_lab as ll
@@ -83,21 +84,6 @@ def test_a_t4_pays_16_bytes_per_param_where_bf16_pays_8():
         assert t["adapter_weights"] + t["gradients_total"] + t["optimizer_states"] == 16 * n
 
 
-def _dynamic_peak(step) -> int:
-    """Peak bytes torch allocates in one step, over what existed before (profiler events)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    step()                                             # AdamW's moments exist from now on
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        step()
-    live = peak = 0
-    for e in sorted((e for e in prof.profiler.kineto_results.events() if e.nbytes() != 0),
-                    key=lambda e: e.start_ns()):
-        live += e.nbytes()
-        peak = max(peak, live)
-    return peak
-
-
 def test_the_t4_recipes_step_peak_matches_torch_allocations():
     """fp32 master weights, fp16 autocast, GradScaler, fused AdamW, 4 x 64 unpadded tokens: the
     estimate's dynamic terms match torch's allocations within 5%.  They include autocast's fp16
@@ -119,7 +105,7 @@ def test_the_t4_recipes_step_peak_matches_torch_allocations():
         scaler.update()
         opt.zero_grad(set_to_none=True)
 
-    measured = _dynamic_peak(step)
+    measured = allocated_peak(step)
     est = estimate_memory(cfg, None, batch_size=4, seq_len=64, device="T4", padded=False,
                           gradient_checkpointing=False)
     t = est.breakdown

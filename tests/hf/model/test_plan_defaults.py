@@ -6,6 +6,7 @@ import os
 
 import pytest
 import torch
+from lora_testing import allocated_peak
 
 import lora_lab as ll
 from lora_lab.core import memory as mem
@@ -135,7 +136,6 @@ def test_bad_precision_and_grad_accum_are_errors(tiny_llama_dir):
 def _dynamic_peak(model, opt, ids, micro: int) -> int:
     """Peak of the bytes torch allocates during one optimizer step of ``micro`` micro-batches
     (from the profiler's allocation events, in time order), over what existed before it."""
-    from torch.profiler import ProfilerActivity, profile
 
     def step():
         for _ in range(micro):
@@ -145,16 +145,7 @@ def _dynamic_peak(model, opt, ids, micro: int) -> int:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    step()                                               # the AdamW moments exist from now on
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        step()
-    events = sorted((e for e in prof.profiler.kineto_results.events() if e.nbytes() != 0),
-                    key=lambda e: e.start_ns())
-    live = peak = 0
-    for e in events:
-        live += e.nbytes()
-        peak = max(peak, live)
-    return peak
+    return allocated_peak(step)                 # the AdamW moments exist after its unprofiled first call
 
 
 @pytest.mark.parametrize("micro", [1, 2])

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from lora_testing import allocated_peak
 from loss_rss_probe import measure
 
 from lora_lab.core.memory import Architecture, logits_bytes
@@ -47,7 +48,6 @@ def test_allocated_peak_of_a_frozen_head_chunk_is_the_planners(one_thread, preci
     bf16 gradient beside the logits (2c + 4 bytes each) would be 64 MiB; in fp32 the block is
     the logits themselves: 32 MiB."""
     import peft
-    from torch.profiler import ProfilerActivity, profile
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from lora_lab.hf.training.chunked_loss import chunked_causal_lm_loss
@@ -65,14 +65,7 @@ def test_allocated_peak_of_a_frozen_head_chunk_is_the_planners(one_thread, preci
         (total / n).backward()
         model.zero_grad(set_to_none=True)
 
-    step()
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        step()
-    live = peak = 0
-    for e in sorted((e for e in prof.profiler.kineto_results.events() if e.nbytes() != 0),
-                    key=lambda e: e.start_ns()):
-        live += e.nbytes()
-        peak = max(peak, live)
+    peak = allocated_peak(step)
     c = 2 if precision == "bf16" else 4
     planned = logits_bytes(ARCH, B, T, c, CHUNK, frozen_head=True)
     assert planned == (CHUNK * V * 2 + 16 * 2**20 if precision == "bf16" else CHUNK * V * 4)
