@@ -288,8 +288,8 @@ class TrainSpec:
     SmolLM2, 4 s once inductor's disk cache is warm; its worker processes add about 400 MB
     meanwhile), so it is for runs of more than a few dozen steps on a real model: notebook 07's
     cell steps 1.34× faster, and 40 steps take 79 s cold, 39 s warm, 45 s eager
-    (``benchmarks/compile.py``).  It needs a C++ compiler on a CPU (Triton on a GPU) and works with
-    gradient checkpointing; losses match eager training within float rounding
+    (``benchmarks/compile.py``).  It needs a C++ compiler on a CPU (Triton and a C compiler on a
+    GPU) and works with gradient checkpointing; losses match eager training within float rounding
     (``tests/train/test_compile.py``).
     """
 

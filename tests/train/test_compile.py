@@ -158,3 +158,31 @@ def test_the_graph_cap_is_raised_and_loud_only_inside_the_run():
     from torch._dynamo.exc import FailOnRecompileLimitHit, TorchRuntimeError
 
     assert is_compile_error(FailOnRecompileLimitHit("limit")) and not is_compile_error(TorchRuntimeError("x"))
+
+
+def test_gpu_needs_triton_and_a_c_compiler(monkeypatch, tmp_path):
+    """Triton builds its kernel launchers with $CC, else gcc, else clang (triton/runtime/build.py):
+    without one the first compiled step would fail, so it is refused up front like a missing C++
+    compiler on a CPU."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+
+    def triton(spec):
+        find = lambda name, *a: spec if name == "triton" else real(name, *a)  # noqa: E731
+        monkeypatch.setattr(importlib.util, "find_spec", find)
+
+    triton(None)
+    assert "needs Triton" in compiler_missing("cuda")
+    triton(object())                              # Triton present (this CPU build of torch has none)
+    monkeypatch.setenv("CC", "/nonexistent/cc")
+    why = compiler_missing("cuda")
+    assert "no C compiler" in why and "CC=/nonexistent/cc" in why
+    cc = tmp_path / "cc"
+    cc.write_text("#!/bin/sh\n")
+    cc.chmod(0o755)
+    monkeypatch.setenv("CC", str(cc))             # an executable $CC: Triton would use it
+    assert compiler_missing("cuda") is None
+    monkeypatch.delenv("CC")
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))   # no gcc, no clang
+    assert "gcc, clang not on PATH" in compiler_missing("cuda")

@@ -26,7 +26,8 @@ Only while training: :class:`CompiledLayers` compiles on enter and restores the 
 so evaluation inside the run, generation and merges afterwards run eagerly (generation would
 otherwise recompile for each new length).  Evaluation inside the run uses :meth:`eager`.
 
-It needs what inductor needs: a C++ compiler on a CPU (g++ or clang++), Triton on a GPU.
+It needs what inductor needs: a C++ compiler on a CPU (g++ or clang++), Triton on a GPU, and a C
+compiler there too (gcc or clang, or ``$CC``), with which Triton builds its kernel launchers.
 """
 
 from __future__ import annotations
@@ -58,13 +59,20 @@ def compiler_missing(device_type: str) -> str | None:
     if device_type == "cuda":
         if importlib.util.find_spec("triton") is None:
             return "torch.compile on a GPU needs Triton, which is not installed"
+        # Triton builds a small C launcher per kernel at run time: $CC, else gcc, else clang
+        # (triton/runtime/build.py, get_cc); without one the first compiled step fails
+        return _missing("CC", ("gcc", "clang"), "torch.compile on a GPU needs Triton, which builds a C "
+                        "launcher for its kernels, and no C compiler was found")
+    return _missing("CXX", ("g++", "clang++", "c++"),
+                    "torch.compile on a CPU builds C++ kernels and no C++ compiler was found")
+
+
+def _missing(env: str, names: tuple[str, ...], why: str) -> str | None:
+    """``why`` and what was looked for, when neither ``$env`` (if set) nor any of ``names`` is on PATH."""
+    chosen = os.environ.get(env)
+    if any(shutil.which(c) for c in ((chosen,) if chosen else names)):
         return None
-    cxx = os.environ.get("CXX")
-    found = [c for c in ((cxx,) if cxx else ("g++", "clang++", "c++")) if shutil.which(c)]
-    if not found:
-        return ("torch.compile on a CPU builds C++ kernels and no C++ compiler was found "
-                f"({'CXX=' + cxx if cxx else 'g++, clang++, c++'} not on PATH)")
-    return None
+    return f"{why} ({env + '=' + chosen if chosen else ', '.join(names)} not on PATH)"
 
 
 def is_compile_error(exc: BaseException) -> bool:
