@@ -47,6 +47,26 @@ reaching ≥ 60% of the chip's matrix throughput in the precision used, checked 
 default, eager) and for ``compiled`` (opt-in).  On a machine shared with
 other jobs the wall-clock numbers drop; compare only ratios from the same run.
 
+What eager training has left, measured (so that nobody tries it again blind): ``compile=True``
+fuses every elementwise pass between the matrix products and reaches 60–64%, which bounds what
+any hand fusion in eager mode can win over eager's 54–60%.  Tried and not kept:
+
+* a fused LoRA linear layer (one ``autograd.Function`` per layer: the scale folded into in-place
+  ``addmm_``, the base's and the adapter's input gradients summed in place, the rank-r weight
+  gradient as (aᵀ·g)ᵀ, 1.7× faster than gᵀ·a on oneDNN), matching peft's gradients to 1e-6 in fp32:
+  1.013× bf16 and 0.991× fp32 tokens/s on SmolLM2 8 × 64, measured by switching it on and off
+  *between steps* of one run (A B B A, 28 steps each); peak RSS of notebook 07's cell equal (1,636
+  MiB, set by loading).  By the profiler its Python forward and backward (82 ms a step) cost about
+  what the passes it removed did.  (An earlier per-run A/B read 0.88× the step
+  time: the VM's drift, which is why step-level alternation is the protocol for small effects.)
+* ``F.rms_norm`` for transformers' RMSNorm: its forward is 2.4× faster on a CPU, its backward
+  slower, forward + backward 1.27× slower at SmolLM2's shape; a hand-written backward is 0.37 ms
+  faster per norm (about 1.7% of a step over 61 norms) and was not pursued.
+* the 47 MiB (504 × 49,152 bf16) logits chunk is above glibc's 32 MiB mmap ceiling
+  (``hf/model/heap.py``), so each step faults it in afresh (12,097 minor faults a step: all of
+  them are its pages): 17–25 ms more than a product into a reused buffer (idle, 4 alternations), 1.3–1.9%
+  of a step; reusing one needs a buffer that outlives the step, not pursued.
+
     python benchmarks/cpu_speed.py [--quick] [--models builtin:tiny builtin:smollm2] [--no-qlora]
                                    [--setups fp32 bf16 compiled] [--steps N] [--repeats N]
                                    [--profile [SETUP ...]]
