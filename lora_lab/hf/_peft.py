@@ -15,7 +15,7 @@ from torch import nn
 
 from ..errors import AdapterError
 
-__all__ = ["PREFIX", "is_peft", "require_peft", "require_adapter", "strip_prefix", "active_name",
+__all__ = ["PREFIX", "is_peft", "base_of", "require_peft", "require_adapter", "strip_prefix", "active_name",
            "lora_layers", "check_adapter_name", "InputCastOff", "tuner_layers"]
 
 PREFIX = "base_model.model."
@@ -27,6 +27,14 @@ def is_peft(model) -> bool:
     import peft
 
     return isinstance(model, peft.PeftModel)
+
+
+def base_of(model) -> nn.Module:
+    """The transformers model under peft's wrapper (``model.get_base_model()``), or ``model`` itself
+    when nothing wraps it.  Asked by attribute, so a ``torch.compile`` wrapper of a peft model (which
+    forwards attributes to it) answers too."""
+    get = getattr(model, "get_base_model", None)
+    return get() if callable(get) else model
 
 
 def require_peft(model, error=AdapterError):

@@ -43,3 +43,16 @@ def test_names_peft_cannot_store_are_refused_with_the_callers_error(name):
     with pytest.raises(BlendError):
         check_adapter_name(name, BlendError)
     check_adapter_name("math")
+
+
+def test_base_of_unwraps_peft_and_its_compile_wrapper_and_leaves_a_bare_model():
+    import torch
+
+    import lora_lab as ll
+    from lora_lab.hf._peft import base_of
+
+    model, _ = ll.load_model("builtin:tiny", device="cpu")
+    assert base_of(model) is model
+    wrapped = ll.attach(model, ll.AdapterSpec(r=4))
+    assert base_of(wrapped) is wrapped.get_base_model() and base_of(wrapped) is not wrapped
+    assert base_of(torch.compile(wrapped)) is wrapped.get_base_model()   # attributes forwarded

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ...errors import MergeError
-from .._peft import is_peft
+from .._peft import base_of, is_peft
 from ..model.inspect import is_quantized
 from .switch import active_adapter, set_adapter, using_adapter
 
@@ -128,7 +128,7 @@ class MergeReport:
 def make_probe_ids(model: nn.Module, n: int = 2, length: int = 32, seed: int = 0) -> torch.Tensor:
     """``n × length`` random token ids in [3, vocab) (ids 0-2 are often special), the same for a
     given seed; ``length`` is cut to the model's ``max_position_embeddings``."""
-    config = model.get_base_model().config if hasattr(model, "get_base_model") else model.config
+    config = base_of(model).config
     length = min(length, getattr(config, "max_position_embeddings", length) or length)
     g = torch.Generator().manual_seed(seed)
     return torch.randint(3, config.vocab_size, (n, length), generator=g)

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import torch
 
+from .._peft import base_of
+
 __all__ = ["NAME", "sdpa_fp32", "Fp32Attention"]
 
 NAME = "lora_lab_sdpa_fp32"
@@ -62,7 +64,7 @@ class Fp32Attention:
     attention; a no-op otherwise.  ``active`` says which."""
 
     def __init__(self, model, device_type: str, dtype):
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        base = base_of(model)
         config = getattr(base, "config", None)
         self.base = base
         self.active = (device_type == "cpu" and dtype == torch.bfloat16

@@ -20,6 +20,7 @@ import torch
 
 from ...core import memory as mem
 from ...errors import ModelLoadError
+from .._peft import base_of
 from .inspect import inspect_model
 
 __all__ = ["ModelFacts", "load_config", "model_facts"]
@@ -35,7 +36,7 @@ def load_config(model):
     if isinstance(model, PretrainedConfig):
         return model
     if isinstance(model, torch.nn.Module):
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        base = base_of(model)
         if getattr(base, "config", None) is None:
             raise ModelLoadError(f"{type(model).__name__} has no .config, so its shapes are unknown.",
                                  "pass a transformers model, its config, a folder or a hub id")

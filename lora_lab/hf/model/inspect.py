@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 
 from ...errors import TargetModuleError
 from ...specs import AdapterSpec
-from .._peft import is_peft, strip_prefix
+from .._peft import base_of, is_peft, strip_prefix
 
 __all__ = ["ParameterCount", "count_parameters", "inspect_model", "is_quantized", "layer_index",
            "linear_modules", "module_type", "resolve_targets"]
@@ -199,7 +199,7 @@ def count_parameters(model: nn.Module) -> ParameterCount:
 
 def is_quantized(model: nn.Module) -> bool:
     """True when the base weights are stored by bitsandbytes (4-bit or 8-bit)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_of(model)
     return bool(getattr(base, "is_loaded_in_4bit", False) or getattr(base, "is_loaded_in_8bit", False)
                 or getattr(base, "is_quantized", False))
 

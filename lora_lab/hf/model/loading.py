@@ -16,6 +16,7 @@ import torch
 
 from ...errors import ModelLoadError
 from ...specs import QuantSpec
+from .._peft import base_of
 from .builtin import builtin_names, is_builtin, resolve_builtin
 from .device import as_dtype, auto_dtype, default_compute_dtype, default_device
 from .lm_head import keep_head_input_contiguous
@@ -72,7 +73,7 @@ def resolve_source(source, dtype=None, *, config_only: bool = False) -> str:
 def base_source(model) -> str:
     """Where ``model``'s base (a peft model's too) was loaded from: the source lora_lab recorded
     in :func:`load_model`, else transformers' ``config._name_or_path`` ("" when unknown)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_of(model)
     return getattr(base, "lora_lab_source", None) or getattr(base.config, "_name_or_path", "")
 
 

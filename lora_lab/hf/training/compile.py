@@ -40,6 +40,7 @@ import shutil
 import torch
 
 from ...errors import TrainingError
+from .._peft import base_of
 
 __all__ = ["decoder_layers", "compiler_missing", "CompiledLayers", "is_compile_error", "compile_failure"]
 
@@ -49,7 +50,7 @@ def decoder_layers(model) -> list[torch.nn.Module]:
 
     A peft model is searched through its base model; the list is in module order.
     """
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_of(model)
     names = set(getattr(base, "_no_split_modules", None) or [])
     return [m for m in base.modules() if type(m).__name__ in names]
 

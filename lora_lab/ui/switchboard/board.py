@@ -16,6 +16,7 @@ import time
 import ipywidgets as widgets
 
 from ...errors import AdapterError, LoraLabError
+from ...hf._peft import base_of
 from ...hf.adapters.io import adapter_name_for, load_adapter
 from ...hf.adapters.merge import MergeReport
 from ...hf.adapters.registry import adapter_sizes, list_adapters
@@ -259,7 +260,7 @@ class AdapterSwitchboard(widgets.VBox):
     def code(self) -> str:
         """Plain Python that rebuilds the adapters and runs the current prompt without widgets."""
         lines = ["import lora_lab as ll", "from lora_lab.hf.generate.stream import generate", ""]
-        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        base = base_of(self.model)
         source = getattr(base, "lora_lab_source", None)
         quant = getattr(base, "lora_lab_quant", None)
         if source:
