@@ -53,8 +53,6 @@ from .plan_args import (  # noqa: F401  (system_ram_bytes re-exported)
     system_ram_bytes,
 )
 
-_TRAIN, _SEQ_LEN = TRAIN_DEFAULTS, SEQ_LEN_DEFAULT   # TrainSpec's and DataSpec's defaults (plan_args)
-
 __all__ = ["FULL_FT", "TERMS", "MemoryEstimate", "count_adapter", "estimate_from_facts",
            "estimate_memory", "system_ram_bytes"]
 
@@ -216,13 +214,13 @@ class MemoryEstimate:
 
 
 def estimate_memory(model, adapter: AdapterSpec | None = None, quant=None,
-                    batch_size: int = _TRAIN["batch_size"], seq_len: int = _SEQ_LEN,
-                    gradient_checkpointing: bool = _TRAIN["gradient_checkpointing"],
-                    optimizer: str = _TRAIN["optimizer"], device="T4", *,
-                    padded: bool | None = None, precision: str = _TRAIN["precision"],
-                    grad_accum: int = _TRAIN["grad_accum"],
-                    chunked_loss=_TRAIN["chunked_loss"],
-                    loss_chunk_size: int = _TRAIN["loss_chunk_size"]) -> MemoryEstimate:
+                    batch_size: int = TRAIN_DEFAULTS["batch_size"], seq_len: int = SEQ_LEN_DEFAULT,
+                    gradient_checkpointing: bool = TRAIN_DEFAULTS["gradient_checkpointing"],
+                    optimizer: str = TRAIN_DEFAULTS["optimizer"], device="T4", *,
+                    padded: bool | None = None, precision: str = TRAIN_DEFAULTS["precision"],
+                    grad_accum: int = TRAIN_DEFAULTS["grad_accum"],
+                    chunked_loss=TRAIN_DEFAULTS["chunked_loss"],
+                    loss_chunk_size: int = TRAIN_DEFAULTS["loss_chunk_size"]) -> MemoryEstimate:
     """Estimate the memory of training ``adapter`` on ``model``, before loading anything.
 
     ``model``: a loaded model, a ``PretrainedConfig``, a local folder, a builtin name or a hub id
@@ -275,13 +273,13 @@ def _attached_spec(model) -> AdapterSpec | None:
 
 
 def estimate_from_facts(facts: ModelFacts, spec: AdapterSpec | None, quant=None,
-                        batch_size: int = _TRAIN["batch_size"], seq_len: int = _SEQ_LEN,
-                        gradient_checkpointing: bool = _TRAIN["gradient_checkpointing"],
-                        optimizer: str = _TRAIN["optimizer"], device="T4", *,
-                        padded: bool | None = None, precision: str = _TRAIN["precision"],
-                        grad_accum: int = _TRAIN["grad_accum"],
-                        chunked_loss=_TRAIN["chunked_loss"],
-                        loss_chunk_size: int = _TRAIN["loss_chunk_size"]) -> MemoryEstimate:
+                        batch_size: int = TRAIN_DEFAULTS["batch_size"], seq_len: int = SEQ_LEN_DEFAULT,
+                        gradient_checkpointing: bool = TRAIN_DEFAULTS["gradient_checkpointing"],
+                        optimizer: str = TRAIN_DEFAULTS["optimizer"], device="T4", *,
+                        padded: bool | None = None, precision: str = TRAIN_DEFAULTS["precision"],
+                        grad_accum: int = TRAIN_DEFAULTS["grad_accum"],
+                        chunked_loss=TRAIN_DEFAULTS["chunked_loss"],
+                        loss_chunk_size: int = TRAIN_DEFAULTS["loss_chunk_size"]) -> MemoryEstimate:
     """:func:`estimate_memory` on :class:`ModelFacts` already read (what a widget update calls);
     ``spec=None`` is full fine-tuning."""
     q = QuantSpec.parse(quant)

@@ -52,7 +52,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from ...core import memory as _memory
+from ...core.logits import loss_block_rows
 from ...core.memory import CHUNKED_LOSS_MIN_VOCAB, DEFAULT_LOSS_CHUNK
 from ...errors import TrainingError
 from .._peft import is_peft
@@ -185,7 +185,7 @@ def _chunk_loss_and_grad(head, hidden: torch.Tensor, targets: torch.Tensor):
     (``grad_outputs``).
 
     The logits are turned into their gradient **in place**, one block of rows at a time
-    (:func:`lora_lab.core.memory.loss_block_rows`: 16 MiB of fp32 values, 85 rows of SmolLM2's
+    (:func:`lora_lab.core.logits.loss_block_rows`: 16 MiB of fp32 values, 85 rows of SmolLM2's
     49,152 logits, 32 of Llama 3's 128,256, small enough to stay in a server CPU's last-level
     cache through the block's passes, the planner's term): each block is copied into one
     fp32 buffer (worked on where it is when the head runs in fp32), its log-sum-exp built from the passes the
@@ -210,7 +210,7 @@ def _chunk_loss_and_grad(head, hidden: torch.Tensor, targets: torch.Tensor):
     safe = torch.where(valid, targets, 0)[:, None]             # (C, 1)
     weight = valid[:, None].to(torch.float32)                  # (C, 1): 0 on ignored rows
     part = torch.zeros((), dtype=torch.float32, device=logits.device)
-    rows = min(_memory.loss_block_rows(logits.shape[1]), logits.shape[0])
+    rows = min(loss_block_rows(logits.shape[1]), logits.shape[0])
     fp32 = logits.dtype == torch.float32
     buffer = None if fp32 else torch.empty(rows, logits.shape[1], dtype=torch.float32, device=logits.device)
     for start in range(0, logits.shape[0], rows):
