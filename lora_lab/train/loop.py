@@ -123,7 +123,7 @@ class _Run:
         self.model, self.spec, self.eval_rows, self.train_mode = model, spec, eval_rows, TrainMode(model)
         self.device = _device(model)
         choice = train_precision_choice(spec.precision, self.device.type, hidden_size_of(model))  # CPU "auto"
-        self.precision = resolve_precision(choice, self.device)
+        self.precision = resolve_precision(choice, self.device, model)
         # under autocast peft's fp32 cast of each adapter input is undone at once: skip it (hf/_peft.py)
         self.cast_off = InputCastOff(tuner_layers(model) if self.precision.dtype is not None else [])
         pad = tokenizer.pad_token_id

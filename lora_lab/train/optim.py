@@ -59,9 +59,15 @@ def _bf16_ok(device: torch.device) -> bool:
     return bf16_supported(str(device))
 
 
-def resolve_precision(choice: str, device: torch.device) -> Precision:
+def resolve_precision(choice: str, device: torch.device, model=None) -> Precision:
     """The precision for ``TrainSpec.precision`` on ``device`` (see the module docstring; "auto" on a
-    CPU should be made concrete first by ``train_precision_choice``, else it is fp32 here)."""
+    CPU should be made concrete first by ``train_precision_choice``, else it is fp32 here).
+
+    On a CPU without native bf16, bf16 autocast and a ``model`` with bf16 matrices to multiply (a
+    base loaded in bf16, 4-bit layers computing in bf16) are refused (:class:`TrainingError`):
+    emulated bf16 products make a step tens to hundreds of times slower than fp32 (measured in
+    :data:`lora_lab.hf.model.device.EMULATED_BF16`), which "auto" never picks there."""
+    _refuse_emulated_bf16(choice, device, model)
     cuda = device.type == "cuda"
     if choice == "auto":
         choice = ("bf16" if _bf16_ok(device) else "fp16") if cuda else "fp32"
@@ -78,6 +84,22 @@ def resolve_precision(choice: str, device: torch.device) -> Precision:
         raise TrainingError("TrainSpec.precision='bf16' but this GPU has no bf16 support.",
                             "pass precision='auto' (fp16 with loss scaling here)")
     return Precision("bf16", torch.bfloat16, False, device.type)
+
+
+def _refuse_emulated_bf16(choice: str, device: torch.device, model) -> None:
+    from ..hf.model import device as dev
+
+    if device.type != "cpu" or dev.cpu_bf16_native():
+        return
+    if choice == "bf16":
+        raise TrainingError(f"TrainSpec(precision='bf16') asks for bf16 autocast, and {dev.EMULATED_BF16}.",
+                            "pass precision='auto' (fp32 on this CPU) or 'fp32'")
+    slow = dev.emulated_bf16_weights(model) if model is not None else []
+    if slow:
+        raise TrainingError(
+            f"{len(slow)} layers of this model multiply in bf16 ({slow[0]}, ...), and {dev.EMULATED_BF16}.",
+            "load the model with dtype='auto' (fp32 on this CPU) or 'fp32'; for less memory, "
+            "load_model(..., quant='nf4') keeps 4-bit weights that compute in fp32 here")
 
 
 # transformers.Trainer.get_decay_parameter_names (5.x): no decay inside an nn.LayerNorm, nor for a

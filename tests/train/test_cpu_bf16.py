@@ -68,7 +68,7 @@ def test_a_small_model_trains_in_fp32_under_auto(tiny_llama_dir, tmp_path, one_t
 
 
 def test_bf16_autocast_step_matches_fp32_loss_and_the_adapter_stays_fp32(tiny_llama_dir, tmp_path,
-                                                                          one_thread):
+                                                                          one_thread, bf16_path):
     """Step 1's loss is computed before any update, so fp32 and bf16 runs see the same weights;
     the difference is bf16's rounding (8-bit mantissa: 2⁻⁸ ≈ 0.4% per product).  Measured on the
     tiny Llama: |Δloss|/loss = 4.9e-5 (step 1); tolerance 5e-3."""
@@ -102,6 +102,30 @@ def test_auto_picks_bf16_autocast_where_the_rule_says_so(tiny_llama_dir, tmp_pat
     assert base.dtype == torch.bfloat16
     q, _ = ll.load_model(tiny_llama_dir, "nf4", device="cpu", dtype="auto")
     assert q.config.quantization_config.bnb_4bit_compute_dtype == torch.bfloat16
+
+
+def test_a_cpu_without_native_bf16_refuses_bf16_matrix_products(tiny_llama_dir, tmp_path, one_thread,
+                                                                 monkeypatch):
+    """Where bf16 is emulated (measured 30-350x slower than fp32 on an AMD EPYC Zen 3), train()
+    refuses, before any step, bf16 autocast, a base loaded in bf16 and 4-bit layers computing in
+    bf16, each with its fix; load_model warns when it loads such a base; "auto" trains in fp32."""
+    monkeypatch.setattr(dev, "cpu_bf16_native", lambda: False)
+    _, tok = ll.load_model(tiny_llama_dir, device="cpu")
+    rows = _rows(tok)
+    with pytest.raises(ll.TrainingError, match="native bf16") as err:
+        _run(tiny_llama_dir, rows, tmp_path, "bf16", "bf16")
+    assert "precision='auto'" in err.value.fix
+    assert not list(tmp_path.glob("bf16/checkpoint-*"))  # refused before any step
+    spec = ll.TrainSpec(steps=1, batch_size=8, output_dir=str(tmp_path / "base"))
+    for quant, dtype in ((None, "bf16"), (ll.QuantSpec(compute_dtype="bfloat16"), None)):
+        with pytest.warns(UserWarning, match="native bf16"):
+            model, _ = ll.load_model(tiny_llama_dir, quant, device="cpu", dtype=dtype)
+        model = ll.attach(model, ll.AdapterSpec(r=4, target_modules="all-linear"))
+        with pytest.raises(ll.TrainingError, match="multiply in bf16") as err:
+            train(model, tok, rows, spec=spec)
+        assert "dtype='auto'" in err.value.fix
+    _, res, _ = _run(tiny_llama_dir, rows, tmp_path, "auto", "auto")
+    assert res.final["precision"] == "fp32"
 
 
 def _compute_dtypes(model):

@@ -57,7 +57,7 @@ def test_dora_layers_keep_the_cast(tiny_llama):
 
 
 @pytest.mark.parametrize("precision, cast_during", [("bf16", False), ("fp32", True)])
-def test_the_loop_skips_the_cast_only_under_autocast(tiny_llama, tmp_path, precision, cast_during):
+def test_the_loop_skips_the_cast_only_under_autocast(tiny_llama, tmp_path, precision, cast_during, bf16_path):
     model, tok = tiny_llama
     model = attach_lora(model)
     seen = []

@@ -10,6 +10,12 @@ a dtype is asked for (``load_model(quant=...)``: the unquantized parts stay fp32
 planner (``estimate_memory(device="cpu")``) and exported scripts plan and train by it too.
 Measured on 2 cores with AVX512-BF16 (benchmarks/cpu_speed.py): a 2048² matrix product runs about
 2× faster in bf16 than in fp32.  Users never need to know this.
+
+Without native bf16 torch emulates bf16 matrix products, and not a little slower: on 2 cores of an
+AMD EPYC Zen 3 (AVX2) a 2048² product ran at 0.3 GFLOP/s in bf16 against 108 in fp32, SmolLM2's
+layer shapes 30-60× slower.  So there "auto" never picks bf16, ``train()`` refuses bf16 autocast and
+bf16 matrices in the model (:data:`EMULATED_BF16`, :func:`emulated_bf16_weights`: a base loaded in
+bf16, 4-bit layers computing in bf16), each with its fix, and ``load_model`` warns when it loads them.
 """
 
 from __future__ import annotations
@@ -52,6 +58,32 @@ def cpu_bf16_native() -> bool:
         except OSError:  # macOS has no /proc/cpuinfo: stay with fp32 rather than guess
             return False
     return False
+
+
+# What the refusal and the warning below say: measured on 2 cores of an AMD EPYC (Zen 3, AVX2, no
+# bf16 instructions), torch 2.13: 2048² products at 0.3 GFLOP/s in bf16 against 108 in fp32, and
+# SmolLM2-135M's layer shapes (512 tokens) 30-60x slower in bf16; one LoRA step of SmolLM2 on
+# 8 x 64 tokens took 112 s in aten::mm alone (benchmarks/cpu_speed.py prints the chip's two rates).
+EMULATED_BF16 = ("this CPU has no native bf16 (no AVX512-BF16, AMX or Arm BF16), so torch multiplies "
+                 "bf16 matrices through an emulation: 30-350x slower than fp32 "
+                 "(measured on an AMD EPYC Zen 3)")
+
+
+def emulated_bf16_weights(model) -> list[str]:
+    """Names of ``model``'s linear layers whose matrix products would run in bf16 on a CPU without
+    native bf16 (:func:`cpu_bf16_native` False): bf16 weights of ``nn.Linear`` layers (a base loaded
+    with ``dtype="bf16"``) and 4-bit layers computing in bf16.  Empty on a CPU with native bf16, on a
+    GPU, and for an fp32 model.  The trainable adapter weights are fp32 and never listed."""
+    if cpu_bf16_native():
+        return []
+    names = []
+    for name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        if not isinstance(module, torch.nn.Linear) or weight is None or weight.device.type != "cpu":
+            continue
+        if weight.dtype == torch.bfloat16 or getattr(module, "compute_dtype", None) == torch.bfloat16:
+            names.append(name)
+    return names
 
 
 # Below this hidden size bf16 autocast is slower than fp32 on a CPU even where bf16 is native: the

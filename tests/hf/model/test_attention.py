@@ -64,7 +64,7 @@ def test_inactive_elsewhere(device, dtype, impl):
         assert not attn.active and model.config._attn_implementation == impl
 
 
-def test_restored_after_an_error_and_reported_by_train(tmp_path, one_thread):
+def test_restored_after_an_error_and_reported_by_train(tmp_path, one_thread, bf16_path):
     model = _tiny()
     with pytest.raises(ValueError), Fp32Attention(model, "cpu", torch.bfloat16):
         raise ValueError
