@@ -126,6 +126,8 @@ def test_a_cpu_without_native_bf16_refuses_bf16_matrix_products(tiny_llama_dir, 
         assert "dtype='auto'" in err.value.fix
     _, res, _ = _run(tiny_llama_dir, rows, tmp_path, "auto", "auto")
     assert res.final["precision"] == "fp32"
+    monkeypatch.setattr(dev, "cpu_bf16_native", lambda: True)  # where bf16 is native, the same model trains
+    assert len(train(model, tok, rows, spec=spec.replace(output_dir=str(tmp_path / "native"))).loss) == 1
 
 
 def _compute_dtypes(model):
