@@ -98,8 +98,8 @@ def _refuse_emulated_bf16(choice: str, device: torch.device, model) -> None:
     if slow:
         raise TrainingError(
             f"{len(slow)} layers of this model multiply in bf16 ({slow[0]}, ...), and {dev.EMULATED_BF16}.",
-            "load the model with dtype='auto' (fp32 on this CPU) or 'fp32'; for less memory, "
-            "load_model(..., quant='nf4') keeps 4-bit weights that compute in fp32 here")
+            "load the model with dtype='auto' (fp32 on this CPU) or 'fp32', and no "
+            "QuantSpec(compute_dtype='bfloat16'); for less memory, quant='nf4' computes in fp32 here")
 
 
 # transformers.Trainer.get_decay_parameter_names (5.x): no decay inside an nn.LayerNorm, nor for a

@@ -123,7 +123,7 @@ def test_a_cpu_without_native_bf16_refuses_bf16_matrix_products(tiny_llama_dir, 
         model = ll.attach(model, ll.AdapterSpec(r=4, target_modules="all-linear"))
         with pytest.raises(ll.TrainingError, match="multiply in bf16") as err:
             train(model, tok, rows, spec=spec)
-        assert "dtype='auto'" in err.value.fix
+        assert "dtype='auto'" in err.value.fix and "compute_dtype" in err.value.fix
     _, res, _ = _run(tiny_llama_dir, rows, tmp_path, "auto", "auto")
     assert res.final["precision"] == "fp32"
     monkeypatch.setattr(dev, "cpu_bf16_native", lambda: True)  # where bf16 is native, the same model trains
