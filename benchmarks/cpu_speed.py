@@ -45,7 +45,8 @@ measured against the chip's own matrix-product throughput in the same run (issue
 On a CPU without native bf16 (AVX2 only: an AMD EPYC Zen 3 measured 0.3 GFLOP/s for a 2048² bf16 product
 against 108 in fp32) the bf16 rate is probed at 512² once, the ``autocast`` and ``bf16`` setups are left
 out (``train()`` refuses bf16 there), and ``auto`` and ``compiled`` train in fp32, judged against the fp32
-rate.  Measured there (2 cores, idle, 2 repeats; the fp32 probe moved between 103 and 154 GFLOP/s
+rate.  Where fp16 is emulated too (no AVX512-FP16), its rate is probed once at 512² (train() refuses an
+fp16 base there: 1.3 GFLOP/s against 168 in fp32 on that chip).  Measured there (2 cores, idle, 2 repeats; the fp32 probe moved between 103 and 154 GFLOP/s
 over the run): SmolLM2 LoRA trains in fp32 at 148 tokens/s, 66% of the chip's fp32 rate (runs: 62%,
 70%), compiled 1.07× that (66%); QLoRA 130 tokens/s (54%), compiled 1.10×; ``builtin:tiny`` 19%,
 compiled 1.51×.
@@ -91,7 +92,7 @@ import time
 import torch
 
 import lora_lab as ll
-from lora_lab.hf.model.device import cpu_bf16_native
+from lora_lab.hf.model.device import cpu_bf16_native, cpu_fp16_native
 
 SETUPS = {"fp32": ("fp32", "fp32", False), "autocast": ("fp32", "bf16", False),
           "bf16": ("bf16", "bf16", False), "default": (None, "auto", False),
@@ -274,6 +275,9 @@ def main(argv=None) -> dict:
             "bf16": matmul_gflops(torch.bfloat16, n16, reps16)}
     print(f"CPU native bf16: {native}; matmul: fp32 {chip['fp32']:.0f} GFLOP/s ({args.n}²), bf16 "
           f"{chip['bf16']:.1f} GFLOP/s ({n16}²): bf16 at {chip['bf16'] / chip['fp32']:.3f}× fp32", flush=True)
+    if not cpu_fp16_native():  # train() refuses an fp16 base here too (hf/model/device.py)
+        chip["fp16"] = matmul_gflops(torch.float16, 512, 1)
+        print(f"  fp16 is emulated too: {chip['fp16']:.1f} GFLOP/s (512²)", flush=True)
     if not native:
         dropped = [s for s in args.setups if s in ("autocast", "bf16")]
         args.setups = [s for s in args.setups if s not in dropped]

@@ -1,13 +1,12 @@
 """The ``lora-lab`` command: the notebook's analyses without a notebook.
 
-``lora-lab info`` prints versions, the device, bf16 support, what precision="auto" trains in, whether
-bitsandbytes' 4-bit path works on this machine (it runs on x86 CPUs too) and whether compile=True can.
+``lora-lab info`` prints versions, the device, bf16 (and fp16) support, what precision="auto" trains in,
+whether bitsandbytes' 4-bit path works here (it runs on x86 CPUs too) and whether compile=True can.
 
-``lora-lab spectrum ADAPTER_DIR [--base NAME] [--html OUT.html]`` reads a saved LoRA adapter's
-factors straight from its safetensors file (no base model is loaded, so a 7B adapter costs a few MB;
-``--base`` only labels the report) and prints the singular-spectrum table of every ΔW = s·B·A
-(effective rank, stable rank, k90, k99, ...) with a summary of what cutting it to a lower rank
-would keep; ``--html`` writes a self-contained report instead (plotly.js embedded once, so it opens offline).
+``lora-lab spectrum ADAPTER_DIR [--base NAME] [--html OUT.html]`` reads a saved LoRA adapter's factors
+from its safetensors file (no base model is loaded: a 7B adapter costs a few MB; ``--base`` labels the
+report) and prints the singular-spectrum table of every ΔW = s·B·A (effective rank, stable rank, k90,
+k99, ...) with what a lower rank would keep; ``--html`` writes a self-contained report (it opens offline).
 
 ``lora-lab scan PATH [--schemes nf4,fp4,int8] [--blocksize 64] [--double-quant] [--html OUT.html]``
 measures the quantization error of every linear weight of a checkpoint (a folder, a ``.safetensors``
@@ -19,8 +18,7 @@ summary per scheme (relative error, bits per parameter, memory of the linear wei
 the whole system: it fine-tunes the builtin model (``builtin:tiny``, offline) with a small LoRA on a
 builtin task, prints progress and the exact-match accuracy on held-out prompts before and after, and
 writes ``DIR/report.html`` (specs, training curves, ΔW spectra, quantization error, memory estimate;
-it opens with no network) beside the trained adapter.  The default 200 steps take about half a
-minute on a CPU.
+it opens offline) beside the adapter.  The default 200 steps take about half a minute on a CPU.
 
 ``lora-lab serve-recipe ADAPTER [NAME=ADAPTER ...] [--engine vllm|sglang] [--base ID]`` checks saved
 adapters against vLLM's or SGLang's LoRA limits (rank, DoRA, rsLoRA, biases, modules_to_save, target
@@ -62,6 +60,7 @@ def info_lines() -> list[str]:
         CPU_BF16_MIN_HIDDEN,
         bf16_supported,
         cpu_bf16_native,
+        cpu_fp16_native,
         default_compute_dtype,
         default_device,
         default_train_precision,
@@ -77,7 +76,8 @@ def info_lines() -> list[str]:
     lines += [f"{p:<13} {_version(p)}" for p in PACKAGES]
     lines += [f"device        {dev} (GPU: {torch.cuda.get_device_name(0) if dev == 'cuda' else 'none'})",
               f"GPU bf16      {'yes' if bf16_supported(dev) else 'no'}",
-              f"CPU bf16      {'native' if cpu_bf16_native() else 'no (emulated: 30-350x slower than fp32)'}",
+              f"CPU bf16      {'native' if cpu_bf16_native() else 'no (emulated: 30-350x slower than fp32)'}"
+              + ("" if cpu_fp16_native() else "; fp16 emulated too (about 100x slower than fp32)"),
               f"training      precision='auto' trains in {picked}"
               + (f" (fp32 below hidden size {CPU_BF16_MIN_HIDDEN})" if dev == "cpu" and cpu_bf16_native()
                  else ""),

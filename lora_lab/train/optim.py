@@ -66,8 +66,9 @@ def resolve_precision(choice: str, device: torch.device, model=None) -> Precisio
     On a CPU without native bf16, bf16 autocast and a ``model`` with bf16 matrices to multiply (a
     base loaded in bf16, 4-bit layers computing in bf16) are refused (:class:`TrainingError`):
     emulated bf16 products make a step tens to hundreds of times slower than fp32 (measured in
-    :data:`lora_lab.hf.model.device.EMULATED_BF16`), which "auto" never picks there."""
-    _refuse_emulated_bf16(choice, device, model)
+    :data:`lora_lab.hf.model.device.EMULATED_BF16`), which "auto" never picks there.  So is a model
+    with fp16 matrices on a CPU that emulates fp16 (:func:`~lora_lab.hf.model.device.cpu_fp16_native`)."""
+    _refuse_emulated_half(choice, device, model)
     cuda = device.type == "cuda"
     if choice == "auto":
         choice = ("bf16" if _bf16_ok(device) else "fp16") if cuda else "fp32"
@@ -86,20 +87,23 @@ def resolve_precision(choice: str, device: torch.device, model=None) -> Precisio
     return Precision("bf16", torch.bfloat16, False, device.type)
 
 
-def _refuse_emulated_bf16(choice: str, device: torch.device, model) -> None:
+def _refuse_emulated_half(choice: str, device: torch.device, model) -> None:
     from ..hf.model import device as dev
 
-    if device.type != "cpu" or dev.cpu_bf16_native():
+    if device.type != "cpu":
         return
-    if choice == "bf16":
+    if choice == "bf16" and not dev.cpu_bf16_native():
         raise TrainingError(f"TrainSpec(precision='bf16') asks for bf16 autocast, and {dev.EMULATED_BF16}.",
                             "pass precision='auto' (fp32 on this CPU) or 'fp32'")
-    slow = dev.emulated_bf16_weights(model) if model is not None else []
+    slow = dev.emulated_half_weights(model) if model is not None else []
     if slow:
+        name, dtype = slow[0]
+        why = dev.emulated_dtypes()[dtype]
         raise TrainingError(
-            f"{len(slow)} layers of this model multiply in bf16 ({slow[0]}, ...), and {dev.EMULATED_BF16}.",
+            f"{len(slow)} layers of this model multiply in {dev.dtype_name(dtype)} ({name}, ...), and {why}.",
             "load the model with dtype='auto' (fp32 on this CPU) or 'fp32', and no "
-            "QuantSpec(compute_dtype='bfloat16'); for less memory, quant='nf4' computes in fp32 here")
+            f"QuantSpec(compute_dtype='{str(dtype).removeprefix('torch.')}'); for less memory, "
+            "quant='nf4' computes in fp32 here")
 
 
 # transformers.Trainer.get_decay_parameter_names (5.x): no decay inside an nn.LayerNorm, nor for a

@@ -14,8 +14,10 @@ Measured on 2 cores with AVX512-BF16 (benchmarks/cpu_speed.py): a 2048² matrix 
 Without native bf16 torch emulates bf16 matrix products, and not a little slower: on 2 cores of an
 AMD EPYC Zen 3 (AVX2) a 2048² product ran at 0.3 GFLOP/s in bf16 against 108 in fp32, SmolLM2's
 layer shapes 30-60× slower.  So there "auto" never picks bf16, ``train()`` refuses bf16 autocast and
-bf16 matrices in the model (:data:`EMULATED_BF16`, :func:`emulated_bf16_weights`: a base loaded in
+bf16 matrices in the model (:data:`EMULATED_BF16`, :func:`emulated_half_weights`: a base loaded in
 bf16, 4-bit layers computing in bf16), each with its fix, and ``load_model`` warns when it loads them.
+fp16 products are emulated the same way on x86 CPUs without AVX512-FP16 (:func:`cpu_fp16_native`),
+and an fp16 base is refused and warned about the same way.
 """
 
 from __future__ import annotations
@@ -60,30 +62,70 @@ def cpu_bf16_native() -> bool:
     return False
 
 
-# What the refusal and the warning below say: measured on 2 cores of an AMD EPYC (Zen 3, AVX2, no
-# bf16 instructions), torch 2.13: 2048² products at 0.3 GFLOP/s in bf16 against 108 in fp32, and
-# SmolLM2-135M's layer shapes (512 tokens) 30-60x slower in bf16; one LoRA step of SmolLM2 on
+def cpu_fp16_native() -> bool:
+    """Whether this CPU multiplies fp16 matrices natively.  On x86, torch hands an fp16 GEMM to
+    oneDNN only where oneDNN has fp16 instructions (``mkldnn_fp16_device_check`` in ATen's
+    ``native/mkldnn/Utils.h``: AVX512-FP16 from Sapphire Rapids on, or AVX-NE-CONVERT; AMX-FP16
+    implies both) and emulates it elsewhere, as slowly as bf16 (:data:`EMULATED_FP16`).  Read from
+    ``/proc/cpuinfo``'s flags.  Where that file is missing, and on other machines (Arm has fp16
+    arithmetic kernels of its own, not measured here), the answer is True: nothing is refused on a
+    guess."""
+    import platform
+
+    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
+        return True
+    try:
+        with open("/proc/cpuinfo") as fh:
+            flags = next((set(line.split(":", 1)[1].split()) for line in fh if line.startswith("flags")),
+                         None)
+    except OSError:
+        return True
+    return flags is None or bool(flags & {"avx512_fp16", "avx_ne_convert", "amx_fp16"})
+
+
+# What the refusals and the warning below say: measured on 2 cores of an AMD EPYC (Zen 3, AVX2, no
+# bf16 or fp16 instructions), torch 2.13: 2048² products at 0.3 GFLOP/s in bf16 against 108 in fp32,
+# and SmolLM2-135M's layer shapes (512 tokens) 30-60x slower in bf16; one LoRA step of SmolLM2 on
 # 8 x 64 tokens took 112 s in aten::mm alone (benchmarks/cpu_speed.py prints the chip's two rates).
+# fp16 the same: 512² at 1.2 GFLOP/s against 118 in fp32, 1024² at 0.8 against 98, and
+# builtin:tiny trained at 681 tokens/s with an fp16 base against 7,497 with an fp32 one.
 EMULATED_BF16 = ("this CPU has no native bf16 (no AVX512-BF16, AMX or Arm BF16), so torch multiplies "
                  "bf16 matrices through an emulation: 30-350x slower than fp32 "
                  "(measured on an AMD EPYC Zen 3)")
+EMULATED_FP16 = ("this CPU has no native fp16 matrix products (no AVX512-FP16 or AVX-NE-CONVERT), so "
+                 "torch multiplies fp16 matrices through an emulation: about 100x slower than fp32 "
+                 "(measured on an AMD EPYC Zen 3)")
 
 
-def emulated_bf16_weights(model) -> list[str]:
-    """Names of ``model``'s linear layers whose matrix products would run in bf16 on a CPU without
-    native bf16 (:func:`cpu_bf16_native` False): bf16 weights of ``nn.Linear`` layers (a base loaded
-    with ``dtype="bf16"``) and 4-bit layers computing in bf16.  Empty on a CPU with native bf16, on a
-    GPU, and for an fp32 model.  The trainable adapter weights are fp32 and never listed."""
-    if cpu_bf16_native():
+def emulated_dtypes() -> dict[torch.dtype, str]:
+    """The 16-bit dtypes whose matrix products this CPU emulates, each with what to tell the user
+    (:data:`EMULATED_BF16`, :data:`EMULATED_FP16`); empty on a CPU that has both natively."""
+    slow = {}
+    if not cpu_bf16_native():
+        slow[torch.bfloat16] = EMULATED_BF16
+    if not cpu_fp16_native():
+        slow[torch.float16] = EMULATED_FP16
+    return slow
+
+
+def emulated_half_weights(model) -> list[tuple[str, torch.dtype]]:
+    """``(name, dtype)`` of ``model``'s linear layers whose matrix products would run in a 16-bit
+    dtype this CPU emulates (:func:`emulated_dtypes`): bf16 or fp16 weights of ``nn.Linear`` layers
+    (a base loaded with ``dtype="bf16"`` or ``"fp16"``) and 4-bit layers computing in such a dtype.
+    Empty on a CPU that multiplies them natively, on a GPU, and for an fp32 model.  The trainable
+    adapter weights are fp32 and never listed."""
+    slow = emulated_dtypes()
+    if not slow:
         return []
-    names = []
+    found = []
     for name, module in model.named_modules():
         weight = getattr(module, "weight", None)
         if not isinstance(module, torch.nn.Linear) or weight is None or weight.device.type != "cpu":
             continue
-        if weight.dtype == torch.bfloat16 or getattr(module, "compute_dtype", None) == torch.bfloat16:
-            names.append(name)
-    return names
+        dtype = getattr(module, "compute_dtype", None) or weight.dtype
+        if dtype in slow:
+            found.append((name, dtype))
+    return found
 
 
 # Below this hidden size bf16 autocast is slower than fp32 on a CPU even where bf16 is native: the

@@ -20,12 +20,13 @@ from ...specs import QuantSpec
 from .._peft import base_of
 from .builtin import builtin_names, is_builtin, resolve_builtin
 from .device import (
-    EMULATED_BF16,
     as_dtype,
     auto_dtype,
     default_compute_dtype,
     default_device,
-    emulated_bf16_weights,
+    dtype_name,
+    emulated_dtypes,
+    emulated_half_weights,
 )
 from .lm_head import keep_head_input_contiguous
 
@@ -174,9 +175,12 @@ def load_model(source, quant=None, *, device: str | None = None, dtype=None,
         from .kbit import keep_4bit_layout
 
         keep_4bit_layout(model)
-    if device == "cpu" and emulated_bf16_weights(model):  # loads, but train() refuses it
-        warnings.warn(f"load_model({str(source)!r}): its layers multiply in bf16, and {EMULATED_BF16}; "
-                      "training refuses it. Load with dtype='auto' (fp32 on this CPU) instead.", stacklevel=2)
+    slow = emulated_half_weights(model) if device == "cpu" else []
+    if slow:  # loads (inspection, scans and spectra are fine), but train() refuses it
+        dtype = slow[0][1]
+        warnings.warn(f"load_model({str(source)!r}): its layers multiply in {dtype_name(dtype)}, and "
+                      f"{emulated_dtypes()[dtype]}; training refuses it. Load with dtype='auto' (fp32 on "
+                      "this CPU) instead.", stacklevel=2)
     keep_head_input_contiguous(model)  # batched generation in bf16 on a CPU (hf/model/lm_head.py)
     model.lora_lab_source = str(source)
     model.lora_lab_quant = quant
