@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-
 import numpy as np
+import torch
 
 from lora_lab.hf.training.trainer_callback import LiveCallback
 from lora_lab.train.events import Control, TrainState
@@ -55,3 +55,45 @@ def test_live_callback_under_trainer(lora_tiny, rows, tmp_path):
     np.testing.assert_allclose(train_trace.y, [s[2] for s in steps])
     tps = dash.figure.data[5].y
     assert np.all(tps > 0)  # tokens/s from num_input_tokens_seen
+
+
+def test_the_bridge_warns_when_the_trainer_would_run_emulated_bf16(lora_tiny, rows, tmp_path, monkeypatch):
+    """On a CPU without native bf16 (the chip check made to say so), TrainingArguments(bf16=True)
+    gets a warning with the fix at the start of the run; with the check saying native, none."""
+    import warnings
+
+    import pytest
+    from datasets import Dataset
+    from transformers import Trainer, TrainingArguments
+
+    from lora_lab.hf.model import device as dev
+
+    model, tok = lora_tiny
+    n = min(len(r["input_ids"]) for r in rows)
+    ds = Dataset.from_list([{k: v[:n] for k, v in r.items()} for r in rows])
+
+    def run(native: bool, out: str):
+        monkeypatch.setattr(dev, "cpu_bf16_native", lambda: native)
+        args = TrainingArguments(output_dir=str(tmp_path / out), max_steps=1, per_device_train_batch_size=4,
+                                 report_to=[], use_cpu=True, bf16=True, save_strategy="no",
+                                 eval_strategy="no", disable_tqdm=True)
+        Trainer(model=model, args=args, train_dataset=ds, processing_class=tok,
+                callbacks=[LiveCallback()]).train()
+
+    with pytest.warns(UserWarning, match=r"bf16=True\) on a CPU: this CPU has no native bf16") as seen:
+        run(False, "emulated")
+    assert any("Pass bf16=False" in str(w.message) for w in seen)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*native bf16.*")
+        run(True, "native")
+    # a base whose frozen layers are bf16: warned with the load fix (the callback's begin event alone)
+    from transformers import TrainerControl, TrainerState
+
+    monkeypatch.setattr(dev, "cpu_bf16_native", lambda: False)
+    frozen = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and not m.weight.requires_grad]
+    for m in frozen:
+        m.weight.data = m.weight.data.bfloat16()
+    args = TrainingArguments(output_dir=str(tmp_path / "base"), report_to=[], use_cpu=True)
+    with pytest.warns(UserWarning, match=f"{len(frozen)} layers of this model multiply in bf16") as seen:
+        LiveCallback().on_train_begin(args, TrainerState(), TrainerControl(), model=model)
+    assert any("dtype='auto'" in str(w.message) for w in seen)

@@ -34,6 +34,10 @@ time spent inside its steps, from ``on_step_begin`` to ``on_step_end``: evaluati
 the Trainer runs after ``on_step_end``, are left out, as in :class:`lora_lab.train.measure.StepTimer`.
 The Trainer does not report supervised tokens, so ``supervised_tokens_per_s`` stays None here.
 
+On a CPU that emulates bf16 (or fp16) matrix products, 30-350x slower than fp32, the run begins with a
+warning when ``TrainingArguments(bf16=True)`` (``fp16``) or the model's own weights would multiply in
+that dtype (``lora_lab.train`` refuses both; this Trainer is the user's).
+
 This module is in the ``hf`` layer, which may not import ``lora_lab.train``; the state and control
 it hands out and the Control it reads are the shared :class:`lora_lab.control.TrainState` and
 :class:`lora_lab.control.Control`, the same classes the training loop uses.
@@ -94,6 +98,7 @@ class LiveCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if model is not None:  # undo an earlier repacking and switch it off for good (hf/model/kbit.py)
             unpack_4bit_weights(model)
+            _warn_emulated(args, model)
         self.control = Control()
         self._t0 = time.perf_counter()
         self._step_t0, self._step_s = None, 0.0
@@ -147,6 +152,30 @@ class LiveCallback(TrainerCallback):
     def on_train_end(self, args, state, control, **kwargs):
         reason = f"stopped: {self.control.reason}" if self.control.should_stop else "completed"
         self._emit("end", state, stop_reason=reason)
+
+
+def _warn_emulated(args, model) -> None:
+    """Warn when this run would multiply in a 16-bit dtype this CPU emulates, 30-350x slower than fp32
+    (hf/model/device.py): ``TrainingArguments(bf16=True)`` (or ``fp16``) there, or a base loaded in
+    such a dtype.  ``lora_lab.train`` refuses these; a ``Trainer`` is the user's own, so it warns."""
+    import warnings
+
+    from ..model import device as dev
+
+    param = next(model.parameters(), None)
+    slow = dev.emulated_dtypes() if param is not None and param.device.type == "cpu" else {}
+    asked = [(flag, dtype) for flag, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16))
+             if getattr(args, flag, False) and dtype in slow]
+    layers = dev.emulated_half_weights(model) if slow and not asked else []
+    if asked:
+        flag, dtype = asked[0]
+        warnings.warn(f"TrainingArguments({flag}=True) on a CPU: {slow[dtype]}. Pass {flag}=False: this "
+                      "CPU trains fastest in fp32.", stacklevel=2)
+    elif layers:
+        name, dtype = layers[0]
+        warnings.warn(f"{len(layers)} layers of this model multiply in {dev.dtype_name(dtype)} ({name}, "
+                      f"...), and {slow[dtype]}. Load the model with dtype='auto' (fp32 on this CPU).",
+                      stacklevel=2)
 
 
 def _float(x) -> float | None:
