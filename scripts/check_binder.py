@@ -22,6 +22,15 @@ and its process tree's sampled PSS, so workers it starts count) plus one Jupyter
 measured idle server with ``--server``, else the nbclient parent standing in for it.  With
 ``--server`` the nbclient parent is reported but not counted: a Binder pod runs no nbclient.
 
+RSS and PSS count the file pages a process maps (the safetensors weights, torch's libraries) as
+held, but under a pod's memory limit the kernel reclaims clean file pages (and reads them again
+when touched) before it kills anything; only memory it cannot reclaim gets a process OOM-killed.
+So the report also gives the kernel tree's peak anonymous memory, and ``--enforce`` (root; cgroup
+v1, or v2 with the memory controller delegated) runs each notebook inside a memory cgroup of the
+limit, less the idle server with ``--server``, with nbclient inside it too, after dropping the page
+cache so that what the notebook reads is charged to it as in a fresh pod: PASS then means the
+kernel's own verdict, no OOM kill, and the wall time shows what reclaiming cost.
+
 Offline substitution.  ``binder/requirements.txt`` takes torch from the PyTorch CPU index
 (``--extra-index-url https://download.pytorch.org/whl/cpu``), which keeps Binder's image small.
 When that index cannot be reached (as on the offline build machine), the line is dropped and
@@ -30,7 +39,7 @@ configuration (here the local CPU wheel ``torch-2.13.0+cpu`` in ``/opt/wheels``)
 prints which case it used, and fails if the installed torch is a CUDA build.
 
 Usage:  python3 scripts/check_binder.py [notebooks/01_quickstart.ipynb ...] [--server]
-        [--keep DIR] [--limit-gb 1.5]
+        [--keep DIR] [--limit-gb 1.5] [--enforce]
 Exit status 0 when every notebook ran without an error output and stayed under the limit.
 """
 
@@ -62,12 +71,17 @@ from nbclient import NotebookClient
 path, cwd = sys.argv[1], sys.argv[2]
 nb = nbformat.read(path, as_version=4)
 nb.cells.append(nbformat.v4.new_code_cell(
-    "import sys as _s, torch as _t; print('__PROBE__' + repr((_s.executable, _t.__version__, _t.version.cuda)))"))
+    "import sys as _s, torch as _t; "
+    "print('__PROBE__' + repr((_s.executable, _t.__version__, _t.version.cuda)))"))
 t0 = time.perf_counter()
-NotebookClient(nb, timeout=1800, kernel_name="python3", resources={"metadata": {"path": cwd}}).execute()
+try:  # a kernel killed for memory (--enforce) raises DeadKernelError: reported, not a crash of the check
+    NotebookClient(nb, timeout=1800, kernel_name="python3", resources={"metadata": {"path": cwd}}).execute()
+    died = []
+except Exception as exc:  # noqa: BLE001
+    died = [f"{type(exc).__name__}: {str(exc)[:200]}"]
 wall = time.perf_counter() - t0
-errors = [o.get("ename", "") + ": " + o.get("evalue", "") for c in nb.cells if c.cell_type == "code"
-          for o in c.outputs if o.output_type == "error"]
+errors = died + [o.get("ename", "") + ": " + o.get("evalue", "") for c in nb.cells if c.cell_type == "code"
+                 for o in c.outputs if o.output_type == "error"]
 probe = [o.get("text", "") for o in nb.cells[-1].outputs if "__PROBE__" in o.get("text", "")]
 print("__RESULT__" + json.dumps({
     "wall_s": wall, "errors": errors,
@@ -184,20 +198,21 @@ def tree_pids(root_pid: int) -> list[int]:
     return pids
 
 
-def memory_of(pid: int) -> tuple[int, int]:
-    """(RSS, PSS) in bytes.  PSS splits shared pages between the processes sharing them, so a
-    forked child (which shares its parent's pages until it execs) is not counted twice."""
-    rss = pss = 0
+def memory_of(pid: int) -> tuple[int, int, int]:
+    """(RSS, PSS, anonymous) in bytes.  PSS splits shared pages between the processes sharing them,
+    so a forked child (which shares its parent's pages until it execs) is not counted twice.  The
+    rest of RSS beyond the anonymous pages is file pages (mapped weights, libraries): the kernel can
+    drop those under a memory limit and read them again (see :class:`MemoryCgroup`)."""
+    found = {"Rss:": 0, "Pss:": 0, "Anonymous:": 0}
     try:
         with open(f"/proc/{pid}/smaps_rollup") as f:
             for line in f:
-                if line.startswith("Rss:"):
-                    rss = int(line.split()[1]) * 1024
-                elif line.startswith("Pss:"):
-                    pss = int(line.split()[1]) * 1024
+                key = line.split(maxsplit=1)[0]
+                if key in found:
+                    found[key] = int(line.split()[1]) * 1024
     except OSError:
         pass
-    return rss, pss
+    return found["Rss:"], found["Pss:"], found["Anonymous:"]
 
 
 def _cmdline(pid: int) -> str:
@@ -215,7 +230,7 @@ class PeakSampler(threading.Thread):
     def __init__(self, root_pid: int, interval: float = 0.05):
         super().__init__(daemon=True)
         self.root, self.interval = root_pid, interval
-        self.peak_pss = self.peak_pss_children = self.peak_rss = 0
+        self.peak_pss = self.peak_pss_children = self.peak_rss = self.peak_anon_children = 0
         self.samples = 0
         self.per_pid: dict[int, list] = {}   # pid -> [peak PSS, samples seen, command line]
         self._halt = threading.Event()
@@ -223,15 +238,16 @@ class PeakSampler(threading.Thread):
     def run(self) -> None:
         while not self._halt.is_set():
             mem = {pid: memory_of(pid) for pid in tree_pids(self.root)}
-            for pid, (_, pss) in mem.items():
+            for pid, (_, pss, _) in mem.items():
                 seen = self.per_pid.setdefault(pid, [0, 0, _cmdline(pid)])
                 seen[0], seen[1] = max(seen[0], pss), seen[1] + 1
             if mem:
                 self.samples += 1
-                self.peak_rss = max(self.peak_rss, sum(r for r, _ in mem.values()))
-                self.peak_pss = max(self.peak_pss, sum(p for _, p in mem.values()))
-                self.peak_pss_children = max(self.peak_pss_children,
-                                             sum(p for pid, (_, p) in mem.items() if pid != self.root))
+                children = [m for pid, m in mem.items() if pid != self.root]
+                self.peak_rss = max(self.peak_rss, sum(m[0] for m in mem.values()))
+                self.peak_pss = max(self.peak_pss, sum(m[1] for m in mem.values()))
+                self.peak_pss_children = max(self.peak_pss_children, sum(m[1] for m in children))
+                self.peak_anon_children = max(self.peak_anon_children, sum(m[2] for m in children))
             self._halt.wait(self.interval)
 
     def stop(self) -> None:
@@ -239,13 +255,60 @@ class PeakSampler(threading.Thread):
         self.join()
 
 
-def run_notebook(repo: Path, venv: Path, notebook: str) -> dict:
+class MemoryCgroup:
+    """A memory cgroup with a hard limit, as a Binder pod runs in (Kubernetes puts the pod's memory
+    limit on one).  The kernel charges it with the anonymous memory of the processes inside and with
+    the page cache they touch (file pages of mapped weights and libraries); at the limit it first
+    reclaims clean file pages (they are read again when touched: slower, not fatal), and only what
+    cannot be reclaimed gets a process OOM-killed.  RSS counts those file pages as held, so RSS and
+    PSS overstate what a pod may be killed for; a run inside this cgroup is the kernel's own verdict.
+    cgroup v1's memory controller, else v2 (needs root; v2 also needs memory in the parent's
+    subtree_control, and was not available to test here).  Swap is limited with it where the files
+    exist (Binder pods have none)."""
+
+    def __init__(self, limit_bytes: int):
+        v1 = Path("/sys/fs/cgroup/memory")
+        self.v2 = not v1.is_dir()
+        self.path = (Path("/sys/fs/cgroup") if self.v2 else v1) / f"lora_lab_binder_{os.getpid()}"
+        try:
+            self.path.mkdir()
+            limits = ("memory.max", "memory.swap.max") if self.v2 else \
+                ("memory.limit_in_bytes", "memory.memsw.limit_in_bytes")
+            (self.path / limits[0]).write_text(str(limit_bytes))
+            if (self.path / limits[1]).exists():
+                (self.path / limits[1]).write_text("0" if self.v2 else str(limit_bytes))
+        except OSError as exc:
+            raise SystemExit(f"--enforce needs a writable memory cgroup (root): {exc}") from exc
+        # what the notebook touches must be charged here, as in a fresh pod: drop the page cache
+        subprocess.run(["sync"], check=False)
+        Path("/proc/sys/vm/drop_caches").write_text("3")
+
+    def enter(self) -> None:
+        """In the child, before exec (``Popen(preexec_fn=...)``): move this process in."""
+        (self.path / "cgroup.procs").write_text(str(os.getpid()))
+
+    def verdict(self) -> dict:
+        """Peak charge (MiB; at the limit, the kernel reclaimed pages to stay under it) and OOM kills."""
+        read = lambda name: (self.path / name).read_text()  # noqa: E731
+        events = dict(line.split() for line in read("memory.events" if self.v2 else "memory.oom_control")
+                      .splitlines())
+        peak = read("memory.peak" if self.v2 else "memory.max_usage_in_bytes")
+        return {"peak_mib": int(peak) / MiB, "oom_kills": int(events.get("oom_kill", 0))}
+
+    def remove(self) -> None:
+        try:
+            self.path.rmdir()
+        except OSError:
+            pass
+
+
+def run_notebook(repo: Path, venv: Path, notebook: str, cgroup: MemoryCgroup | None = None) -> dict:
     path = repo / notebook
     # mybinder.org tells the pod its memory limit in MEM_LIMIT (bytes); notebooks may size themselves by it
     env = {**os.environ, "MEM_LIMIT": os.environ.get("MEM_LIMIT", str(2 * 1024**3))}
     proc = subprocess.Popen([str(venv / "bin" / "python"), "-c", RUNNER, str(path), str(path.parent)],
                             cwd=path.parent, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+                            text=True, preexec_fn=cgroup.enter if cgroup else None)
     sampler = PeakSampler(proc.pid)
     sampler.start()
     out, err = proc.communicate()
@@ -254,12 +317,14 @@ def run_notebook(repo: Path, venv: Path, notebook: str) -> dict:
         raise SystemExit(f"running {notebook} failed (exit {proc.returncode}):\n{err[-4000:]}")
     result = json.loads(out.split("__RESULT__", 1)[1])
     exe = result["probe"] and eval(result["probe"])[0]  # noqa: S307 - our own repr of a tuple
-    if not exe or not exe.startswith(str(venv)):
+    # (a kernel killed for memory ran no probe: its errors say so)
+    if (exe or not result["errors"]) and not (exe and exe.startswith(str(venv))):
         raise SystemExit(f"the kernel ran {exe!r}, not the Binder venv's Python")
     result["processes"] = sorted(([round(v[0] / MiB), v[1], v[2]] for v in sampler.per_pid.values()),
                                  reverse=True)
     result.update(tree_pss_mib=sampler.peak_pss / MiB, kernel_tree_pss_mib=sampler.peak_pss_children / MiB,
-                  tree_rss_mib=sampler.peak_rss / MiB, samples=sampler.samples)
+                  tree_rss_mib=sampler.peak_rss / MiB, kernel_anon_mib=sampler.peak_anon_children / MiB,
+                  samples=sampler.samples)
     return result
 
 
@@ -306,6 +371,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--keep", type=Path, help="build in (and keep) this folder instead of a temp dir")
     ap.add_argument("--venv", type=Path, help="skip the build and run in this existing venv "
                     "(a diagnostic of the notebooks' memory, not a check of binder/)")
+    ap.add_argument("--enforce", action="store_true",
+                    help="run each notebook inside a memory cgroup of the limit (less the idle server with "
+                         "--server), as a Binder pod: PASS means no OOM kill (root; drops the page cache)")
     ap.add_argument("--reuse", action="store_true",
                     help="with --keep: run the notebooks in the environment built there before")
     args = ap.parse_args(argv)
@@ -338,7 +406,13 @@ def main(argv: list[str] | None = None) -> int:
             log(f"idle jupyter lab server: {server_mib:.0f} MiB PSS")
         for nb in args.notebooks:
             log(f"running {nb} with its own parameters ...")
-            r = run_notebook(repo, venv, nb)
+            cgroup = MemoryCgroup(int((limit_mib - (server_mib or 0)) * MiB)) if args.enforce else None
+            try:
+                r = run_notebook(repo, venv, nb, cgroup)
+                verdict = cgroup.verdict() if cgroup else None
+            finally:
+                if cgroup:
+                    cgroup.remove()
             # A Binder pod holds the kernel (with any children it starts) and one Jupyter server.
             # The kernel counts at the larger of its exact peak RSS and its tree's sampled PSS; the
             # server at its measured PSS (--server), else nbclient's parent stands in for it.  With
@@ -346,16 +420,26 @@ def main(argv: list[str] | None = None) -> int:
             kernel = max(r["kernel_maxrss_mib"], r["kernel_tree_pss_mib"])
             other = server_mib if server_mib is not None else r["parent_maxrss_mib"]
             peak = kernel + other
-            passed = not r["errors"] and peak < limit_mib
+            passed = not r["errors"] and (verdict["oom_kills"] == 0 if verdict else peak < limit_mib)
             ok &= passed
             log(f"{nb}: {r['wall_s']:.0f} s, errors {len(r['errors'])}; peak RSS of the kernel "
-                f"{r['kernel_maxrss_mib']:.0f} MiB (exact), of the nbclient parent {r['parent_maxrss_mib']:.0f} MiB; "
-                f"sampled peaks ({r['samples']} samples): tree PSS {r['tree_pss_mib']:.0f} MiB, kernel tree PSS "
-                f"{r['kernel_tree_pss_mib']:.0f} MiB, tree RSS {r['tree_rss_mib']:.0f} MiB")
+                f"{r['kernel_maxrss_mib']:.0f} MiB (exact), of the nbclient parent "
+                f"{r['parent_maxrss_mib']:.0f} MiB; sampled peaks ({r['samples']} samples): tree PSS "
+                f"{r['tree_pss_mib']:.0f} MiB, kernel tree PSS {r['kernel_tree_pss_mib']:.0f} MiB, tree RSS "
+                f"{r['tree_rss_mib']:.0f} MiB; anonymous memory of the kernel tree "
+                f"{r['kernel_anon_mib']:.0f} MiB (the rest is file pages)")
             for pss, samples, cmd in r["processes"][:5]:
                 log(f"  peak PSS {pss:5d} MiB, seen in {samples:5d} samples: {cmd}")
             for e in r["errors"]:
                 log("  error output: " + e[:300])
+            if verdict:
+                cap = limit_mib - (server_mib or 0)
+                reclaimed = " (the limit: pages were reclaimed)" if verdict["peak_mib"] >= cap - 1 else ""
+                log(f"enforced: a memory cgroup of {cap:.0f} MiB held nbclient and "
+                    f"the kernel{' (the idle server taken off)' if server_mib else ''}: peak charge "
+                    f"{verdict['peak_mib']:.0f} MiB{reclaimed}, OOM kills "
+                    f"{verdict['oom_kills']}: {'PASS' if passed else 'FAIL'} in {r['wall_s']:.0f} s")
+                continue
             who = "idle server" if server_mib is not None else "nbclient parent, standing in for the server"
             log(f"{'PASS' if passed else 'FAIL'}: kernel {kernel:.0f} MiB + {who} {other:.0f} MiB = "
                 f"{peak:.0f} MiB against a limit of {limit_mib:.0f} MiB ({args.limit_gb} GB); headroom "
