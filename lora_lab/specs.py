@@ -291,6 +291,11 @@ class TrainSpec:
     (``benchmarks/compile.py``).  It needs a C++ compiler on a CPU (Triton and a C compiler on a
     GPU) and works with gradient checkpointing; losses match eager training within float rounding
     (``tests/train/test_compile.py``).
+    Checkpoints (the adapter and what resuming needs; the newest three are kept) are written at the
+    end of every run however it ends, every ``save_every`` steps, and once ``autosave_minutes`` of
+    wall time have passed since the last one: a kernel killed from outside (out of memory, a Binder
+    or Colab timeout), which no handler survives, loses at most that much training;
+    ``train(..., resume_from=run_dir)`` continues from it.  None turns the timed save off.
     """
 
     steps: int | None = 100
@@ -304,6 +309,7 @@ class TrainSpec:
     max_grad_norm: float | None = 1.0
     eval_every: int | None = None
     save_every: int | None = None
+    autosave_minutes: float | None = 10.0
     seed: int = 0
     gradient_checkpointing: bool = False
     optimizer: str = "adamw"
@@ -347,6 +353,10 @@ class TrainSpec:
             _check(v is None or (_is_int(v) and v >= 1), S, name, v,
                    f"{name} must be None or an integer >= 1",
                    f"pass {name}=None or a number of optimizer steps such as 50")
+        _check(self.autosave_minutes is None or (isinstance(self.autosave_minutes, (int, float))
+               and not isinstance(self.autosave_minutes, bool) and self.autosave_minutes > 0), S,
+               "autosave_minutes", self.autosave_minutes, "autosave_minutes must be None or > 0",
+               "pass autosave_minutes=10 (a checkpoint every 10 minutes of training) or None")
         _check(self.optimizer in OPTIMIZERS, S, "optimizer", self.optimizer,
                f"choose one of {OPTIMIZERS}", "pass optimizer='adamw'")
         _check(self.precision in PRECISIONS, S, "precision", self.precision,

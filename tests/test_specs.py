@@ -48,6 +48,8 @@ BAD = {
         (dict(pad_to_multiple_of=0), "pad_to_multiple_of"),
         (dict(pad_to_multiple_of="8"), "pad_to_multiple_of"),
         (dict(compile="yes"), "compile"), (dict(compile=1), "compile"),
+        (dict(autosave_minutes=0), "autosave_minutes"), (dict(autosave_minutes="10"), "autosave_minutes"),
+        (dict(autosave_minutes=True), "autosave_minutes"),
     ],
 }
 UNCHECKED = {   # any value is accepted: flags read for their truth, seeds, paths

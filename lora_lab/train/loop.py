@@ -59,7 +59,7 @@ from ..hf.training.compile import CompiledLayers, compile_failure, is_compile_er
 from ..specs import TrainSpec
 from .checkpoint import load_training_state, restore_rng_state, restore_trainable, rng_state, save_checkpoint
 from .data import Batches, eval_batches, resolve_data
-from .events import Control, TrainState, emit, wait_while_paused
+from .events import Autosave, Control, TrainState, emit, wait_while_paused
 from .history import History
 from .measure import StepTimer, memory_mb, peak_rss_mb
 from .optim import build_optimizer, lr_factor, resolve_precision
@@ -137,7 +137,8 @@ class _Run:
         self.scaler = torch.amp.GradScaler("cuda") if self.precision.scaler else None
         self.fwd = _forward_kwargs(model)
         self.history = History()
-        self.callbacks = [self.history, *callbacks]
+        self.callbacks = [self.history, *([Autosave(spec.autosave_minutes)] if spec.autosave_minutes else []),
+                          *callbacks]
         self.control = Control()
         self.run_dir, self.adapter = Path(run_dir), active_name(model)
         self.step, self.tokens, self.session_tokens, self.session_supervised = 0, 0, 0, 0
