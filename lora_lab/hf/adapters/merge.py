@@ -222,6 +222,40 @@ def _full_precision_base(model) -> nn.Module:
                          "known, and keep that folder available") from exc
 
 
+def copy_bytes(model: nn.Module, quantized: bool) -> tuple[int, torch.device]:
+    """What :func:`merged_copy` allocates, and where: a quantized base is reloaded in fp32 on the CPU
+    (4 bytes for each base parameter, counted unpacked); any other model is deep-copied where it is
+    (its parameters and buffers, each tensor once: tied weights are shared)."""
+    from ..model.inspect import count_parameters
+
+    if quantized:
+        count = count_parameters(model)
+        return 4 * (count.total - count.trainable), torch.device("cpu")
+    seen, total = set(), 0
+    for t in (*model.parameters(), *model.buffers()):
+        if id(t) not in seen:
+            seen.add(id(t))
+            total += t.numel() * t.element_size()
+    return total, next(model.parameters()).device
+
+
+def _refuse_if_it_cannot_fit(model: nn.Module, quantized: bool) -> None:
+    """A :class:`MergeError` before anything is allocated when the copy would not fit where it goes
+    (:func:`~lora_lab.hf.model.device.free_memory_bytes`): an out-of-memory kill of the kernel would
+    take the session with it (a 7B QLoRA base reloads as 28 GB of fp32; Colab's VM has 12.7 GB)."""
+    from ..model.device import free_memory_bytes
+
+    need, device = copy_bytes(model, quantized)
+    free = free_memory_bytes(device)
+    if free is not None and need > free:
+        what = "reload the base in fp32 on the CPU" if quantized else f"copy the model on {device}"
+        raise MergeError(f"merged_copy would {what}: {need / 1e9:.2f} GB, and {free / 1e9:.2f} GB are "
+                         "free there.",
+                         "write the merged model to disk instead with lora_lab.export_merged(model, "
+                         "folder), which streams it one shard at a time (peak about one shard), and "
+                         "load that folder with transformers' from_pretrained when you need it")
+
+
 @torch.no_grad()
 def merged_copy(model: nn.Module, adapter: str | None = None,
                 probe_ids: torch.Tensor | None = None) -> tuple[nn.Module, MergeReport]:
@@ -229,7 +263,9 @@ def merged_copy(model: nn.Module, adapter: str | None = None,
 
     The original ``model`` is left as it was.  For a quantized base the merge happens in a
     full-precision reload of the base (never in packed 4-bit weights); the report then shows the
-    quantization gap, since the adapter was trained against Q(W), not W.
+    quantization gap, since the adapter was trained against Q(W), not W.  A copy that would not fit
+    in the memory free where it goes is refused before anything is allocated (:class:`MergeError`,
+    whose fix is :func:`lora_lab.export_merged`, streamed shard by shard).
     """
     import peft
 
@@ -237,6 +273,7 @@ def merged_copy(model: nn.Module, adapter: str | None = None,
     adapter = _adapter_to_merge(model, adapter, "merged_copy")
     quantized = is_quantized(model)
     ids = probe_ids if probe_ids is not None else make_probe_ids(model)
+    _refuse_if_it_cannot_fit(model, quantized)
     with using_adapter(model, adapter):    # the reference: the unmerged model with this adapter on
         ref = probe_logits(model, ids)
     if quantized:

@@ -217,6 +217,34 @@ def memory_limit_gb() -> float:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9
 
 
+def free_memory_bytes(device: str | torch.device = "cpu") -> int | None:
+    """Bytes a new allocation can take on ``device`` now, or None where that cannot be told.
+
+    On a GPU, the CUDA driver's free memory (``torch.cuda.mem_get_info``).  On a CPU, the smaller
+    of the kernel's ``MemAvailable`` (``/proc/meminfo``: free memory plus page cache it can drop)
+    and this process's limit (:func:`memory_limit_gb`: Binder's ``MEM_LIMIT``, the cgroup, the RAM)
+    less its anonymous memory (``RssAnon``; its mapped file pages, such as safetensors weights,
+    can be dropped under the limit and are not counted)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0]) if torch.cuda.is_available() else None
+    if device.type != "cpu":
+        return None
+    fields = {}
+    for name in ("/proc/meminfo", "/proc/self/status"):
+        try:
+            with open(name) as fh:
+                fields.update(line.split(":", 1) for line in fh if ":" in line)
+        except OSError:
+            return None
+    try:
+        available = int(fields["MemAvailable"].split()[0]) * 1024
+        anon = int(fields["RssAnon"].split()[0]) * 1024
+    except (KeyError, ValueError, IndexError):
+        return None
+    return max(0, min(available, int(memory_limit_gb() * 1e9) - anon))
+
+
 def as_dtype(value, device: str | None = None, hidden_size: int | None = None) -> torch.dtype | None:
     """Turn ``"bf16"``, ``"float16"``, a ``torch.dtype`` or None into a ``torch.dtype`` (or None);
     ``"auto"`` is :func:`auto_dtype` of ``device`` for a model of ``hidden_size``."""
