@@ -60,7 +60,7 @@ def info_lines() -> list[str]:
         CPU_BF16_MIN_HIDDEN,
         bf16_supported,
         cpu_bf16_native,
-        cpu_fp16_native,
+        cpu_half_summary,
         default_compute_dtype,
         default_device,
         default_train_precision,
@@ -76,8 +76,7 @@ def info_lines() -> list[str]:
     lines += [f"{p:<13} {_version(p)}" for p in PACKAGES]
     lines += [f"device        {dev} (GPU: {torch.cuda.get_device_name(0) if dev == 'cuda' else 'none'})",
               f"GPU bf16      {'yes' if bf16_supported(dev) else 'no'}",
-              f"CPU bf16      {'native' if cpu_bf16_native() else 'no (emulated: 30-350x slower than fp32)'}"
-              + ("" if cpu_fp16_native() else "; fp16 emulated too (about 100x slower than fp32)"),
+              f"CPU bf16      {cpu_half_summary()}",
               f"training      precision='auto' trains in {picked}"
               + (f" (fp32 below hidden size {CPU_BF16_MIN_HIDDEN})" if dev == "cpu" and cpu_bf16_native()
                  else ""),

@@ -63,8 +63,10 @@ def resolve_precision(choice: str, device: torch.device, model=None) -> Precisio
     """The precision for ``TrainSpec.precision`` on ``device`` (see the module docstring; "auto" on a
     CPU should be made concrete first by ``train_precision_choice``, else it is fp32 here).
 
-    On a CPU without native bf16, bf16 autocast and a ``model`` with bf16 matrices to multiply (a
-    base loaded in bf16, 4-bit layers computing in bf16) are refused (:class:`TrainingError`):
+    On a CPU where torch has no oneDNN path for bf16 (no native bf16 and no AVX512:
+    :func:`~lora_lab.hf.model.device.cpu_bf16_onednn`), bf16 autocast and a ``model`` with bf16
+    matrices to multiply (a base loaded in bf16, 4-bit layers computing in bf16) are refused
+    (:class:`TrainingError`):
     emulated bf16 products make a step tens to hundreds of times slower than fp32 (measured in
     :data:`lora_lab.hf.model.device.EMULATED_BF16`), which "auto" never picks there.  So is a model
     with fp16 matrices on a CPU that emulates fp16 (:func:`~lora_lab.hf.model.device.cpu_fp16_native`)."""
@@ -92,7 +94,7 @@ def _refuse_emulated_half(choice: str, device: torch.device, model) -> None:
 
     if device.type != "cpu":
         return
-    if choice == "bf16" and not dev.cpu_bf16_native():
+    if choice == "bf16" and not dev.cpu_bf16_onednn():
         raise TrainingError(f"TrainSpec(precision='bf16') asks for bf16 autocast, and {dev.EMULATED_BF16}.",
                             "pass precision='auto' (fp32 on this CPU) or 'fp32'")
     slow = dev.emulated_half_weights(model) if model is not None else []

@@ -29,6 +29,17 @@ def test_native_bf16_is_what_the_cpu_flags_say():
     assert dev.cpu_bf16_native() == bool(flags & {"avx512_bf16", "amx_bf16", "amx_tile", "bf16"})
 
 
+@pytest.mark.skipif(platform.system() != "Linux" or platform.machine() != "x86_64",
+                    reason="reads x86 flags from /proc/cpuinfo")
+def test_torch_takes_bf16_to_onednn_where_the_cpu_flags_say():
+    """Oracle: the CPU flags against what ATen's mkldnn_bf16_device_check asks oneDNN for (its error
+    text: "needs the cpu support avx_ne_convert or avx512bw, avx512vl and avx512dq"), or native bf16."""
+    flags = _cpu_flags()
+    want = dev.cpu_bf16_native() or {"avx512bw", "avx512vl", "avx512dq"} <= flags or "avx_ne_convert" in flags
+    assert dev.cpu_bf16_onednn() == want
+    assert (torch.bfloat16 in dev.emulated_dtypes()) == (not want)
+
+
 def test_the_cpu_rule_needs_the_chip_and_a_wide_enough_model(monkeypatch):
     monkeypatch.setattr(dev, "cpu_bf16_native", lambda: True)
     assert dev.default_train_precision("cpu", 576) == "bf16"  # SmolLM2-135M: ~1.7x fp32
@@ -108,8 +119,10 @@ def test_a_cpu_without_native_bf16_refuses_bf16_matrix_products(tiny_llama_dir, 
                                                                  monkeypatch):
     """Where bf16 is emulated (measured 30-350x slower than fp32 on an AMD EPYC Zen 3), train()
     refuses, before any step, bf16 autocast, a base loaded in bf16 and 4-bit layers computing in
-    bf16, each with its fix; load_model warns when it loads such a base; "auto" trains in fp32."""
+    bf16, each with its fix; load_model warns when it loads such a base; "auto" trains in fp32.  (The
+    chip check is made to say "no native bf16 and no oneDNN path": an AVX2-only CPU such as that one.)"""
     monkeypatch.setattr(dev, "cpu_bf16_native", lambda: False)
+    monkeypatch.setattr(dev, "cpu_bf16_onednn", lambda: False)
     _, tok = ll.load_model(tiny_llama_dir, device="cpu")
     rows = _rows(tok)
     with pytest.raises(ll.TrainingError, match="native bf16") as err:
@@ -126,6 +139,8 @@ def test_a_cpu_without_native_bf16_refuses_bf16_matrix_products(tiny_llama_dir, 
         assert "dtype='auto'" in err.value.fix and "compute_dtype" in err.value.fix
     _, res, _ = _run(tiny_llama_dir, rows, tmp_path, "auto", "auto")
     assert res.final["precision"] == "fp32"
+    monkeypatch.setattr(dev, "cpu_bf16_onednn", lambda: True)  # where oneDNN takes bf16 (AVX512), it trains
+    assert len(train(model, tok, rows, spec=spec.replace(output_dir=str(tmp_path / "onednn"))).loss) == 1
     monkeypatch.setattr(dev, "cpu_bf16_native", lambda: True)  # where bf16 is native, the same model trains
     assert len(train(model, tok, rows, spec=spec.replace(output_dir=str(tmp_path / "native"))).loss) == 1
 

@@ -74,6 +74,7 @@ def test_the_bridge_warns_when_the_trainer_would_run_emulated_bf16(lora_tiny, ro
 
     def run(native: bool, out: str):
         monkeypatch.setattr(dev, "cpu_bf16_native", lambda: native)
+        monkeypatch.setattr(dev, "cpu_bf16_onednn", lambda: native)
         args = TrainingArguments(output_dir=str(tmp_path / out), max_steps=1, per_device_train_batch_size=4,
                                  report_to=[], use_cpu=True, bf16=True, save_strategy="no",
                                  eval_strategy="no", disable_tqdm=True)
@@ -90,6 +91,7 @@ def test_the_bridge_warns_when_the_trainer_would_run_emulated_bf16(lora_tiny, ro
     from transformers import TrainerControl, TrainerState
 
     monkeypatch.setattr(dev, "cpu_bf16_native", lambda: False)
+    monkeypatch.setattr(dev, "cpu_bf16_onednn", lambda: False)
     frozen = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and not m.weight.requires_grad]
     for m in frozen:
         m.weight.data = m.weight.data.bfloat16()

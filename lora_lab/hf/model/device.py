@@ -62,6 +62,32 @@ def cpu_bf16_native() -> bool:
     return False
 
 
+def _x86_flags() -> set[str] | None:
+    """The x86 CPU flags of ``/proc/cpuinfo``; None on other machines or where it cannot be read."""
+    import platform
+
+    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
+        return None
+    try:
+        with open("/proc/cpuinfo") as fh:
+            return next((set(line.split(":", 1)[1].split()) for line in fh if line.startswith("flags")), None)
+    except OSError:
+        return None
+
+
+def cpu_bf16_onednn() -> bool:
+    """Whether torch hands bf16 matrix products to oneDNN on this CPU (``mkldnn_bf16_device_check`` in
+    ATen's ``native/mkldnn/Utils.h``): where bf16 is native (:func:`cpu_bf16_native`), and on x86 CPUs
+    with AVX512 BW, VL and DQ or AVX-NE-CONVERT, where oneDNN converts bf16 to fp32 itself (Skylake to
+    Ice Lake servers: slower than fp32, not measured here).  Elsewhere (x86 with AVX2 only: AMD Zen 1
+    to 3, Intel client chips; an Arm CPU without BF16) torch multiplies bf16 matrices in its own
+    fallback, measured at 0.3 GFLOP/s (:data:`EMULATED_BF16`): there ``train()`` refuses them."""
+    if cpu_bf16_native():
+        return True
+    flags = _x86_flags()
+    return flags is not None and ({"avx512bw", "avx512vl", "avx512dq"} <= flags or "avx_ne_convert" in flags)
+
+
 def cpu_fp16_native() -> bool:
     """Whether this CPU multiplies fp16 matrices natively.  On x86, torch hands an fp16 GEMM to
     oneDNN only where oneDNN has fp16 instructions (``mkldnn_fp16_device_check`` in ATen's
@@ -70,16 +96,7 @@ def cpu_fp16_native() -> bool:
     ``/proc/cpuinfo``'s flags.  Where that file is missing, and on other machines (Arm has fp16
     arithmetic kernels of its own, not measured here), the answer is True: nothing is refused on a
     guess."""
-    import platform
-
-    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
-        return True
-    try:
-        with open("/proc/cpuinfo") as fh:
-            flags = next((set(line.split(":", 1)[1].split()) for line in fh if line.startswith("flags")),
-                         None)
-    except OSError:
-        return True
+    flags = _x86_flags()
     return flags is None or bool(flags & {"avx512_fp16", "avx_ne_convert", "amx_fp16"})
 
 
@@ -89,9 +106,9 @@ def cpu_fp16_native() -> bool:
 # 8 x 64 tokens took 112 s in aten::mm alone (benchmarks/cpu_speed.py prints the chip's two rates).
 # fp16 the same: 512² at 1.2 GFLOP/s against 118 in fp32, 1024² at 0.8 against 98, and
 # builtin:tiny trained at 681 tokens/s with an fp16 base against 7,497 with an fp32 one.
-EMULATED_BF16 = ("this CPU has no native bf16 (no AVX512-BF16, AMX or Arm BF16), so torch multiplies "
-                 "bf16 matrices through an emulation: 30-350x slower than fp32 "
-                 "(measured on an AMD EPYC Zen 3)")
+EMULATED_BF16 = ("this CPU has no native bf16 (no AVX512-BF16, AMX or Arm BF16) and not the AVX512 that "
+                 "oneDNN's bf16 conversion needs, so torch multiplies bf16 matrices in its own fallback: "
+                 "30-350x slower than fp32 (measured on an AMD EPYC Zen 3)")
 EMULATED_FP16 = ("this CPU has no native fp16 matrix products (no AVX512-FP16 or AVX-NE-CONVERT), so "
                  "torch multiplies fp16 matrices through an emulation: about 100x slower than fp32 "
                  "(measured on an AMD EPYC Zen 3)")
@@ -99,13 +116,23 @@ EMULATED_FP16 = ("this CPU has no native fp16 matrix products (no AVX512-FP16 or
 
 def emulated_dtypes() -> dict[torch.dtype, str]:
     """The 16-bit dtypes whose matrix products this CPU emulates, each with what to tell the user
-    (:data:`EMULATED_BF16`, :data:`EMULATED_FP16`); empty on a CPU that has both natively."""
+    (:data:`EMULATED_BF16`, :data:`EMULATED_FP16`): bf16 where torch has no oneDNN path for it
+    (:func:`cpu_bf16_onednn`), fp16 where it is not native (:func:`cpu_fp16_native`)."""
     slow = {}
-    if not cpu_bf16_native():
+    if not cpu_bf16_onednn():
         slow[torch.bfloat16] = EMULATED_BF16
     if not cpu_fp16_native():
         slow[torch.float16] = EMULATED_FP16
     return slow
+
+
+def cpu_half_summary() -> str:
+    """What ``lora-lab info`` says of this CPU's bf16 (and, when emulated, fp16) matrix products."""
+    slow = emulated_dtypes()
+    text = "native" if cpu_bf16_native() else (
+        "no (torch emulates it: 30-350x slower than fp32)" if torch.bfloat16 in slow
+        else "no (oneDNN converts it to fp32: slower than fp32)")
+    return text + ("; fp16 emulated too (about 100x slower than fp32)" if torch.float16 in slow else "")
 
 
 def emulated_half_weights(model) -> list[tuple[str, torch.dtype]]:
