@@ -42,14 +42,15 @@ measured against the chip's own matrix-product throughput in the same run (issue
    parameters (6N, as for full training); 12·L·T·d: attention scores and their weighted sum over T
    positions (forward 4·T·d per layer, backward twice that).
 
-On a CPU without native bf16 (AVX2 only: an AMD EPYC Zen 3 measured 0.3 GFLOP/s for a 2048² bf16 product
-against 108 in fp32) the bf16 rate is probed at 512² once, the ``autocast`` and ``bf16`` setups are left
-out (``train()`` refuses bf16 there), and ``auto`` and ``compiled`` train in fp32, judged against the fp32
-rate.  Where fp16 is emulated too (no AVX512-FP16), its rate is probed once at 512² (train() refuses an
-fp16 base there: 1.3 GFLOP/s against 168 in fp32 on that chip).  Measured there (2 cores, idle, 2 repeats; the fp32 probe moved between 103 and 154 GFLOP/s
-over the run): SmolLM2 LoRA trains in fp32 at 148 tokens/s, 66% of the chip's fp32 rate (runs: 62%,
-70%), compiled 1.07× that (66%); QLoRA 130 tokens/s (54%), compiled 1.10×; ``builtin:tiny`` 19%,
-compiled 1.51×.
+On a CPU where torch multiplies bf16 in its own fallback (no native bf16 and no AVX512: an AMD EPYC
+Zen 3 measured 0.3 GFLOP/s for a 2048² bf16 product against 108 in fp32) the bf16 rate is probed at 512²
+once, the ``autocast`` and ``bf16`` setups are left out (``train()`` refuses bf16 there), and ``auto`` and
+``compiled`` train in fp32, judged against the fp32 rate.  (An AVX512 CPU without native bf16 runs them:
+oneDNN converts bf16 there.)  Where fp16 is emulated too (no AVX512-FP16), its rate is probed once at 512²
+(train() refuses an fp16 base there: 1.3 GFLOP/s against 168 in fp32 on that chip).  Measured there (2
+cores, idle, 2 repeats; the fp32 probe moved between 103 and 154 GFLOP/s over the run): SmolLM2 LoRA
+trains in fp32 at 148 tokens/s, 66% of the chip's fp32 rate (runs: 62%, 70%), compiled 1.07× that (66%);
+QLoRA 130 tokens/s (54%), compiled 1.10×; ``builtin:tiny`` 19%, compiled 1.51×.
 
 Targets (issue 22, on a bf16 CPU): ``auto`` ≥ 1.5× ``fp32`` tokens/s on the real model, and training
 reaching ≥ 60% of the chip's matrix throughput in the precision used, checked for ``auto`` (the
@@ -92,7 +93,7 @@ import time
 import torch
 
 import lora_lab as ll
-from lora_lab.hf.model.device import cpu_bf16_native, cpu_fp16_native
+from lora_lab.hf.model.device import cpu_bf16_native, emulated_dtypes
 
 SETUPS = {"fp32": ("fp32", "fp32", False), "autocast": ("fp32", "bf16", False),
           "bf16": ("bf16", "bf16", False), "default": (None, "auto", False),
@@ -267,27 +268,30 @@ def main(argv=None) -> dict:
     args.steps = args.steps or (3 if args.quick else 6)
     args.repeats = args.repeats or (1 if args.quick else 2)
 
-    native = cpu_bf16_native()
-    # without native bf16 a 2048² bf16 product takes about a minute (0.3 GFLOP/s on an AMD EPYC Zen 3):
-    # its rate is probed once at 512², and the bf16 setups, which train() refuses there, are left out
-    n16, reps16 = (args.n, args.matmul_reps) if native else (512, 1)
+    native, slow = cpu_bf16_native(), emulated_dtypes()
+    # where torch multiplies bf16 in its own fallback a 2048² product takes about a minute (0.3 GFLOP/s
+    # on an AMD EPYC Zen 3): its rate is probed once at 512², and the bf16 setups, which train()
+    # refuses there, are left out (an AVX512 CPU without native bf16 runs them, through oneDNN)
+    fallback = torch.bfloat16 in slow
+    n16, reps16 = (512, 1) if fallback else (args.n, args.matmul_reps)
     chip = {"fp32": matmul_gflops(torch.float32, args.n, args.matmul_reps),
             "bf16": matmul_gflops(torch.bfloat16, n16, reps16)}
     print(f"CPU native bf16: {native}; matmul: fp32 {chip['fp32']:.0f} GFLOP/s ({args.n}²), bf16 "
           f"{chip['bf16']:.1f} GFLOP/s ({n16}²): bf16 at {chip['bf16'] / chip['fp32']:.3f}× fp32", flush=True)
-    if not cpu_fp16_native():  # train() refuses an fp16 base here too (hf/model/device.py)
+    if torch.float16 in slow:  # train() refuses an fp16 base here too (hf/model/device.py)
         chip["fp16"] = matmul_gflops(torch.float16, 512, 1)
         print(f"  fp16 is emulated too: {chip['fp16']:.1f} GFLOP/s (512²)", flush=True)
-    if not native:
+    if fallback:
         dropped = [s for s in args.setups if s in ("autocast", "bf16")]
         args.setups = [s for s in args.setups if s not in dropped]
         print(f"  bf16 is emulated on this CPU: setups {dropped or 'none'} left out (train() refuses them); "
               "'auto' and 'compiled' train in fp32 here", flush=True)
     attn = {"fp32": attention_ms(torch.float32, args.matmul_reps)}
-    if native:
+    if not fallback:
         attn["bf16"] = attention_ms(torch.bfloat16, args.matmul_reps)
     print(f"attention forward + backward, SmolLM2's layer shape: fp32 {attn['fp32']:.2f} ms"
-          + (f", bf16 {attn['bf16']:.2f} ms (why bf16 autocast runs it in fp32 on a CPU)" if native else ""),
+          + (f", bf16 {attn['bf16']:.2f} ms (why bf16 autocast runs it in fp32 on a CPU)" if "bf16" in attn
+             else ""),
           flush=True)
 
     configs = [(m, q) for m in args.models for q in ((None,) if args.no_qlora else (None, "nf4"))]
