@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -28,6 +30,26 @@ def token_rows(tokenizer, n: int = 16) -> list[dict]:
         ids = tokenizer(text)["input_ids"]
         rows.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": list(ids)})
     return rows
+
+
+def assert_half_bases_refused(model_dir, tok, rows, spec, short: str):
+    """A base loaded in ``short`` ("bf16", "fp16") and a 4-bit base computing in it each warn at load
+    ("native <short>") and are refused by train() before any step, the fix naming dtype='auto' and
+    the QuantSpec's compute dtype; the chip check must be made to say "emulated" first.  Returns the
+    last (4-bit) model, with an adapter."""
+    import lora_lab as ll
+    from lora_lab.train.loop import train
+
+    long = {"bf16": "bfloat16", "fp16": "float16"}[short]
+    for quant, dtype in ((None, short), (ll.QuantSpec(compute_dtype=long), None)):
+        with pytest.warns(UserWarning, match=f"native {short}"):
+            model, _ = ll.load_model(model_dir, quant, device="cpu", dtype=dtype)
+        model = ll.attach(model, ll.AdapterSpec(r=4, target_modules="all-linear"))
+        with pytest.raises(ll.TrainingError, match=f"multiply in {short}") as err:
+            train(model, tok, rows, spec=spec)
+        assert "dtype='auto'" in err.value.fix and f"compute_dtype='{long}'" in err.value.fix
+        assert not list(Path(spec.output_dir).glob("checkpoint-*"))   # refused before any step
+    return model
 
 
 def response_rows(tok, lengths) -> list[dict]:

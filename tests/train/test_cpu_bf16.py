@@ -129,14 +129,10 @@ def test_a_cpu_without_native_bf16_refuses_bf16_matrix_products(tiny_llama_dir, 
         _run(tiny_llama_dir, rows, tmp_path, "bf16", "bf16")
     assert "precision='auto'" in err.value.fix
     assert not list(tmp_path.glob("bf16/checkpoint-*"))  # refused before any step
+    from conftest import assert_half_bases_refused  # noqa: E402  (tests/train/conftest.py)
+
     spec = ll.TrainSpec(steps=1, batch_size=8, output_dir=str(tmp_path / "base"))
-    for quant, dtype in ((None, "bf16"), (ll.QuantSpec(compute_dtype="bfloat16"), None)):
-        with pytest.warns(UserWarning, match="native bf16"):
-            model, _ = ll.load_model(tiny_llama_dir, quant, device="cpu", dtype=dtype)
-        model = ll.attach(model, ll.AdapterSpec(r=4, target_modules="all-linear"))
-        with pytest.raises(ll.TrainingError, match="multiply in bf16") as err:
-            train(model, tok, rows, spec=spec)
-        assert "dtype='auto'" in err.value.fix and "compute_dtype" in err.value.fix
+    model = assert_half_bases_refused(tiny_llama_dir, tok, rows, spec, "bf16")
     _, res, _ = _run(tiny_llama_dir, rows, tmp_path, "auto", "auto")
     assert res.final["precision"] == "fp32"
     monkeypatch.setattr(dev, "cpu_bf16_onednn", lambda: True)  # where oneDNN takes bf16 (AVX512), it trains

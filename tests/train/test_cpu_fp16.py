@@ -30,7 +30,7 @@ def test_a_cpu_without_native_fp16_refuses_fp16_matrix_products(tiny_llama_dir, 
     fp16 each warn at load and are refused before any step, the fix naming dtype='auto' and the
     compute dtype; with it answering "native", the same fp16 base trains (so the refusal is the
     chip's, not the dtype's); bf16 is judged by its own check."""
-    from conftest import token_rows  # noqa: E402  (tests/train/conftest.py)
+    from conftest import assert_half_bases_refused, token_rows  # noqa: E402  (tests/train/conftest.py)
 
     monkeypatch.setattr(dev, "cpu_bf16_native", lambda: True)
     monkeypatch.setattr(dev, "cpu_fp16_native", lambda: False)
@@ -38,14 +38,7 @@ def test_a_cpu_without_native_fp16_refuses_fp16_matrix_products(tiny_llama_dir, 
     _, tok = ll.load_model(tiny_llama_dir, device="cpu")
     rows = token_rows(tok, n=8)
     spec = ll.TrainSpec(steps=1, batch_size=8, output_dir=str(tmp_path / "fp16"))
-    for quant, dtype in ((None, "fp16"), (ll.QuantSpec(compute_dtype="float16"), None)):
-        with pytest.warns(UserWarning, match="native fp16"):
-            model, _ = ll.load_model(tiny_llama_dir, quant, device="cpu", dtype=dtype)
-        model = ll.attach(model, ll.AdapterSpec(r=4, target_modules="all-linear"))
-        with pytest.raises(ll.TrainingError, match="multiply in fp16") as err:
-            train(model, tok, rows, spec=spec)
-        assert "dtype='auto'" in err.value.fix and "compute_dtype='float16'" in err.value.fix
-        assert not list(tmp_path.glob("fp16/checkpoint-*"))
+    assert_half_bases_refused(tiny_llama_dir, tok, rows, spec, "fp16")
     bf16, _ = ll.load_model(tiny_llama_dir, device="cpu", dtype="bf16")  # bf16 is native here: no refusal
     assert dev.emulated_half_weights(bf16) == []
     monkeypatch.setattr(dev, "cpu_fp16_native", lambda: True)
