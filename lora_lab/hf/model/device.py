@@ -11,9 +11,10 @@ planner (``estimate_memory(device="cpu")``) and exported scripts plan and train 
 Measured on 2 cores with AVX512-BF16 (benchmarks/cpu_speed.py): a 2048² matrix product runs about
 2× faster in bf16 than in fp32.  Users never need to know this.
 
-Without native bf16 torch emulates bf16 matrix products, and not a little slower: on 2 cores of an
-AMD EPYC Zen 3 (AVX2) a 2048² product ran at 0.3 GFLOP/s in bf16 against 108 in fp32, SmolLM2's
-layer shapes 30-60× slower.  So there "auto" never picks bf16, ``train()`` refuses bf16 autocast and
+Without native bf16 "auto" picks fp32.  Where torch has not even oneDNN's conversion path for bf16
+(no AVX512 either, :func:`cpu_bf16_onednn`) it multiplies bf16 matrices in its own fallback, and not
+a little slower: on 2 cores of an AMD EPYC Zen 3 (AVX2) a 2048² product ran at 0.3 GFLOP/s in bf16
+against 108 in fp32, SmolLM2's layer shapes 30-60× slower.  So there ``train()`` refuses bf16 autocast and
 bf16 matrices in the model (:data:`EMULATED_BF16`, :func:`emulated_half_weights`: a base loaded in
 bf16, 4-bit layers computing in bf16), each with its fix, and ``load_model`` warns when it loads them.
 fp16 products are emulated the same way on x86 CPUs without AVX512-FP16 (:func:`cpu_fp16_native`),
