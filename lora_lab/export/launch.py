@@ -52,6 +52,31 @@ class MetricsLogger(TrainerCallback):
               + f"  memory {mem:,.0f} MB ({what})")
 
 
+class Autosave(TrainerCallback):
+    """The Trainer's own checkpoint (OUTPUT_DIR/checkpoint-N: adapter, optimizer, scheduler, RNG) once
+    TRAIN["autosave_minutes"] of wall time have passed since the last one, whatever the save
+    strategy: a preempted or killed run keeps it, and `--resume` continues from the newest."""
+
+    def __init__(self, minutes: float):
+        self.every_s, self.last = minutes * 60, time.perf_counter()
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.last = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if time.perf_counter() - self.last >= self.every_s:
+            control.should_save = True
+
+    def on_save(self, args, state, control, **kwargs):
+        self.last = time.perf_counter()
+
+
+def callbacks(device: str, output_dir: Path) -> list:
+    """MetricsLogger, and Autosave unless TRAIN["autosave_minutes"] is None."""
+    minutes = TRAIN.get("autosave_minutes")
+    return [MetricsLogger(device, output_dir / "metrics.jsonl"), *([Autosave(minutes)] if minutes else [])]
+
+
 def checksum(model) -> float:
     """Sum of the trainable weights: the same on every process after DDP (it averages gradients)."""
     return float(sum(p.detach().double().sum() for p in model.parameters() if p.requires_grad))
@@ -84,6 +109,8 @@ def parse_args():
     ap.add_argument("--cpu", action="store_true", help="train on the CPU even if a GPU is present")
     ap.add_argument("--steps", type=int, default=None, help="override TRAIN['steps']")
     ap.add_argument("--output-dir", default=None, help="override OUTPUT_DIR")
+    ap.add_argument("--resume", action="store_true",
+                    help="continue from the newest OUTPUT_DIR/checkpoint-N (--steps is the total)")
     return ap.parse_args()
 
 
@@ -169,8 +196,9 @@ class TokenCounting:
         return super().training_step(model, inputs, num_items_in_batch)
 
 
-def train_and_save(trainer, device, output_dir):
-    """Log through MetricsLogger, wrap for FSDP, say what each process trains, train, save."""
+def train_and_save(trainer, device, output_dir, resume=False):
+    """Log through MetricsLogger, wrap for FSDP, say what each process trains, train (from the newest
+    checkpoint with ``resume``), save."""
     trainer.remove_callback(PrinterCallback)  # MetricsLogger prints instead
     if trainer.is_fsdp_enabled:
         # peft + FSDP with use_orig_params=False: wrap trainable and frozen weights apart
@@ -181,7 +209,7 @@ def train_and_save(trainer, device, output_dir):
           f"({a.parallel_mode.name.lower()}), {len(trainer.train_dataset)} train sequences")
     if trainer.is_world_process_zero() and hasattr(trainer.model, "print_trainable_parameters"):
         trainer.model.print_trainable_parameters()
-    trainer.train()
+    trainer.train(resume_from_checkpoint=True if resume else None)
     finish(trainer, device, output_dir, trainer.local_tokens, trainer.eval_dataset is not None)
 '''
 
@@ -229,19 +257,18 @@ def build_trainer(device, output_dir):
     train_rows, eval_rows = load_rows()
     train_ds = tokenize(train_rows, tokenizer, packing=FORMAT["packing"])
     eval_ds = tokenize(eval_rows, tokenizer) if eval_rows else None
-    callbacks = [MetricsLogger(device, output_dir / "metrics.jsonl")]
     return CountingTrainer(
         model=model, args=TrainingArguments(**training_kwargs(device, output_dir, eval_ds is not None)),
         train_dataset=train_ds, eval_dataset=eval_ds, data_collator=PadCollator(
             tokenizer.pad_token_id, TRAIN.get("pad_to_multiple_of"),
             getattr(model.config, "max_position_embeddings", None)),
-        processing_class=tokenizer, callbacks=callbacks)
+        processing_class=tokenizer, callbacks=callbacks(device, output_dir))
 
 
 def main():
     args = parse_args()
     device, output_dir = start(args)
-    train_and_save(build_trainer(device, output_dir), device, output_dir)
+    train_and_save(build_trainer(device, output_dir), device, output_dir, args.resume)
 
 
 if __name__ == "__main__":
@@ -285,15 +312,15 @@ def build_trainer(device, output_dir):
     config = SFTConfig(**training_kwargs(device, output_dir, eval_ds is not None),
                        max_length=FORMAT["max_length"], packing=FORMAT["packing"], eval_packing=False,
                        completion_only_loss=FORMAT["train_on_responses_only"])
-    callbacks = [MetricsLogger(device, output_dir / "metrics.jsonl")]
     return CountingSFTTrainer(model=model, args=config, train_dataset=train_ds, eval_dataset=eval_ds,
-                              processing_class=tokenizer, peft_config=peft_config(), callbacks=callbacks)
+                              processing_class=tokenizer, peft_config=peft_config(),
+                              callbacks=callbacks(device, output_dir))
 
 
 def main():
     args = parse_args()
     device, output_dir = start(args)
-    train_and_save(build_trainer(device, output_dir), device, output_dir)
+    train_and_save(build_trainer(device, output_dir), device, output_dir, args.resume)
 
 
 if __name__ == "__main__":

@@ -257,7 +257,10 @@ transformers, peft, datasets and accelerate (bitsandbytes for a quantized base, 
 Each run prints lora_lab's memory estimate first (computed at export time; see `MEMORY_ESTIMATE`
 in `train.py`), logs loss, eval loss, learning rate, grad norm, tokens/s and memory per step
 (also to `outputs/metrics.jsonl`), prints the peak memory it measured at the end, and saves the
-adapter to `outputs/adapter` (peft format plus `lora_lab_spec.json`):
+adapter to `outputs/adapter` (peft format plus `lora_lab_spec.json`).  Every
+`TRAIN["autosave_minutes"]` (10 by default; None turns it off) it also writes the Trainer's own
+checkpoint, `outputs/checkpoint-N`, so a preempted or killed run keeps its work: run the same command
+with `--resume` (and `--steps` for the total) to continue from the newest one.  Load the adapter with
 
 ```python
 import lora_lab as ll
