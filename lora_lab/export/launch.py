@@ -77,6 +77,47 @@ def callbacks(device: str, output_dir: Path) -> list:
     return [MetricsLogger(device, output_dir / "metrics.jsonl"), *([Autosave(minutes)] if minutes else [])]
 
 
+def compile_layers(model, device: str) -> int:
+    """TRAIN["compile"], as lora_lab.train does it: each decoder layer (the classes the model lists
+    in _no_split_modules) through torch.compile (TorchInductor), which fuses the norms, casts and
+    activations between the matrix products; names, parameters and state dict stay as they are.  The
+    layers share one graph, compiled in the first step.  Returns the number of layers compiled."""
+    import importlib.util
+    import shutil
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    names = set(getattr(base, "_no_split_modules", None) or [])
+    layers = [m for m in base.modules() if type(m).__name__ in names]
+    if not layers:
+        raise SystemExit(f"TRAIN['compile'] compiles the decoder layers, and {type(base).__name__} lists "
+                         "none (its _no_split_modules is empty): set TRAIN['compile'] = False.")
+    import torch._dynamo
+
+    gpu = device.startswith("cuda")  # inductor builds C++ on a CPU; Triton builds C launchers on a GPU
+    chosen = os.environ.get("CC" if gpu else "CXX")
+    compilers = (chosen,) if chosen else ("gcc", "clang") if gpu else ("g++", "clang++", "c++")
+    missing = (["Triton (pip install triton)"] if gpu and importlib.util.find_spec("triton") is None
+               else []) + ([f"a {'C' if gpu else 'C++'} compiler ({', '.join(compilers)} not on PATH)"]
+                           if not any(shutil.which(c) for c in compilers) else [])
+    if missing:
+        raise SystemExit(f"TRAIN['compile'] needs {' and '.join(missing)} for torch.compile on "
+                         f"{'a GPU' if gpu else 'the CPU'}: install it, or set TRAIN['compile'] = False "
+                         "(the same training, eager).")
+    # Under activation checkpointing the layer is traced with its recompute; transformers' hub-kernel
+    # hooks write state around attention, and without this dynamo gives up and runs the layer eagerly
+    if hasattr(torch._dynamo.config, "skip_fwd_side_effects_in_bwd_under_checkpoint"):
+        torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
+    for layer in layers:
+        layer.compile()
+    return len(layers)
+
+
+def graphs_captured() -> int:
+    """How many graphs dynamo has captured in this process (0: everything ran eagerly)."""
+    from torch._dynamo.utils import counters
+    return int(counters["stats"]["unique_graphs"])
+
+
 def checksum(model) -> float:
     """Sum of the trainable weights: the same on every process after DDP (it averages gradients)."""
     return float(sum(p.detach().double().sum() for p in model.parameters() if p.requires_grad))
@@ -153,7 +194,7 @@ OPTIMIZERS = {"adamw": "adamw_torch_fused", "adamw_fused": "adamw_torch_fused",
 
 
 def start(args):
-    """Settings from the command line, the device, and the memory estimate (main process)."""
+    """Settings from the command line, the device, the seed, and the memory estimate (main process)."""
     if args.steps:
         TRAIN["steps"] = args.steps
     accelerate_cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() == "true"
@@ -163,6 +204,9 @@ def start(args):
               "  accelerate launch --config_file accelerate/cpu_ddp.yaml --num_processes N "
               f"{Path(__file__).name} --cpu")
     device = pick_device(args.cpu or accelerate_cpu)
+    # the adapter's random initial weights (LoRA's A) are drawn before the Trainer seeds: without
+    # this, two runs of the same script start from different adapters (torch seeds each process anew)
+    set_seed(TRAIN["seed"])
     output_dir = Path(args.output_dir) if args.output_dir else OUTPUT_DIR
     output_dir.mkdir(parents=True, exist_ok=True)
     if int(os.environ.get("RANK", 0)) == 0:
@@ -197,8 +241,8 @@ class TokenCounting:
 
 
 def train_and_save(trainer, device, output_dir, resume=False):
-    """Log through MetricsLogger, wrap for FSDP, say what each process trains, train (from the newest
-    checkpoint with ``resume``), save."""
+    """Log through MetricsLogger, wrap for FSDP, say what each process trains, compile the decoder
+    layers (TRAIN["compile"]), train (from the newest checkpoint with ``resume``), save."""
     trainer.remove_callback(PrinterCallback)  # MetricsLogger prints instead
     if trainer.is_fsdp_enabled:
         # peft + FSDP with use_orig_params=False: wrap trainable and frozen weights apart
@@ -209,7 +253,17 @@ def train_and_save(trainer, device, output_dir, resume=False):
           f"({a.parallel_mode.name.lower()}), {len(trainer.train_dataset)} train sequences")
     if trainer.is_world_process_zero() and hasattr(trainer.model, "print_trainable_parameters"):
         trainer.model.print_trainable_parameters()
+    layers = 0
+    if TRAIN.get("compile") and trainer.is_fsdp_enabled:
+        say("note: TRAIN['compile'] is not applied under FSDP (its flattened parameters need "
+            "use_orig_params=True, and peft's FSDP recipe uses False): the layers run eagerly.")
+    elif TRAIN.get("compile"):
+        layers = compile_layers(trainer.model, device)
     trainer.train(resume_from_checkpoint=True if resume else None)
+    if layers:
+        graphs = graphs_captured()
+        say(f"torch.compile: {layers} decoder layers, {graphs} graph(s) captured"
+            + ("" if graphs else ": none, so the layers ran eagerly"))
     finish(trainer, device, output_dir, trainer.local_tokens, trainer.eval_dataset is not None)
 '''
 

@@ -43,7 +43,7 @@ from pathlib import Path
 import datasets
 import peft
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, TrainerCallback
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, TrainerCallback, set_seed
 @MAIN_IMPORT@
 
 HERE = Path(__file__).resolve().parent
@@ -277,6 +277,11 @@ model = ll.load_adapter(model, "@PATH@/outputs/adapter")
 - Packing (`FORMAT["packing"]`) puts several examples in one row with `position_ids` that restart
   at 0 for each and no `attention_mask`, so each example attends only to itself; the model runs
   without a KV cache (`use_cache = False`).  The eval rows are never packed.
+- `TRAIN["seed"]` is set before the adapter is created, so two runs start from the same adapter
+  (on a CPU they train bit-identical ones; GPU kernels may round differently from run to run).
+- `TRAIN["compile"]` runs each decoder layer through `torch.compile`, as `lora_lab.train` does (the
+  first step compiles; a C++ compiler is needed on a CPU, Triton on a GPU).  The run ends with the
+  number of graphs dynamo captured; 0 would mean the layers ran eagerly.  Not applied under FSDP.
 - `train_trl.py` (if present) trains the same adapter with TRL's `SFTTrainer` on prompt-completion
   rows (`completion_only_loss`).  TRL tokenizes prompt and completion as one text and packs with
   its own strategy, so with a BPE tokenizer or packing its token ids can differ slightly from
