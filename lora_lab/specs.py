@@ -296,6 +296,10 @@ class TrainSpec:
     wall time have passed since the last one: a kernel killed from outside (out of memory, a Binder
     or Colab timeout), which no handler survives, loses at most that much training;
     ``train(..., resume_from=run_dir)`` continues from it.  None turns the timed save off.
+    ``seed`` seeds torch when the run starts: the order of the examples, dropout and anything else
+    drawn while training.  The adapter's random initial weights (LoRA's A) were drawn earlier, by
+    ``attach``, from torch's global generator, which torch 2.13 seeds differently in each process:
+    call ``torch.manual_seed(seed)`` before ``attach`` for the same adapter on every run.
     """
 
     steps: int | None = 100

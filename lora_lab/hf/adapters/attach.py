@@ -40,7 +40,10 @@ def attach(model: nn.Module, spec: AdapterSpec | None = None, name: str = "defau
     Returns the peft model (``PeftModel``).  Called on a model that already has adapters it adds
     another one.  On a quantized base (QLoRA) the model is prepared for k-bit training first;
     ``gradient_checkpointing`` trades about a third of the speed for activation memory and is off
-    unless you ask for it.
+    unless you ask for it.  The new adapter's random initial weights (LoRA's A, prefix and prompt
+    embeddings) come from torch's global generator, which torch 2.13 seeds differently in each
+    process: ``torch.manual_seed(s)`` first gives the same adapter on every run (``TrainSpec.seed``
+    seeds only what the run itself draws).
     """
     import peft
 
