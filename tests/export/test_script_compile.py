@@ -29,11 +29,13 @@ def _metrics(out) -> list[dict]:
 
 @pytest.mark.slow
 @pytest.mark.skipif(compiler_missing("cpu") is not None, reason="torch.compile on a CPU needs a C++ compiler")
-@pytest.mark.parametrize("checkpointing", [False, True])
-def test_the_script_compiles_the_decoder_layers_and_trains_as_eager(tmp_path, checkpointing):
+def test_the_script_compiles_the_decoder_layers_and_trains_as_eager(tmp_path):
+    """Under activation checkpointing, the harder case (dynamo traces the recompute too; without the
+    script's config patch the layers ran eagerly: 0 graphs, measured).  Without checkpointing it was
+    measured equal to eager as well."""
     logs, losses = {}, {}
     for compiled in (False, True):
-        train = SPEC.replace(compile=compiled, gradient_checkpointing=checkpointing)
+        train = SPEC.replace(compile=compiled, gradient_checkpointing=True)
         out = export_script(ll.AdapterSpec(r=4, dropout=0.0), None, train,
                             path=tmp_path / str(compiled))
         logs[compiled] = _run([sys.executable, str(out.file("train.py")), "--cpu"], tmp_path)
