@@ -37,3 +37,18 @@ def test_the_script_autosaves_by_the_spec(tmp_path):
         found = {type(c).__name__: c for c in script.callbacks("cpu", tmp_path)}
         assert "MetricsLogger" in found
         assert (found["Autosave"].every_s if "Autosave" in found else None) == want
+
+
+@pytest.mark.slow
+def test_the_trl_script_resumes_too(tmp_path):
+    """train_trl.py shares the Trainer script's callbacks and --resume (launch.RUN): TRL's SFTTrainer
+    keeps the timed checkpoints and continues from the newest."""
+    train = ll.TrainSpec(steps=3, batch_size=8, lr=3e-3, autosave_minutes=1e-6)   # due at every step
+    out = export_script(ll.AdapterSpec(r=4), None, train, path=tmp_path / "x", trl=True)
+    script = str(out.file("train_trl.py"))
+    _run([sys.executable, script], tmp_path)
+    saved = sorted(int(p.name.split("-")[1]) for p in out.file("outputs").glob("checkpoint-*"))
+    assert saved == [1, 2, 3]
+    log = _run([sys.executable, script, "--resume", "--steps", "5"], tmp_path)
+    assert re.findall(r"^step (\d+)/5  loss", log, re.M) == ["4", "5"], log   # from checkpoint-3 on
+    assert (out.file("outputs") / "adapter" / "adapter_model.safetensors").exists()
