@@ -85,20 +85,22 @@ def compile_layers(model, device: str) -> int:
     import importlib.util
     import shutil
 
+    import torch._dynamo
+
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     names = set(getattr(base, "_no_split_modules", None) or [])
     layers = [m for m in base.modules() if type(m).__name__ in names]
     if not layers:
         raise SystemExit(f"TRAIN['compile'] compiles the decoder layers, and {type(base).__name__} lists "
                          "none (its _no_split_modules is empty): set TRAIN['compile'] = False.")
-    import torch._dynamo
-
     gpu = device.startswith("cuda")  # inductor builds C++ on a CPU; Triton builds C launchers on a GPU
     chosen = os.environ.get("CC" if gpu else "CXX")
     compilers = (chosen,) if chosen else ("gcc", "clang") if gpu else ("g++", "clang++", "c++")
-    missing = (["Triton (pip install triton)"] if gpu and importlib.util.find_spec("triton") is None
-               else []) + ([f"a {'C' if gpu else 'C++'} compiler ({', '.join(compilers)} not on PATH)"]
-                           if not any(shutil.which(c) for c in compilers) else [])
+    missing = []
+    if gpu and importlib.util.find_spec("triton") is None:
+        missing.append("Triton (pip install triton)")
+    if not any(shutil.which(c) for c in compilers):
+        missing.append(f"a {'C' if gpu else 'C++'} compiler ({', '.join(compilers)} not on PATH)")
     if missing:
         raise SystemExit(f"TRAIN['compile'] needs {' and '.join(missing)} for torch.compile on "
                          f"{'a GPU' if gpu else 'the CPU'}: install it, or set TRAIN['compile'] = False "
